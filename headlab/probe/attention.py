@@ -1,0 +1,68 @@
+"""The seam: headlab's attention function, registered with transformers' AttentionInterface.
+
+`switched_to_headlab(model)` switches every config of the model to the "headlab" implementation and back
+on exit (also when an exception escapes); nothing is patched at import. Masks are built as for SDPA. The
+function hands each call to the `Probe` tagged on the module (`module._headlab_probe`), which computes the
+output (and whatever it records); a module without a probe falls back to plain SDPA, unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "headlab"
+
+
+def headlab_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+    is_causal: bool | None = None, **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """AttentionInterface signature: q [batch, head, q, d], k/v [batch, kv_head, k, d] -> ([batch, q, head, d], None)."""
+    probe = getattr(module, "_headlab_probe", None)
+    if probe is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    return probe.attend(module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal, **kwargs)
+
+
+def register() -> None:
+    """Register the "headlab" attention and mask functions (idempotent)."""
+    if ATTENTION_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION_NAME, headlab_attention)
+    if ATTENTION_NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def _configs(model: nn.Module) -> list[PretrainedConfig]:
+    seen: dict[int, PretrainedConfig] = {}
+    stack = [m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)]
+    while stack:
+        config = stack.pop()
+        if id(config) in seen:
+            continue
+        seen[id(config)] = config
+        stack += [c for key in getattr(config, "sub_configs", {}) if isinstance(c := getattr(config, key, None), PretrainedConfig)]
+    return list(seen.values())
+
+
+@contextmanager
+def switched_to_headlab(model: nn.Module) -> Iterator[None]:
+    """Route every attention layer of `model` through headlab_attention inside the block."""
+    register()
+    configs = _configs(model)
+    before = [c._attn_implementation_internal for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation_internal = ATTENTION_NAME
+        yield
+    finally:
+        for c, impl in zip(configs, before, strict=True):
+            c._attn_implementation_internal = impl

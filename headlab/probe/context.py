@@ -1,0 +1,89 @@
+"""The batch context of one forward pass through one tower: which examples, which tokens are real, roles.
+
+A `BatchContext` maps the padded [batch, key] axis of an attention call to example coordinates: row b is
+example `examples[b]`; `key_valid[b, j]` says whether padded key j is a real token; `key_pos[b, j]` is its
+example position (0 = first real token, -1 for padding); `key_role[b, j]` indexes `names` (-1 for padding).
+Queries of a call are the LAST n_q keys (prefill: all of them; decode: the new tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from headlab.errors import InputError
+from headlab.probe.roles import TokenRoles
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class BatchContext:
+    tower: str
+    step: int  # 0 = prefill, 1.. = decode steps
+    pass_id: int
+    examples: tuple[int, ...]
+    roles: tuple[TokenRoles, ...]
+    key_valid: torch.Tensor  # [batch, n_k] bool
+
+    def __post_init__(self) -> None:
+        lengths = self.key_valid.sum(-1).tolist()
+        for b, (n, r) in enumerate(zip(lengths, self.roles, strict=True)):
+            if n != len(r):
+                raise InputError(f"example {self.examples[b]} has {n} real tokens but roles for {len(r)}")
+
+    @property
+    def batch(self) -> int:
+        return self.key_valid.shape[0]
+
+    @property
+    def n_keys(self) -> int:
+        return self.key_valid.shape[1]
+
+    def fit_keys(self, n_k: int) -> BatchContext:
+        """This context with the key axis right-padded to n_k (static caches hold unused slots)."""
+        if n_k == self.n_keys:
+            return self
+        if n_k < self.n_keys:
+            raise InputError(f"attention saw {n_k} keys but the input has {self.n_keys} tokens")
+        pad = torch.zeros(self.batch, n_k - self.n_keys, dtype=torch.bool)
+        return BatchContext(tower=self.tower, step=self.step, pass_id=self.pass_id, examples=self.examples,
+                            roles=self.roles, key_valid=torch.cat([self.key_valid, pad], 1))
+
+    @cached_property
+    def names(self) -> tuple[str, ...]:
+        """The union of role names over the batch, in first-seen order."""
+        seen: dict[str, None] = {}
+        for r in self.roles:
+            seen.update(dict.fromkeys(r.names))
+        return tuple(seen)
+
+    @cached_property
+    def key_pos(self) -> torch.Tensor:
+        pos = self.key_valid.long().cumsum(-1) - 1
+        return torch.where(self.key_valid, pos, -1)
+
+    @cached_property
+    def key_role(self) -> torch.Tensor:
+        out = torch.full(self.key_valid.shape, -1, dtype=torch.long)
+        for b, r in enumerate(self.roles):
+            remap = torch.tensor([self.names.index(n) for n in r.names], dtype=torch.long)
+            out[b, self.key_valid[b]] = remap[r.tensor()]
+        return out
+
+    @cached_property
+    def role_present(self) -> torch.Tensor:
+        """[batch, n_roles] bool: example b has at least one token of role r."""
+        present = torch.zeros(self.batch, len(self.names), dtype=torch.bool)
+        for b, r in enumerate(self.roles):
+            for n in r.present():
+                present[b, self.names.index(n)] = True
+        return present
+
+    @cached_property
+    def lengths(self) -> list[int]:
+        return [len(r) for r in self.roles]
+
+    def padded_index(self, b: int, position: int) -> int:
+        """Padded key index of example position `position` in row b."""
+        return int(torch.nonzero(self.key_pos[b] == position)[0, 0])

@@ -1,0 +1,119 @@
+"""What a capture recorded: tidy tables and the selected tensors.
+
+`Record.head_stats` is a pandas DataFrame with one row per (example, tower, step, layer, head, stat, role):
+    stat "mass"/"mass_last" (role = role name), "entropy"/"entropy_last", "distance"/"distance_rms",
+    "alpha" (role = "pos:K", the received-attention score of key K).
+Patterns, head outputs and residual ratios are kept only for what was selected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from headlab.errors import SelectionError
+
+_STAT_COLUMNS = ("example", "tower", "step", "layer", "head", "stat", "role", "value")
+
+
+@dataclass(frozen=True)
+class AttentionRows:
+    """Attention rows of one head: probs[i, j] from query queries[i] to key j (example coordinates)."""
+
+    example: int
+    tower: str
+    step: int
+    layer: int
+    head: int
+    queries: tuple[int, ...]
+    probs: torch.Tensor  # [q, k]
+
+
+@dataclass(frozen=True)
+class HeadOutputs:
+    """Per-head attention outputs before the output projection (z) at the selected query positions."""
+
+    example: int
+    tower: str
+    step: int
+    layer: int
+    heads: tuple[int, ...]
+    queries: tuple[int, ...]
+    z: torch.Tensor  # [q, head, d_head]
+
+
+@dataclass(frozen=True)
+class ResidualRatios:
+    """|x| / RMS(x) per dimension of the residual stream entering `layer`, at the selected positions."""
+
+    example: int
+    tower: str
+    step: int
+    layer: int
+    positions: tuple[int, ...]
+    ratios: torch.Tensor  # [position, d_model]
+
+
+@dataclass
+class Record:
+    """Everything one `capture` block recorded."""
+
+    _stat_chunks: list[dict[str, np.ndarray]] = field(default_factory=list)
+    _residual_rows: list[dict[str, np.ndarray]] = field(default_factory=list)
+    _examples: list[dict] = field(default_factory=list)
+    patterns: list[AttentionRows] = field(default_factory=list)
+    head_outputs: list[HeadOutputs] = field(default_factory=list)
+    residual_ratios: list[ResidualRatios] = field(default_factory=list)
+    _probe: object = field(default=None, repr=False)
+
+    def use_roles(self, roles) -> None:
+        """Token roles (a TokenRoles per example) for the next forward pass inside the capture block."""
+        self._probe.use_roles(roles)
+
+    @property
+    def head_stats(self) -> pd.DataFrame:
+        if not self._stat_chunks:
+            return pd.DataFrame({c: [] for c in _STAT_COLUMNS})
+        frame = pd.DataFrame({c: np.concatenate([ch[c] for ch in self._stat_chunks]) for c in _STAT_COLUMNS})
+        return frame.astype({"example": int, "step": int, "layer": int, "head": int, "value": float})
+
+    @property
+    def residuals(self) -> pd.DataFrame:
+        cols = ("example", "tower", "step", "layer", "position", "norm", "rms", "max_abs", "max_dim", "median_abs")
+        if not self._residual_rows:
+            return pd.DataFrame({c: [] for c in cols})
+        return pd.DataFrame({c: np.concatenate([r[c] for r in self._residual_rows]) for c in cols})
+
+    @property
+    def examples(self) -> pd.DataFrame:
+        return pd.DataFrame(self._examples, columns=["example", "tower", "n_tokens", "roles"])
+
+    def pattern(self, example: int, layer: int, head: int, *, tower: str = "lm", step: int = 0) -> AttentionRows:
+        for rows in self.patterns:
+            if (rows.example, rows.tower, rows.step, rows.layer, rows.head) == (example, tower, step, layer, head):
+                return rows
+        raise SelectionError(
+            f"no pattern was recorded for example {example}, {tower} layer {layer} head {head}, step {step}; "
+            "select it with capture(..., patterns=Select(...))"
+        )
+
+    def z(self, layer: int, *, tower: str = "lm", step: int = 0) -> torch.Tensor:
+        """Head outputs of `layer` stacked over examples: [example, query, head, d_head]."""
+        found = [h.z for h in self.head_outputs if (h.tower, h.step, h.layer) == (tower, step, layer)]
+        if not found:
+            raise SelectionError(f"no head outputs recorded for {tower} layer {layer} step {step}")
+        return torch.stack(found)
+
+    def _repr_html_(self) -> str:
+        stats = self.head_stats
+        summary = (
+            f"<b>headlab Record</b>: {len(self._examples)} example-tower passes, {len(stats)} head-stat rows, "
+            f"{len(self.patterns)} attention-row sets, {len(self.head_outputs)} head-output sets"
+        )
+        if len(stats):
+            pivot = stats[stats.stat == "entropy"].pivot_table(index="layer", columns="head", values="value")
+            summary += "<br>mean entropy (nats) by layer x head:" + pivot.round(3).to_html()
+        return summary

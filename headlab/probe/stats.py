@@ -1,0 +1,316 @@
+"""Per-head statistics: built into fused attention as augmented value columns, or read off explicit
+patterns (the reference), then reduced to tidy rows.
+
+Both paths produce the same `PerQuery` tensors, so the fast path is tested against the explicit one:
+
+- mass [batch, head, q, role]: sum_{j in role} A[i, j]                      (values: role one-hots)
+- entropy [batch, head, q]: -sum_j A log A = lse_i - scale * q_i . (A K)_i  (values: K itself)
+- distance / distance_rms [batch, head, q]:
+    text (causal, 1-D): E[i - j] = i - E[j] and sqrt(E[(i - j)^2])        (values: j and j^2)
+    patch grid (2-D): sum over patch keys of A[i, j] * ||g_i - g_j|| (and its RMS), for patch queries, in
+    patch units, without renormalising over patches (the ViT "mean attention distance" convention). Not
+    linear in A, so it is computed from query tiles rebuilt from the logsumexp (O(tile * n) memory).
+- alpha [batch, head, q, a]: A[i, k_a] for the first K keys and flagged keys (values: one-hots of k_a);
+    reduced to Gu et al.'s alpha_k = sum_i A[i, k] / #(real queries that can see k).
+
+Precision: statistic columns are accumulated in float32. The distance moments are exact in real
+arithmetic; in float32 the RMS has an absolute error of about 1e-7 * n^2 in squared-position units, which
+matters only for very local heads at n >= 4k (use the explicit path there if it matters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from headlab.errors import InputError
+from headlab.kernels.reference import expand_kv
+from headlab.probe.context import BatchContext
+from headlab.probe.select import Stats, resolve_queries
+
+_GRID_TILE = 256
+
+
+@dataclass
+class PerQuery:
+    """Per-query statistics of one attention call (None where not asked for)."""
+
+    mass: torch.Tensor | None = None  # [batch, head, q, role]
+    entropy: torch.Tensor | None = None  # [batch, head, q]
+    distance: torch.Tensor | None = None  # [batch, head, q]
+    distance_rms: torch.Tensor | None = None  # [batch, head, q]
+    alpha: torch.Tensor | None = None  # [batch, head, q, a]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each statistic sits among the augmented value columns [V | K | roles | pos, pos^2 | alpha]."""
+
+    d_v: int
+    entropy: bool
+    n_roles: int
+    positions: bool
+    n_alpha: int
+
+
+def alpha_keys(ctx: BatchContext, first_k: int) -> torch.Tensor:
+    """[batch, a] example positions whose alpha is reported (first K and flagged keys; -1 = none)."""
+    per_example = []
+    for r in ctx.roles:
+        keys = list(range(min(first_k, len(r))))
+        keys += [p for p in r.flagged if p not in keys]
+        per_example.append(keys)
+    width = max((len(k) for k in per_example), default=0)
+    return torch.tensor([k + [-1] * (width - len(k)) for k in per_example], dtype=torch.long).reshape(ctx.batch, width)
+
+
+def _alpha_onehots(ctx: BatchContext, alpha_pos: torch.Tensor) -> torch.Tensor:
+    """[batch, n_k, a] float: 1 where key j is alpha key a."""
+    return ((ctx.key_pos[:, :, None] == alpha_pos[:, None, :]) & (alpha_pos[:, None, :] >= 0)).float()
+
+
+def wants_linear_distance(ctx: BatchContext, causal: bool) -> bool:
+    return causal and all(r.grid is None or ctx.tower == "lm" for r in ctx.roles)
+
+
+def augmented_values(
+    ctx: BatchContext, k: torch.Tensor, v: torch.Tensor, spec: Stats, *, causal: bool, alpha_pos: torch.Tensor | None
+) -> tuple[torch.Tensor, Layout]:
+    """[V | K | role one-hots | j, j^2 | alpha one-hots] as float32 values [batch, kv_head, n_k, width]."""
+    batch, n_kv, n_k, _ = k.shape
+    parts = [v.float()]
+    entropy = "entropy" in spec.which
+    if entropy:
+        parts.append(k.float())
+    shared = []
+    n_roles = 0
+    if "mass" in spec.which:
+        n_roles = len(ctx.names)
+        onehot = F.one_hot(ctx.key_role.clamp(min=0), n_roles).float()
+        shared.append(onehot * ctx.key_valid[..., None])
+    positions = "distance" in spec.which and wants_linear_distance(ctx, causal)
+    if positions:
+        pos = ctx.key_pos.clamp(min=0).float()
+        shared.append(torch.stack([pos, pos * pos], -1))
+    n_alpha = 0
+    if alpha_pos is not None and alpha_pos.shape[1]:
+        n_alpha = alpha_pos.shape[1]
+        shared.append(_alpha_onehots(ctx, alpha_pos))
+    if shared:
+        cols = torch.cat(shared, -1).to(k.device)  # [batch, n_k, c]
+        parts.append(cols[:, None].expand(batch, n_kv, n_k, cols.shape[-1]))
+    layout = Layout(d_v=v.shape[-1], entropy=entropy, n_roles=n_roles, positions=positions, n_alpha=n_alpha)
+    return torch.cat(parts, -1), layout
+
+
+def decode(
+    aug: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, scale: float, layout: Layout, ctx: BatchContext
+) -> tuple[torch.Tensor, PerQuery]:
+    """Split the fused output [batch, head, q, width] into the attention output and PerQuery stats."""
+    out = aug[..., : layout.d_v]
+    stats = PerQuery()
+    off = layout.d_v
+    if layout.entropy:
+        d = q.shape[-1]
+        pk = aug[..., off : off + d]  # [batch, head, q, d_head] = (A K)_i
+        stats.entropy = lse.float() - scale * (q.float() * pk).sum(-1)
+        off += d
+    if layout.n_roles:
+        stats.mass = aug[..., off : off + layout.n_roles]
+        off += layout.n_roles
+    if layout.positions:
+        mean_j, mean_j2 = aug[..., off], aug[..., off + 1]
+        qpos = ctx.key_pos[:, -q.shape[2] :].clamp(min=0).float().to(aug.device)[:, None]  # [batch, 1, q]
+        stats.distance = qpos - mean_j
+        stats.distance_rms = (qpos * qpos - 2 * qpos * mean_j + mean_j2).clamp(min=0).sqrt()
+        off += 2
+    if layout.n_alpha:
+        stats.alpha = aug[..., off : off + layout.n_alpha]
+    return out, stats
+
+
+def _grid_coords(ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, n_k, 2] grid (row, col) of every key and [batch, n_k] whether it is a patch."""
+    coords = torch.zeros(ctx.batch, ctx.n_keys, 2)
+    is_patch = torch.zeros(ctx.batch, ctx.n_keys, dtype=torch.bool)
+    for b, r in enumerate(ctx.roles):
+        if r.grid is None:
+            continue
+        rows, cols = r.grid
+        idx = torch.arange(rows * cols)
+        padded = torch.nonzero(ctx.key_valid[b])[:, 0][r.grid_start : r.grid_start + rows * cols]
+        coords[b, padded] = torch.stack([idx // cols, idx % cols], -1).float()
+        is_patch[b, padded] = True
+    return coords, is_patch
+
+
+def grid_distance_from_probs(probs: torch.Tensor, ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference 2-D distances from explicit probs [batch, head, q, k] (q = last q keys)."""
+    coords, is_patch = _grid_coords(ctx)
+    n_q = probs.shape[2]
+    dist = torch.cdist(coords[:, -n_q:], coords)  # [batch, q, k]
+    dist = dist * is_patch[:, None, :]
+    mean = (probs * dist[:, None]).sum(-1)
+    rms = (probs * dist[:, None] ** 2).sum(-1).sqrt()
+    nan = torch.tensor(float("nan"))
+    keep = is_patch[:, None, -n_q:]
+    return torch.where(keep, mean, nan), torch.where(keep, rms, nan)
+
+
+def grid_distance_tiled(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, bias: torch.Tensor | None, ctx: BatchContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D distances from query tiles rebuilt as exp(scale q k^T + bias - lse): O(tile * n) memory."""
+    coords, is_patch = _grid_coords(ctx)
+    k = expand_kv(k, q.shape[1]).float()
+    n_q = q.shape[2]
+    means, rmss = [], []
+    for start in range(0, n_q, _GRID_TILE):
+        stop = min(n_q, start + _GRID_TILE)
+        scores = torch.matmul(q[:, :, start:stop].float(), k.transpose(-1, -2)) * scale
+        if bias is not None:
+            scores = scores + bias[..., start:stop, :].float()
+        probs = torch.exp(scores - lse[:, :, start:stop, None].float())
+        qc = coords[:, ctx.n_keys - n_q + start : ctx.n_keys - n_q + stop]
+        dist = torch.cdist(qc, coords) * is_patch[:, None, :]  # [batch, tile, k]
+        means.append((probs * dist[:, None]).sum(-1))
+        rmss.append((probs * dist[:, None] ** 2).sum(-1).sqrt())
+    nan = torch.tensor(float("nan"))
+    keep = is_patch[:, None, -n_q:]
+    return torch.where(keep, torch.cat(means, 2), nan), torch.where(keep, torch.cat(rmss, 2), nan)
+
+
+def from_probs(
+    probs: torch.Tensor, ctx: BatchContext, spec: Stats, *, causal: bool, alpha_pos: torch.Tensor | None
+) -> PerQuery:
+    """The reference: every statistic read off explicit attention probabilities [batch, head, q, k]."""
+    probs = probs.float()
+    n_q = probs.shape[2]
+    stats = PerQuery()
+    if "mass" in spec.which:
+        onehot = F.one_hot(ctx.key_role.clamp(min=0), len(ctx.names)).float() * ctx.key_valid[..., None]
+        stats.mass = torch.einsum("bhqk,bkr->bhqr", probs, onehot)
+    if "entropy" in spec.which:
+        stats.entropy = -torch.special.xlogy(probs, probs).sum(-1)
+    if "distance" in spec.which:
+        if wants_linear_distance(ctx, causal):
+            qpos = ctx.key_pos[:, -n_q:].float()
+            kpos = ctx.key_pos.float()
+            gap = (qpos[:, :, None] - kpos[:, None, :]).abs() * ctx.key_valid[:, None, :]  # [batch, q, k]
+            stats.distance = (probs * gap[:, None]).sum(-1)
+            stats.distance_rms = (probs * gap[:, None] ** 2).sum(-1).sqrt()
+        elif any(r.grid is not None for r in ctx.roles):
+            stats.distance, stats.distance_rms = grid_distance_from_probs(probs, ctx)
+    if alpha_pos is not None and alpha_pos.shape[1]:
+        stats.alpha = torch.einsum("bhqk,bka->bhqa", probs, _alpha_onehots(ctx, alpha_pos))
+    return stats
+
+
+def _query_selection(ctx: BatchContext, n_q: int, queries) -> torch.Tensor:
+    """[batch, q] bool: real queries of this call that the spec averages over."""
+    q_valid = ctx.key_valid[:, -n_q:]
+    if queries is None:
+        return q_valid.clone()
+    q_pos = ctx.key_pos[:, -n_q:]
+    sel = torch.zeros_like(q_valid)
+    for b, length in enumerate(ctx.lengths):
+        wanted = torch.tensor(resolve_queries(queries, length), dtype=torch.long)
+        sel[b] = torch.isin(q_pos[b], wanted) & q_valid[b]
+    return sel
+
+
+def _visible_counts(ctx: BatchContext, alpha_pos: torch.Tensor, keep: torch.Tensor | None, causal: bool, n_q: int):
+    """[batch, a] number of real queries of the call that can see alpha key a."""
+    q_valid = ctx.key_valid[:, -n_q:]
+    q_pos = ctx.key_pos[:, -n_q:]
+    sees = q_valid[:, :, None] & (alpha_pos[:, None, :] >= 0)
+    if causal:
+        sees = sees & (q_pos[:, :, None] >= alpha_pos[:, None, :])
+    if keep is not None:  # a mask may hide more (sliding windows): read the alpha columns of it
+        idx = torch.where(alpha_pos >= 0, _padded(ctx, alpha_pos), 0)  # [batch, a]
+        cols = keep[:, 0].gather(-1, idx[:, None, :].expand(-1, keep.shape[-2], -1))  # [batch, q, a]
+        sees = sees & cols[:, -n_q:]
+    return sees.sum(1)
+
+
+def _padded(ctx: BatchContext, positions: torch.Tensor) -> torch.Tensor:
+    """Padded key indices of example positions [batch, a] (positions must exist)."""
+    out = torch.zeros_like(positions)
+    for b in range(ctx.batch):
+        valid_idx = torch.nonzero(ctx.key_valid[b])[:, 0]
+        out[b] = valid_idx[positions[b].clamp(min=0)]
+    return out
+
+
+def reduce(
+    stats: PerQuery, ctx: BatchContext, spec: Stats, *, layer: int, causal: bool,
+    alpha_pos: torch.Tensor | None, keep: torch.Tensor | None,
+) -> dict[str, np.ndarray]:
+    """Tidy rows (example, tower, step, layer, head, stat, role, value) of one attention call."""
+    blocks: list[tuple[torch.Tensor, str, list[list[str]], torch.Tensor]] = []
+    any_stat = next(t for t in (stats.mass, stats.entropy, stats.distance, stats.alpha) if t is not None)
+    n_q = any_stat.shape[2]
+    sel = _query_selection(ctx, n_q, spec.queries).to(any_stat.device)
+    q_valid = ctx.key_valid[:, -n_q:]
+    if not bool(q_valid.any(-1).all()):
+        raise InputError("an example has no real query token in this attention call")
+    last = (q_valid.long() * torch.arange(1, n_q + 1)).argmax(-1)  # [batch]
+    rows = torch.arange(ctx.batch)
+
+    def mean(x: torch.Tensor) -> torch.Tensor:  # [batch, head, q(, r)] -> [batch, head, r]
+        x = x if x.dim() == 4 else x[..., None]
+        w = sel[:, None, :, None].float()
+        total = torch.nan_to_num(x * w).sum(2)
+        count = (w * ~x.isnan()).sum(2)
+        return torch.where(count > 0, total / count.clamp(min=1), float("nan"))
+
+    def at_last(x: torch.Tensor) -> torch.Tensor:
+        x = x if x.dim() == 4 else x[..., None]
+        return x[rows, :, last]  # [batch, head, r]
+
+    one = [[""]] * ctx.batch
+    everyone = torch.ones(ctx.batch, 1, dtype=torch.bool)
+    if stats.mass is not None:
+        present = ctx.role_present.clone()
+        if spec.roles is not None:
+            missing = [r for r in spec.roles if r not in ctx.names]
+            if missing:
+                raise InputError(f"roles {missing} are absent from every example of this batch; present: {ctx.names}")
+            present &= torch.tensor([n in spec.roles for n in ctx.names])
+        labels = [list(ctx.names)] * ctx.batch
+        blocks += [(mean(stats.mass), "mass", labels, present), (at_last(stats.mass), "mass_last", labels, present)]
+    if stats.entropy is not None:
+        blocks += [(mean(stats.entropy), "entropy", one, everyone), (at_last(stats.entropy), "entropy_last", one, everyone)]
+    if stats.distance is not None:
+        blocks += [(mean(stats.distance), "distance", one, everyone),
+                   (mean(stats.distance_rms), "distance_rms", one, everyone)]
+    if stats.alpha is not None and ctx.step == 0:
+        counts = _visible_counts(ctx, alpha_pos, keep, causal, n_q).to(stats.alpha.device)  # [batch, a]
+        received = stats.alpha.sum(2) / counts[:, None, :].clamp(min=1)
+        labels = [[f"pos:{p}" for p in row] for row in alpha_pos.tolist()]
+        blocks.append((received, "alpha", labels, (alpha_pos >= 0) & (counts > 0)))
+    return _rows(blocks, ctx, layer)
+
+
+def _rows(blocks, ctx: BatchContext, layer: int) -> dict[str, np.ndarray]:
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("example", "step", "layer", "head", "stat", "role", "value")}
+    for values, stat, labels, keep in blocks:
+        values = values.detach().float().cpu()  # [batch, head, r]
+        batch, n_heads, n_r = values.shape
+        ok = keep[:, None, :].expand(batch, n_heads, n_r) & ~values.isnan()
+        b_idx, h_idx, r_idx = (t.numpy() for t in torch.nonzero(ok, as_tuple=True))
+        label_arr = np.array([[labels[b][r] for r in range(n_r)] for b in range(batch)], dtype=object).reshape(batch, n_r)
+        cols["example"].append(np.asarray(ctx.examples)[b_idx])
+        cols["head"].append(h_idx)
+        cols["role"].append(label_arr[b_idx, r_idx])
+        cols["value"].append(values[ok].numpy())
+        cols["stat"].append(np.full(len(b_idx), stat, dtype=object))
+    n = sum(len(v) for v in cols["value"])
+    out = {k: np.concatenate(v) if v else np.empty(0) for k, v in cols.items() if k not in ("step", "layer")}
+    out["step"] = np.full(n, ctx.step)
+    out["layer"] = np.full(n, layer)
+    out["tower"] = np.full(n, ctx.tower, dtype=object)
+    return out
