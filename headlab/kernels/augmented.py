@@ -53,7 +53,8 @@ def _tiled(q, k, v, bias, causal, scale):
         if bias is not None:
             scores = scores + bias[..., start:stop, :].float() if bias.shape[-2] != 1 else scores + bias.float()
         lse = torch.logsumexp(scores, dim=-1)
-        outs.append(torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(v.dtype))
+        probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows that see no key: zeros, as SDPA
+        outs.append(torch.matmul(probs, v.float()).to(v.dtype))
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 

@@ -44,8 +44,11 @@ def causal_keep(n_q: int, n_k: int, device: torch.device | None = None) -> torch
 def additive_mask(
     mask: torch.Tensor | None, n_q: int, n_k: int, *, causal: bool, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor | None:
-    """Combine an HF-style mask with causality into one additive float mask (0 = keep, finfo.min = drop)."""
-    neg = torch.finfo(dtype).min
+    """Combine an HF-style mask with causality into one additive float mask (0 = keep, -inf = drop).
+
+    A query row that can see no key gets an all -inf row; the kernels return zeros there, as torch SDPA does.
+    """
+    neg = float("-inf")
     out = None
     if mask is not None:
         out = torch.where(mask, 0.0, neg).to(dtype) if mask.dtype == torch.bool else mask.to(dtype)
@@ -53,7 +56,7 @@ def additive_mask(
     if causal:
         keep = causal_keep(n_q, n_k, device)
         causal_add = torch.where(keep, 0.0, neg).to(dtype)
-        out = causal_add if out is None else torch.maximum(out + causal_add, torch.tensor(neg, dtype=dtype))
+        out = causal_add if out is None else out + causal_add
     return out
 
 
@@ -72,5 +75,5 @@ def naive_attention(
     if bias is not None:
         scores = scores + bias
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None])
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows that see no key: zeros, as SDPA
     return ReferenceAttention(out=torch.matmul(probs, v), probs=probs, lse=lse)

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random-weight models of the real architecture classes, built once per session,
+saved with a local tokenizer/processor and loaded back through `headlab.load` (no network)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import headlab as hl
+from headlab.zoo.random_models import RANDOM_BUILDERS, build_random
+
+LLMS = ("gpt2", "llama", "qwen2")
+ALL_ARCHS = tuple(RANDOM_BUILDERS)
+PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Is there a cat in the image? Yes."]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: str(build_random(name, root / name)) for name in ALL_ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny(model_dirs):
+    cache: dict[str, hl.LoadedModel] = {}
+
+    def get(name: str) -> hl.LoadedModel:
+        if name not in cache:
+            cache[name] = hl.load(model_dirs[name])
+        return cache[name]
+
+    return get
+
+
+def images(n: int, size: int = 40) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def inputs_for(lm: hl.LoadedModel, *, padding_side: str = "right", batch: int = 2) -> dict[str, torch.Tensor]:
+    """A padded batch of real inputs for any fixture family."""
+    if lm.family is hl.Family.VIT:
+        return dict(lm.processor(images(batch), return_tensors="pt"))
+    if lm.family is hl.Family.LVLM:
+        lm.processor.tokenizer.padding_side = padding_side
+        texts = [f"USER: <image>\n{p} ASSISTANT:" for p in PROMPTS[:batch]]
+        return dict(lm.processor(images=images(batch), text=texts, return_tensors="pt", padding=True))
+    lm.tokenizer.padding_side = padding_side
+    return dict(lm.tokenizer(PROMPTS[:batch], return_tensors="pt", padding=True))
+
+
+def logits_of(lm: hl.LoadedModel, inputs) -> torch.Tensor:
+    out = lm.model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state

@@ -1,0 +1,59 @@
+"""headlab.load on every fixture architecture, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ALL_ARCHS, inputs_for, logits_of
+
+import headlab as hl
+
+
+@pytest.mark.parametrize("name", ALL_ARCHS)
+def test_load_and_forward(tiny, name):
+    lm = tiny(name)
+    assert not lm.model.training
+    assert lm.n_layers == 2 and lm.n_heads == 4 and lm.head_dim * lm.n_heads == lm.main.d_model
+    with torch.no_grad():
+        out = logits_of(lm, inputs_for(lm))
+    assert torch.isfinite(out).all()
+
+
+def test_families_and_towers(tiny):
+    assert tiny("gpt2").family is hl.Family.LLM
+    llama = tiny("llama")
+    assert (llama.n_heads, llama.n_kv_heads) == (4, 2)  # grouped-query attention
+    llava = tiny("llava")
+    assert llava.family is hl.Family.LVLM
+    assert [t.name for t in llava.towers] == ["vision", "lm"]
+    assert llava.tower("vision").grid == (4, 4) and not llava.tower("vision").causal
+    assert llava.image_token_id == llava.processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert "input_ids ==" in llava.image_tokens
+    vit = tiny("vit")
+    assert vit.family is hl.Family.VIT and vit.main.prefix_tokens == 1 and vit.main.grid == (4, 4)
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(hl.ModelLoadError, match="does not exist"):
+        hl.load(tmp_path / "nope")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(hl.ModelLoadError, match="config.json"):
+        hl.load(tmp_path)
+
+
+def test_offline_hub_id_says_how_to_pass_a_path(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(hl.ModelLoadError, match="local path"):
+        hl.load("someone/not-a-real-model-xyz")
+
+
+def test_unsupported_architecture_lists_supported(tmp_path, model_dirs):
+    src = json.loads(open(f"{model_dirs['gpt2']}/config.json").read())
+    src["model_type"] = "bert"
+    (tmp_path / "config.json").write_text(json.dumps(src))
+    with pytest.raises(hl.UnsupportedModelError, match="supported: .*gpt2"):
+        hl.load(tmp_path)
