@@ -25,10 +25,10 @@ from headlab.kernels.reference import causal_keep, expand_kv, naive_attention
 from headlab.loading import Family, LoadedModel
 from headlab.probe import stats as S
 from headlab.probe.attention import switched_to_headlab
-from headlab.probe.context import BatchContext
+from headlab.probe.context import BatchContext, text_context
 from headlab.probe.record import AttentionRows, HeadOutputs, Record, ResidualRatios
 from headlab.probe.roles import TokenRoles, grid_roles, text_roles
-from headlab.probe.select import Select, Stats, resolve_queries
+from headlab.probe.select import Select, Stats
 
 
 def _keep_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -118,23 +118,14 @@ class Probe:
                                                examples=prev.examples, roles=roles, key_valid=valid.cpu())
             return
         examples = self._new_examples(ids.shape[0])
-        if self._roles_override is not None:
-            if len(self._roles_override) != ids.shape[0]:
-                raise InputError(f"use_roles got {len(self._roles_override)} roles for a batch of {ids.shape[0]}")
-            roles = tuple(self._roles_override)
-            self._roles_override = None
-        else:
-            roles = tuple(
-                text_roles(row[v].tolist(), image_token_id=self.lm.image_token_id)
-                for row, v in zip(ids.cpu(), valid[:, -ids.shape[1] :].cpu(), strict=True)
-            )
-        ctx = BatchContext(tower="lm", step=0, pass_id=self._pass, examples=examples, roles=roles,
-                           key_valid=valid.cpu())
+        roles, self._roles_override = self._roles_override, None
+        ctx = text_context(ids, valid, examples=examples, pass_id=self._pass, image_token_id=self.lm.image_token_id,
+                           roles=None if roles is None else tuple(roles))
         self._pending["lm"] = ctx
         self._log_examples(ctx)
         if self.lm.family is Family.LVLM and kwargs.get("pixel_values") is not None:
             per_image = self.lm.model.config.image_seq_length
-            counts = [r.classes.count(r.names.index("image")) // per_image if "image" in r.names else 0 for r in roles]
+            counts = [len(r.positions("image")) // per_image if "image" in r.present() else 0 for r in ctx.roles]
             self._vision_examples = tuple(ex for ex, c in zip(examples, counts, strict=True) for _ in range(c))
 
     def _check_length(self, n: int) -> None:
@@ -214,20 +205,13 @@ class Probe:
         self.record._stat_chunks.append(rows)
         return out, lse
 
-    def _call_queries(self, ctx: BatchContext, b: int, n_q: int, queries) -> tuple[list[int], list[int]]:
-        """(example positions, indices within the call) of the selected queries present in this call."""
-        positions = resolve_queries(queries, ctx.lengths[b]) if queries is not None else None
-        q_pos = ctx.key_pos[b, -n_q:].tolist()
-        pairs = [(p, i) for i, p in enumerate(q_pos) if p >= 0 and (positions is None or p in positions)]
-        return [p for p, _ in pairs], [i for _, i in pairs]
-
     def _record_rows(self, ctx, layer, q, k, lse, mask, scale, causal):
         sel = self.patterns
         heads = sel.head_ids(q.shape[1])
         k_full = expand_kv(k, q.shape[1])
         n_q, n_k = q.shape[2], k.shape[2]
         for b, example in enumerate(ctx.examples):
-            positions, idx = self._call_queries(ctx, b, n_q, sel.queries)
+            positions, idx = ctx.call_queries(b, n_q, sel.queries)
             if not idx:
                 continue
             rows = torch.tensor(idx)
@@ -243,7 +227,7 @@ class Probe:
         heads = list(sel.head_ids(out.shape[1]))
         queries = sel.queries if sel.queries is not None else (-1,)
         for b, example in enumerate(ctx.examples):
-            positions, idx = self._call_queries(ctx, b, out.shape[2], queries)
+            positions, idx = ctx.call_queries(b, out.shape[2], queries)
             if idx:
                 z = out[b][heads][:, idx].transpose(0, 1).detach().float().cpu()  # [q, head, d_head]
                 self.record.head_outputs.append(HeadOutputs(example, ctx.tower, ctx.step, layer, tuple(heads), tuple(positions), z))
@@ -262,7 +246,7 @@ class Probe:
         abs_x = x.abs()
         rms = x.pow(2).mean(-1).sqrt()  # [batch, q]
         for b, example in enumerate(ctx.examples):
-            positions, idx = self._call_queries(ctx, b, n_q, self.residuals.queries)
+            positions, idx = ctx.call_queries(b, n_q, self.residuals.queries)
             if not idx:
                 continue
             a, r = abs_x[b, idx], rms[b, idx]

@@ -14,7 +14,8 @@ from functools import cached_property
 import torch
 
 from headlab.errors import InputError
-from headlab.probe.roles import TokenRoles
+from headlab.probe.roles import TokenRoles, text_roles
+from headlab.probe.select import resolve_queries
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -84,6 +85,26 @@ class BatchContext:
     def lengths(self) -> list[int]:
         return [len(r) for r in self.roles]
 
-    def padded_index(self, b: int, position: int) -> int:
-        """Padded key index of example position `position` in row b."""
-        return int(torch.nonzero(self.key_pos[b] == position)[0, 0])
+    def call_queries(self, b: int, n_q: int, queries) -> tuple[list[int], list[int]]:
+        """(example positions, indices within the call) of the selected queries of row b in a call whose
+        queries are the last n_q keys; `queries` as in Select (None = all, negatives from the end)."""
+        positions = resolve_queries(queries, self.lengths[b]) if queries is not None else None
+        q_pos = self.key_pos[b, -n_q:].tolist()
+        pairs = [(p, i) for i, p in enumerate(q_pos) if p >= 0 and (positions is None or p in positions)]
+        return [p for p, _ in pairs], [i for _, i in pairs]
+
+
+def text_context(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, examples: tuple[int, ...], pass_id: int,
+    image_token_id: int | None = None, roles: tuple[TokenRoles, ...] | None = None,
+) -> BatchContext:
+    """The prefill context of a (padded) batch of token ids: roles from the ids unless given."""
+    valid = attention_mask.bool().cpu() if attention_mask is not None else torch.ones(input_ids.shape, dtype=torch.bool)
+    if roles is None:
+        roles = tuple(
+            text_roles(row[v].tolist(), image_token_id=image_token_id)
+            for row, v in zip(input_ids.cpu(), valid[:, -input_ids.shape[1] :], strict=True)
+        )
+    elif len(roles) != input_ids.shape[0]:
+        raise InputError(f"got roles for {len(roles)} examples but the batch has {input_ids.shape[0]}")
+    return BatchContext(tower="lm", step=0, pass_id=pass_id, examples=examples, roles=tuple(roles), key_valid=valid)

@@ -289,7 +289,8 @@ def reduce(
                    (mean(stats.distance_rms), "distance_rms", one, everyone)]
     if stats.alpha is not None and ctx.step == 0:
         counts = _visible_counts(ctx, alpha_pos, keep, causal, n_q).to(stats.alpha.device)  # [batch, a]
-        received = stats.alpha.sum(2) / counts[:, None, :].clamp(min=1)
+        real = q_valid[:, None, :, None].to(stats.alpha.device)  # padding queries attend nowhere real
+        received = (stats.alpha * real).sum(2) / counts[:, None, :].clamp(min=1)
         labels = [[f"pos:{p}" for p in row] for row in alpha_pos.tolist()]
         blocks.append((received, "alpha", labels, (alpha_pos >= 0) & (counts > 0)))
     return _rows(blocks, ctx, layer)
