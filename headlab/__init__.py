@@ -1,10 +1,10 @@
 """headlab: a workbench for attention heads in LLMs, vision-language models and ViTs.
 
-    import headlab as hl
-    lm = hl.load("path/or/hub-id")
-    with hl.capture(lm, patterns=hl.Select(layers=[0], heads=[0])) as rec:
-        lm.model(**inputs)
-    rec.head_stats
+import headlab as hl
+lm = hl.load("path/or/hub-id")
+with hl.capture(lm, patterns=hl.Select(layers=[0], heads=[0])) as rec:
+    lm.model(**inputs)
+rec.head_stats
 """
 
 from headlab.errors import HeadlabError, InputError, ModelLoadError, SelectionError, UnsupportedModelError
@@ -14,7 +14,22 @@ from headlab.probe import Record, Select, Stats, TokenRoles, capture, grid_roles
 __version__ = "0.1.0"
 
 __all__ = [
-    "SUPPORTED", "Family", "HeadlabError", "InputError", "LoadedModel", "ModelLoadError", "Record", "Select",
-    "SelectionError", "Stats", "TokenRoles", "Tower", "UnsupportedModelError", "capture", "describe",
-    "grid_roles", "load", "text_roles",
+    "SUPPORTED",
+    "Family",
+    "HeadlabError",
+    "InputError",
+    "LoadedModel",
+    "ModelLoadError",
+    "Record",
+    "Select",
+    "SelectionError",
+    "Stats",
+    "TokenRoles",
+    "Tower",
+    "UnsupportedModelError",
+    "capture",
+    "describe",
+    "grid_roles",
+    "load",
+    "text_roles",
 ]

@@ -101,7 +101,9 @@ class LoadedModel:
         for t in self.towers:
             if t.name == name:
                 return t
-        raise UnsupportedModelError(f"{self.model_type} has no {name!r} tower; it has {[t.name for t in self.towers]}")
+        raise UnsupportedModelError(
+            f"{self.model_type} has no {name!r} tower; it has {[t.name for t in self.towers]}"
+        )
 
     @property
     def n_layers(self) -> int:
@@ -127,12 +129,16 @@ class LoadedModel:
         return f"input_ids == {self.image_token_id} (the processor expands each image to its patch tokens)"
 
     def __repr__(self) -> str:
-        towers = ", ".join(f"{t.name}: {t.n_layers}L x {t.n_heads}H (kv {t.n_kv_heads}, d {t.head_dim})" for t in self.towers)
+        towers = ", ".join(
+            f"{t.name}: {t.n_layers}L x {t.n_heads}H (kv {t.n_kv_heads}, d {t.head_dim})" for t in self.towers
+        )
         return f"LoadedModel({self.model_type}, {self.family.value}, {towers})"
 
 
 def _looks_like_hub_id(source: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source)) and not source.startswith((".", "/", "~"))
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source)) and not source.startswith(
+        (".", "/", "~")
+    )
 
 
 def _resolve(source: str | Path) -> str:
@@ -140,11 +146,15 @@ def _resolve(source: str | Path) -> str:
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} exists but holds no config.json; pass a directory written by save_pretrained")
+            raise ModelLoadError(
+                f"{path} exists but holds no config.json; pass a directory written by save_pretrained"
+            )
         return str(path)
     if _looks_like_hub_id(source):
         return source
-    raise ModelLoadError(f"model path {source!r} does not exist; pass a local directory or a hub id like 'gpt2'")
+    raise ModelLoadError(
+        f"model path {source!r} does not exist; pass a local directory or a hub id like 'gpt2'"
+    )
 
 
 def _load_config(source: str) -> tf.PretrainedConfig:
@@ -187,8 +197,17 @@ def _tower(name: str, prefix: str, n_layers: int, config, spec: _ArchSpec, famil
         causal = False
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return Tower(
-        name=name, path=prefix, n_layers=n_layers, n_heads=heads, n_kv_heads=kv, head_dim=head_dim,
-        d_model=d_model, causal=causal, max_positions=max_pos, grid=grid, prefix_tokens=prefix_tokens,
+        name=name,
+        path=prefix,
+        n_layers=n_layers,
+        n_heads=heads,
+        n_kv_heads=kv,
+        head_dim=head_dim,
+        d_model=d_model,
+        causal=causal,
+        max_positions=max_pos,
+        grid=grid,
+        prefix_tokens=prefix_tokens,
     )
 
 
@@ -223,9 +242,15 @@ def describe(model: nn.Module, *, source: str = "<in memory>", processor=None) -
         raise UnsupportedModelError(f"found no attention layers in {type(model).__name__}")
     tokenizer = getattr(processor, "tokenizer", processor) if processor is not None else None
     return LoadedModel(
-        model=model, processor=processor, tokenizer=tokenizer, family=spec.family, model_type=model_type,
-        source=source, towers=tuple(sorted(towers, key=lambda t: t.name != "vision")),
-        attention_modules=attention, layer_modules=layer_modules,
+        model=model,
+        processor=processor,
+        tokenizer=tokenizer,
+        family=spec.family,
+        model_type=model_type,
+        source=source,
+        towers=tuple(sorted(towers, key=lambda t: t.name != "vision")),
+        attention_modules=attention,
+        layer_modules=layer_modules,
         image_token_id=getattr(config, "image_token_index", None) if spec.family is Family.LVLM else None,
     )
 
@@ -237,11 +262,16 @@ def _load_processor(source: str, family: Family):
     try:
         return loader.from_pretrained(source)
     except (OSError, ValueError, KeyError):
-        return None  # a bare checkpoint without tokenizer/processor files still loads; inputs come from the user
+        return (
+            None  # a bare checkpoint without tokenizer/processor files still loads; inputs come from the user
+        )
 
 
 def load(
-    source: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+    source: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
 ) -> LoadedModel:
     """Load a supported model from a local directory or a hub id, in eval mode, with its processor.
@@ -257,7 +287,9 @@ def load(
         )
     spec = SUPPORTED[config.model_type]
     try:
-        model = spec.auto_class.from_pretrained(resolved, dtype=dtype, attn_implementation=attn_implementation)
+        model = spec.auto_class.from_pretrained(
+            resolved, dtype=dtype, attn_implementation=attn_implementation
+        )
     except OSError as err:
         raise ModelLoadError(f"could not load the weights of {resolved}: {err}") from err
     model.to(device).eval()

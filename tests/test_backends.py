@@ -10,7 +10,9 @@ import headlab as hl
 from headlab.probe.backends import capture_nnsight, capture_transformer_lens
 
 KEYS = ["example", "tower", "step", "layer", "head", "stat", "role"]
-SEL = dict(patterns=hl.Select(layers=[1], heads=[0, 3], queries=[0, -1]), head_outputs=hl.Select(heads=[1, 2]))
+SEL = dict(
+    patterns=hl.Select(layers=[1], heads=[0, 3], queries=[0, -1]), head_outputs=hl.Select(heads=[1, 2])
+)
 
 
 def _fused(lm, inputs):

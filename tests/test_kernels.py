@@ -52,25 +52,39 @@ def test_fused_matches_reference(case, dtype):
     assert out.shape == ref.out.shape and lse.shape == ref.lse.shape
     live = _live_rows(mask, n_q, n_k, causal, batch)
     torch.testing.assert_close((out.float() * live), ref.out * live, atol=TOL[dtype], rtol=TOL[dtype])
-    torch.testing.assert_close(lse.float()[live[..., 0].expand_as(lse)], ref.lse[live[..., 0].expand_as(lse)], atol=TOL[dtype] * 4, rtol=TOL[dtype])
+    torch.testing.assert_close(
+        lse.float()[live[..., 0].expand_as(lse)],
+        ref.lse[live[..., 0].expand_as(lse)],
+        atol=TOL[dtype] * 4,
+        rtol=TOL[dtype],
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_tiled_path_matches_reference(case, monkeypatch):
     batch, heads, kv, n_q, n_k, d, d_v, causal, ragged = case
     monkeypatch.setattr(aug_mod, "_QUERY_TILE", 4)  # several tiles even at these sizes
-    q, k, v = torch.randn(batch, heads, n_q, d), torch.randn(batch, kv, n_k, d), torch.randn(batch, kv, n_k, d_v)
+    q, k, v = (
+        torch.randn(batch, heads, n_q, d),
+        torch.randn(batch, kv, n_k, d),
+        torch.randn(batch, kv, n_k, d_v),
+    )
     mask = _mask(batch, n_q, n_k, ragged)
     ref = naive_attention(q, k, v, mask=mask, scale=0.3, causal=causal)
     from headlab.kernels.reference import additive_mask, expand_kv
 
     fused_causal = causal and mask is None and n_q == n_k
-    bias = None if fused_causal or (mask is None and not causal) else additive_mask(
-        mask, n_q, n_k, causal=causal, dtype=torch.float32, device=q.device)
+    bias = (
+        None
+        if fused_causal or (mask is None and not causal)
+        else additive_mask(mask, n_q, n_k, causal=causal, dtype=torch.float32, device=q.device)
+    )
     out, lse = aug_mod._tiled(q, expand_kv(k, heads), expand_kv(v, heads), bias, fused_causal, 0.3)
     live = _live_rows(mask, n_q, n_k, causal, batch)
     torch.testing.assert_close(out * live, ref.out * live, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(lse[live[..., 0].expand_as(lse)], ref.lse[live[..., 0].expand_as(lse)], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(
+        lse[live[..., 0].expand_as(lse)], ref.lse[live[..., 0].expand_as(lse)], atol=2e-5, rtol=2e-5
+    )
 
 
 def test_reference_rows_are_distributions():

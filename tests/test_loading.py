@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def test_missing_path_is_a_clear_error(tmp_path):
 
 
 def test_directory_without_config(tmp_path):
-    with pytest.raises(hl.ModelLoadError, match="config.json"):
+    with pytest.raises(hl.ModelLoadError, match=r"config\.json"):
         hl.load(tmp_path)
 
 
@@ -52,8 +53,8 @@ def test_offline_hub_id_says_how_to_pass_a_path(monkeypatch):
 
 
 def test_unsupported_architecture_lists_supported(tmp_path, model_dirs):
-    src = json.loads(open(f"{model_dirs['gpt2']}/config.json").read())
+    src = json.loads((Path(model_dirs["gpt2"]) / "config.json").read_text())
     src["model_type"] = "bert"
     (tmp_path / "config.json").write_text(json.dumps(src))
-    with pytest.raises(hl.UnsupportedModelError, match="supported: .*gpt2"):
+    with pytest.raises(hl.UnsupportedModelError, match=r"supported: .*gpt2"):
         hl.load(tmp_path)

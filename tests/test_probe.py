@@ -128,7 +128,14 @@ def test_generation_with_kv_cache_is_captured(tiny):
     assert torch.equal(plain, captured)
     stats = rec.head_stats
     assert sorted(set(stats.step)) == [0, 1, 2]
-    assert set(stats[stats.step > 0].stat) == {"mass", "mass_last", "entropy", "entropy_last", "distance", "distance_rms"}
+    assert set(stats[stats.step > 0].stat) == {
+        "mass",
+        "mass_last",
+        "entropy",
+        "entropy_last",
+        "distance",
+        "distance_rms",
+    }
     assert "answer" in set(stats[stats.step > 0].role)
     merged = stats.merge(ref.head_stats, on=KEYS, suffixes=("_f", "_r"))
     assert len(merged) == len(stats)
@@ -167,8 +174,14 @@ def test_hand_computed_three_token_case():
     q = torch.log(probs.clamp(min=1e-30))[None, None]
     k = torch.eye(3)[None, None]
     v = torch.randn(1, 1, 3, 3)
-    ctx = BatchContext(tower="lm", step=0, pass_id=0, examples=(0,), roles=(text_roles([7, 8, 9]),),
-                       key_valid=torch.ones(1, 3, dtype=torch.bool))
+    ctx = BatchContext(
+        tower="lm",
+        step=0,
+        pass_id=0,
+        examples=(0,),
+        roles=(text_roles([7, 8, 9]),),
+        key_valid=torch.ones(1, 3, dtype=torch.bool),
+    )
     spec = hl.Stats(first_k=3)
     alpha_pos = S.alpha_keys(ctx, 3)
     v_aug, layout = S.augmented_values(ctx, k, v, spec, causal=True, alpha_pos=alpha_pos)
@@ -178,7 +191,9 @@ def test_hand_computed_three_token_case():
     _, fused = S.decode(out, lse, q, 1.0, layout, ctx)
     explicit = S.from_probs(probs[None, None], ctx, spec, causal=True, alpha_pos=alpha_pos)
     for per_query in (fused, explicit):
-        frame = pd.DataFrame(S.reduce(per_query, ctx, spec, layer=0, causal=True, alpha_pos=alpha_pos, keep=None))
+        frame = pd.DataFrame(
+            S.reduce(per_query, ctx, spec, layer=0, causal=True, alpha_pos=alpha_pos, keep=None)
+        )
         got = {(r.stat, r.role): r.value for r in frame.itertuples()}
         assert got["alpha", "pos:0"] == pytest.approx((1 + 0.5 + 0.2) / 3, abs=1e-5)
         assert got["alpha", "pos:1"] == pytest.approx((0.5 + 0.3) / 2, abs=1e-5)
@@ -187,18 +202,24 @@ def test_hand_computed_three_token_case():
         assert got["entropy_last", ""] == pytest.approx(h2, abs=1e-5)
         assert got["entropy", ""] == pytest.approx((0 + math.log(2) + h2) / 3, abs=1e-5)
         assert got["distance", ""] == pytest.approx((0 + 0.5 + (0.2 * 2 + 0.3)) / 3, abs=1e-5)
-        assert got["distance_rms", ""] == pytest.approx((0 + math.sqrt(0.5) + math.sqrt(0.2 * 4 + 0.3)) / 3, abs=1e-5)
+        assert got["distance_rms", ""] == pytest.approx(
+            (0 + math.sqrt(0.5) + math.sqrt(0.2 * 4 + 0.3)) / 3, abs=1e-5
+        )
         assert got["mass", "bos"] == pytest.approx((1 + 0.5 + 0.2) / 3, abs=1e-5)
         assert got["mass_last", "text"] == pytest.approx(0.8, abs=1e-5)
 
 
 def test_selection_out_of_range(tiny):
-    with pytest.raises(hl.SelectionError, match="layer 7 is out of range"):
-        with hl.capture(tiny("gpt2"), patterns=hl.Select(layers=[7])):
-            pass
-    with pytest.raises(hl.SelectionError, match="head 9"):
-        with hl.capture(tiny("gpt2"), head_outputs=hl.Select(heads=[9])):
-            pass
+    with (
+        pytest.raises(hl.SelectionError, match="layer 7 is out of range"),
+        hl.capture(tiny("gpt2"), patterns=hl.Select(layers=[7])),
+    ):
+        pass
+    with (
+        pytest.raises(hl.SelectionError, match="head 9"),
+        hl.capture(tiny("gpt2"), head_outputs=hl.Select(heads=[9])),
+    ):
+        pass
 
 
 def test_query_out_of_range(tiny):
@@ -210,21 +231,23 @@ def test_query_out_of_range(tiny):
 
 def test_absent_role_is_an_error(tiny):
     lm = tiny("gpt2")
-    with pytest.raises(hl.InputError, match="'image'.* absent"):
+    with pytest.raises(hl.InputError, match=r"'image'.* absent"):
         _capture(lm, inputs_for(lm), stats=hl.Stats(roles=("image",)))
 
 
 def test_too_long_input_is_an_error(tiny):
     lm = tiny("gpt2")  # learned positions: 256
     ids = torch.randint(5, 100, (1, 300))
-    with pytest.raises(hl.InputError, match="300 tokens .* at most 256"):
+    with pytest.raises(hl.InputError, match=r"300 tokens .* at most 256"):
         _capture(lm, {"input_ids": ids})
 
 
 def test_unsupported_model_is_an_error():
     from transformers import BertConfig, BertModel
 
-    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    model = BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    )
     with pytest.raises(hl.UnsupportedModelError, match="'bert'"):
         hl.describe(model)
 

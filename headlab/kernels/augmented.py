@@ -51,7 +51,9 @@ def _tiled(q, k, v, bias, causal, scale):
         stop = min(n_q, start + _QUERY_TILE)
         scores = torch.matmul(q[:, :, start:stop].float(), k.float().transpose(-1, -2)) * scale
         if bias is not None:
-            scores = scores + bias[..., start:stop, :].float() if bias.shape[-2] != 1 else scores + bias.float()
+            scores = (
+                scores + bias[..., start:stop, :].float() if bias.shape[-2] != 1 else scores + bias.float()
+            )
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows that see no key: zeros, as SDPA
         outs.append(torch.matmul(probs, v.float()).to(v.dtype))
@@ -60,7 +62,12 @@ def _tiled(q, k, v, bias, causal, scale):
 
 
 def attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    scale: float,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention returning (out [batch, head, q, d_v], lse [batch, head, q]).
@@ -76,7 +83,11 @@ def attention_with_lse(
     bias = None
     if mask is not None or (causal and not fused_causal):
         bias = additive_mask(mask, n_q, n_k, causal=causal, dtype=q.dtype, device=q.device)
-        bias = bias.expand(q.shape[0], n_heads, n_q, n_k) if bias.dim() == 4 and bias.shape[1] != n_heads else bias
+        bias = (
+            bias.expand(q.shape[0], n_heads, n_q, n_k)
+            if bias.dim() == 4 and bias.shape[1] != n_heads
+            else bias
+        )
     if q.device.type == "cpu" and q.dtype in _FLASH_CPU_DTYPES:
         return _flash_cpu(q, k, v, bias, fused_causal, scale)
     return _tiled(q, k, v, bias, fused_causal, scale)

@@ -61,8 +61,14 @@ def additive_mask(
 
 
 def naive_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
-    scale: float | None = None, causal: bool = False, softcap: float | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    softcap: float | None = None,
 ) -> ReferenceAttention:
     """Eager attention in float32 with the full pattern: the oracle."""
     n_heads, n_q, n_k = q.shape[1], q.shape[2], k.shape[2]

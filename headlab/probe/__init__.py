@@ -7,6 +7,17 @@ from headlab.probe.roles import TokenRoles, grid_roles, text_roles
 from headlab.probe.select import Select, Stats
 
 __all__ = [
-    "ATTENTION_NAME", "AttentionRows", "HeadOutputs", "Record", "ResidualRatios", "Select", "Stats", "TokenRoles",
-    "capture", "grid_roles", "headlab_attention", "switched_to_headlab", "text_roles",
+    "ATTENTION_NAME",
+    "AttentionRows",
+    "HeadOutputs",
+    "Record",
+    "ResidualRatios",
+    "Select",
+    "Stats",
+    "TokenRoles",
+    "capture",
+    "grid_roles",
+    "headlab_attention",
+    "switched_to_headlab",
+    "text_roles",
 ]

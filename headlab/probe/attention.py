@@ -21,16 +21,33 @@ ATTENTION_NAME = "headlab"
 
 
 def headlab_attention(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-    is_causal: bool | None = None, **kwargs,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """AttentionInterface signature: q [batch, head, q, d], k/v [batch, kv_head, k, d] -> ([batch, q, head, d], None)."""
     probe = getattr(module, "_headlab_probe", None)
     if probe is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
-    return probe.attend(module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    return probe.attend(
+        module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal, **kwargs
+    )
 
 
 def register() -> None:
@@ -49,7 +66,11 @@ def _configs(model: nn.Module) -> list[PretrainedConfig]:
         if id(config) in seen:
             continue
         seen[id(config)] = config
-        stack += [c for key in getattr(config, "sub_configs", {}) if isinstance(c := getattr(config, key, None), PretrainedConfig)]
+        stack += [
+            c
+            for key in getattr(config, "sub_configs", {})
+            if isinstance(c := getattr(config, key, None), PretrainedConfig)
+        ]
     return list(seen.values())
 
 

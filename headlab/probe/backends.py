@@ -30,21 +30,30 @@ _OUT_PROJ = ("o_proj", "c_proj", "out_proj")
 
 
 def record_from_patterns(
-    lm: LoadedModel, ctx: BatchContext, probs: list[torch.Tensor], z: list[torch.Tensor], *,
-    stats: Stats | None, patterns: Select | None, head_outputs: Select | None,
+    lm: LoadedModel,
+    ctx: BatchContext,
+    probs: list[torch.Tensor],
+    z: list[torch.Tensor],
+    *,
+    stats: Stats | None,
+    patterns: Select | None,
+    head_outputs: Select | None,
 ) -> Record:
     """A Record from explicit per-layer patterns [batch, head, q, k] and head outputs [batch, q, head, d]."""
     record = Record()
     for ex, r in zip(ctx.examples, ctx.roles, strict=True):
-        record._examples.append({"example": ex, "tower": "lm", "n_tokens": len(r), "roles": ",".join(r.present())})
+        record._examples.append(
+            {"example": ex, "tower": "lm", "n_tokens": len(r), "roles": ",".join(r.present())}
+        )
     n_q = ctx.n_keys
     alpha_pos = S.alpha_keys(ctx, stats.first_k) if stats is not None and "alpha" in stats.which else None
     for layer, (p, zl) in enumerate(zip(probs, z, strict=True)):
         p = p.float() * ctx.key_valid[:, None, None, :]  # pads are never attended
         if stats is not None:
             per_query = S.from_probs(p, ctx, stats, causal=True, alpha_pos=alpha_pos)
-            record._stat_chunks.append(S.reduce(per_query, ctx, stats, layer=layer, causal=True,
-                                                alpha_pos=alpha_pos, keep=None))
+            record._stat_chunks.append(
+                S.reduce(per_query, ctx, stats, layer=layer, causal=True, alpha_pos=alpha_pos, keep=None)
+            )
         for b, example in enumerate(ctx.examples):
             valid = ctx.key_valid[b]
             if patterns is not None and layer in patterns.layer_ids(len(probs)):
@@ -70,8 +79,13 @@ def _check(lm: LoadedModel) -> None:
 
 
 def capture_transformer_lens(
-    lm: LoadedModel, inputs: Mapping[str, torch.Tensor], *, stats: Stats | None = Stats(),
-    patterns: Select | None = None, head_outputs: Select | None = None, bridge=None,
+    lm: LoadedModel,
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    stats: Stats | None = Stats(),
+    patterns: Select | None = None,
+    head_outputs: Select | None = None,
+    bridge=None,
 ) -> Record:
     """Capture through TransformerLens 4 (`run_with_cache` on hook_pattern and hook_z).
 
@@ -86,7 +100,9 @@ def capture_transformer_lens(
     names = [f"blocks.{i}.attn.hook_{k}" for i in range(lm.n_layers) for k in ("pattern", "z")]
     mask = inputs.get("attention_mask")
     with torch.no_grad():
-        _, cache = bridge.run_with_cache(inputs["input_ids"], attention_mask=mask, names_filter=lambda n: n in names)
+        _, cache = bridge.run_with_cache(
+            inputs["input_ids"], attention_mask=mask, names_filter=lambda n: n in names
+        )
     probs = [cache[f"blocks.{i}.attn.hook_pattern"] for i in range(lm.n_layers)]
     z = [cache[f"blocks.{i}.attn.hook_z"] for i in range(lm.n_layers)]
     ctx = text_context(inputs["input_ids"], mask, examples=tuple(range(len(inputs["input_ids"]))), pass_id=0)
@@ -101,8 +117,14 @@ def _envoy(root, path: str):
 
 
 def capture_nnsight(
-    lm: LoadedModel, inputs: Mapping[str, torch.Tensor], *, stats: Stats | None = Stats(),
-    patterns: Select | None = None, head_outputs: Select | None = None, remote: bool = False, model=None,
+    lm: LoadedModel,
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    stats: Stats | None = Stats(),
+    patterns: Select | None = None,
+    head_outputs: Select | None = None,
+    remote: bool = False,
+    model=None,
 ) -> Record:
     """Capture through nnsight: one `trace` saving every layer's attention weights and o_proj input.
 
@@ -129,5 +151,9 @@ def capture_nnsight(
         lm.model.set_attn_implementation(before)
     batch, n = inputs["input_ids"].shape
     z = [t.reshape(batch, n, lm.n_heads, lm.head_dim) for t in saved_z]
-    ctx = text_context(inputs["input_ids"], inputs.get("attention_mask"), examples=tuple(range(batch)), pass_id=0)
-    return record_from_patterns(lm, ctx, list(saved_p), z, stats=stats, patterns=patterns, head_outputs=head_outputs)
+    ctx = text_context(
+        inputs["input_ids"], inputs.get("attention_mask"), examples=tuple(range(batch)), pass_id=0
+    )
+    return record_from_patterns(
+        lm, ctx, list(saved_p), z, stats=stats, patterns=patterns, head_outputs=head_outputs
+    )

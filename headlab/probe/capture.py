@@ -55,8 +55,16 @@ class Probe:
     """One capture session over a LoadedModel: builds batch contexts and serves every attention call."""
 
     def __init__(
-        self, lm: LoadedModel, record: Record, *, stats: Stats | None, patterns: Select | None,
-        head_outputs: Select | None, residuals: Select | None, allow_long: bool, engine: str = "fused",
+        self,
+        lm: LoadedModel,
+        record: Record,
+        *,
+        stats: Stats | None,
+        patterns: Select | None,
+        head_outputs: Select | None,
+        residuals: Select | None,
+        allow_long: bool,
+        engine: str = "fused",
     ) -> None:
         if engine not in ("fused", "reference"):
             raise SelectionError(f"engine must be 'fused' or 'reference', got {engine!r}")
@@ -114,19 +122,35 @@ class Probe:
             prev = self._active["lm"]
             n_new = ids.shape[1]
             roles = tuple(r.extended(n_new) for r in prev.roles)
-            self._pending["lm"] = BatchContext(tower="lm", step=prev.step + 1, pass_id=self._pass,
-                                               examples=prev.examples, roles=roles, key_valid=valid.cpu())
+            self._pending["lm"] = BatchContext(
+                tower="lm",
+                step=prev.step + 1,
+                pass_id=self._pass,
+                examples=prev.examples,
+                roles=roles,
+                key_valid=valid.cpu(),
+            )
             return
         examples = self._new_examples(ids.shape[0])
         roles, self._roles_override = self._roles_override, None
-        ctx = text_context(ids, valid, examples=examples, pass_id=self._pass, image_token_id=self.lm.image_token_id,
-                           roles=None if roles is None else tuple(roles))
+        ctx = text_context(
+            ids,
+            valid,
+            examples=examples,
+            pass_id=self._pass,
+            image_token_id=self.lm.image_token_id,
+            roles=None if roles is None else tuple(roles),
+        )
         self._pending["lm"] = ctx
         self._log_examples(ctx)
         if self.lm.family is Family.LVLM and kwargs.get("pixel_values") is not None:
             per_image = self.lm.model.config.image_seq_length
-            counts = [len(r.positions("image")) // per_image if "image" in r.present() else 0 for r in ctx.roles]
-            self._vision_examples = tuple(ex for ex, c in zip(examples, counts, strict=True) for _ in range(c))
+            counts = [
+                len(r.positions("image")) // per_image if "image" in r.present() else 0 for r in ctx.roles
+            ]
+            self._vision_examples = tuple(
+                ex for ex, c in zip(examples, counts, strict=True) for _ in range(c)
+            )
 
     def _check_length(self, n: int) -> None:
         limit = self.lm.tower("lm").max_positions
@@ -150,23 +174,32 @@ class Probe:
     def _default_context(self, tower: str, batch: int, n_tokens: int) -> BatchContext:
         info = self.lm.tower(tower)
         if tower == "vision":
-            examples = self._vision_examples if len(self._vision_examples) == batch else self._new_examples(batch)
+            examples = (
+                self._vision_examples if len(self._vision_examples) == batch else self._new_examples(batch)
+            )
             roles = tuple(grid_roles(info.prefix_tokens, info.grid, n_tokens) for _ in range(batch))
         else:
             examples = self._new_examples(batch)
             roles = tuple(text_roles([0] * n_tokens) for _ in range(batch))
-        return BatchContext(tower=tower, step=0, pass_id=self._pass, examples=examples, roles=roles,
-                            key_valid=torch.ones(batch, n_tokens, dtype=torch.bool))
+        return BatchContext(
+            tower=tower,
+            step=0,
+            pass_id=self._pass,
+            examples=examples,
+            roles=roles,
+            key_valid=torch.ones(batch, n_tokens, dtype=torch.bool),
+        )
 
     # ----- the attention call ---------------------------------------------------------------------------
     def attend(self, module, q, k, v, mask, *, scaling=None, is_causal=None, **kwargs):
         tower, layer = module._headlab_site
         if kwargs.get("softcap") is not None:
-            raise UnsupportedModelError("attention soft-capping needs the FlexAttention/Triton path, not available here")
+            raise UnsupportedModelError(
+                "attention soft-capping needs the FlexAttention/Triton path, not available here"
+            )
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        batch, _, n_q, _ = q.shape
-        n_k = k.shape[2]
+        batch, n_k = q.shape[0], k.shape[2]
         want_stats = self.stats is not None and (self.stats.towers is None or tower in self.stats.towers)
         want_rows = self._selected(self.patterns, tower, layer)
         want_z = self._selected(self.head_outputs, tower, layer)
@@ -198,10 +231,17 @@ class Probe:
             v_aug, layout = S.augmented_values(ctx, k, v, spec, causal=causal, alpha_pos=alpha_pos)
             aug, lse = attention_with_lse(q.float(), k.float(), v_aug, mask=mask, scale=scale, causal=causal)
             out, per_query = S.decode(aug, lse, q, scale, layout, ctx)
-        if self.engine == "fused" and "distance" in spec.which and not layout.positions and any(r.grid for r in ctx.roles):
+        if (
+            self.engine == "fused"
+            and "distance" in spec.which
+            and not layout.positions
+            and any(r.grid for r in ctx.roles)
+        ):
             bias = None if mask is None else torch.where(_keep_mask(mask), 0.0, float("-inf"))
             per_query.distance, per_query.distance_rms = S.grid_distance_tiled(q, k, lse, scale, bias, ctx)
-        rows = S.reduce(per_query, ctx, spec, layer=layer, causal=causal, alpha_pos=alpha_pos, keep=_keep_mask(mask))
+        rows = S.reduce(
+            per_query, ctx, spec, layer=layer, causal=causal, alpha_pos=alpha_pos, keep=_keep_mask(mask)
+        )
         self.record._stat_chunks.append(rows)
         return out, lse
 
@@ -220,7 +260,9 @@ class Probe:
             for h in heads:
                 scores = (q[b, h, rows].float() @ k_full[b, h].float().T) * scale + bias
                 probs = torch.exp(scores - lse[b, h, rows, None].float())[:, valid]
-                self.record.patterns.append(AttentionRows(example, ctx.tower, ctx.step, layer, h, tuple(positions), probs))
+                self.record.patterns.append(
+                    AttentionRows(example, ctx.tower, ctx.step, layer, h, tuple(positions), probs)
+                )
 
     def _record_z(self, ctx, layer, out):
         sel = self.head_outputs
@@ -230,13 +272,16 @@ class Probe:
             positions, idx = ctx.call_queries(b, out.shape[2], queries)
             if idx:
                 z = out[b][heads][:, idx].transpose(0, 1).detach().float().cpu()  # [q, head, d_head]
-                self.record.head_outputs.append(HeadOutputs(example, ctx.tower, ctx.step, layer, tuple(heads), tuple(positions), z))
+                self.record.head_outputs.append(
+                    HeadOutputs(example, ctx.tower, ctx.step, layer, tuple(heads), tuple(positions), z)
+                )
 
     # ----- residuals ------------------------------------------------------------------------------------
     def residual_hook(self, tower: str, layer: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             self._record_residual(tower, layer, hidden)
+
         return hook
 
     def _record_residual(self, tower: str, layer: int, hidden: torch.Tensor) -> None:
@@ -250,13 +295,20 @@ class Probe:
             if not idx:
                 continue
             a, r = abs_x[b, idx], rms[b, idx]
-            self.record._residual_rows.append({
-                "example": np.full(len(idx), example), "tower": np.full(len(idx), tower, dtype=object),
-                "step": np.full(len(idx), ctx.step), "layer": np.full(len(idx), layer),
-                "position": np.asarray(positions), "norm": x[b, idx].norm(dim=-1).cpu().numpy(),
-                "rms": r.cpu().numpy(), "max_abs": a.max(-1).values.cpu().numpy(),
-                "max_dim": a.argmax(-1).cpu().numpy(), "median_abs": a.median(-1).values.cpu().numpy(),
-            })
+            self.record._residual_rows.append(
+                {
+                    "example": np.full(len(idx), example),
+                    "tower": np.full(len(idx), tower, dtype=object),
+                    "step": np.full(len(idx), ctx.step),
+                    "layer": np.full(len(idx), layer),
+                    "position": np.asarray(positions),
+                    "norm": x[b, idx].norm(dim=-1).cpu().numpy(),
+                    "rms": r.cpu().numpy(),
+                    "max_abs": a.max(-1).values.cpu().numpy(),
+                    "max_dim": a.argmax(-1).cpu().numpy(),
+                    "median_abs": a.median(-1).values.cpu().numpy(),
+                }
+            )
             self.record.residual_ratios.append(
                 ResidualRatios(example, tower, ctx.step, layer, tuple(positions), (a / r[:, None]).cpu())
             )
@@ -264,9 +316,15 @@ class Probe:
 
 @contextmanager
 def capture(
-    lm: LoadedModel, *, stats: Stats | None = Stats(), patterns: Select | None = None,
-    head_outputs: Select | None = None, residuals: Select | None = None,
-    roles: Sequence[TokenRoles] | None = None, allow_long: bool = False, engine: str = "fused",
+    lm: LoadedModel,
+    *,
+    stats: Stats | None = Stats(),
+    patterns: Select | None = None,
+    head_outputs: Select | None = None,
+    residuals: Select | None = None,
+    roles: Sequence[TokenRoles] | None = None,
+    allow_long: bool = False,
+    engine: str = "fused",
 ) -> Iterator[Record]:
     """Record attention of every forward pass (and `generate` decode step) run inside the block.
 
@@ -282,8 +340,16 @@ def capture(
     the oracle the fused engine is tested against).
     """
     record = Record()
-    probe = Probe(lm, record, stats=stats, patterns=patterns, head_outputs=head_outputs, residuals=residuals,
-                  allow_long=allow_long, engine=engine)
+    probe = Probe(
+        lm,
+        record,
+        stats=stats,
+        patterns=patterns,
+        head_outputs=head_outputs,
+        residuals=residuals,
+        allow_long=allow_long,
+        engine=engine,
+    )
     if roles is not None:
         probe.use_roles(roles)
     tagged: list[nn.Module] = []
@@ -300,7 +366,9 @@ def capture(
             n_layers = lm.tower(residuals.tower).n_layers
             for layer in residuals.layer_ids(n_layers):
                 module = lm.layer_modules[residuals.tower][layer]
-                h = module.register_forward_pre_hook(probe.residual_hook(residuals.tower, layer), with_kwargs=True)
+                h = module.register_forward_pre_hook(
+                    probe.residual_hook(residuals.tower, layer), with_kwargs=True
+                )
                 stack.callback(h.remove)
         record._probe = probe
         yield record
@@ -311,4 +379,3 @@ def _untag(modules: list[nn.Module]) -> None:
         for attr in ("_headlab_site", "_headlab_probe"):
             if hasattr(m, attr):
                 delattr(m, attr)
-

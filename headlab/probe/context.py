@@ -48,8 +48,14 @@ class BatchContext:
         if n_k < self.n_keys:
             raise InputError(f"attention saw {n_k} keys but the input has {self.n_keys} tokens")
         pad = torch.zeros(self.batch, n_k - self.n_keys, dtype=torch.bool)
-        return BatchContext(tower=self.tower, step=self.step, pass_id=self.pass_id, examples=self.examples,
-                            roles=self.roles, key_valid=torch.cat([self.key_valid, pad], 1))
+        return BatchContext(
+            tower=self.tower,
+            step=self.step,
+            pass_id=self.pass_id,
+            examples=self.examples,
+            roles=self.roles,
+            key_valid=torch.cat([self.key_valid, pad], 1),
+        )
 
     @cached_property
     def names(self) -> tuple[str, ...]:
@@ -95,11 +101,20 @@ class BatchContext:
 
 
 def text_context(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, examples: tuple[int, ...], pass_id: int,
-    image_token_id: int | None = None, roles: tuple[TokenRoles, ...] | None = None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    examples: tuple[int, ...],
+    pass_id: int,
+    image_token_id: int | None = None,
+    roles: tuple[TokenRoles, ...] | None = None,
 ) -> BatchContext:
     """The prefill context of a (padded) batch of token ids: roles from the ids unless given."""
-    valid = attention_mask.bool().cpu() if attention_mask is not None else torch.ones(input_ids.shape, dtype=torch.bool)
+    valid = (
+        attention_mask.bool().cpu()
+        if attention_mask is not None
+        else torch.ones(input_ids.shape, dtype=torch.bool)
+    )
     if roles is None:
         roles = tuple(
             text_roles(row[v].tolist(), image_token_id=image_token_id)
@@ -107,4 +122,6 @@ def text_context(
         )
     elif len(roles) != input_ids.shape[0]:
         raise InputError(f"got roles for {len(roles)} examples but the batch has {input_ids.shape[0]}")
-    return BatchContext(tower="lm", step=0, pass_id=pass_id, examples=examples, roles=tuple(roles), key_valid=valid)
+    return BatchContext(
+        tower="lm", step=0, pass_id=pass_id, examples=examples, roles=tuple(roles), key_valid=valid
+    )

@@ -82,7 +82,18 @@ class Record:
 
     @property
     def residuals(self) -> pd.DataFrame:
-        cols = ("example", "tower", "step", "layer", "position", "norm", "rms", "max_abs", "max_dim", "median_abs")
+        cols = (
+            "example",
+            "tower",
+            "step",
+            "layer",
+            "position",
+            "norm",
+            "rms",
+            "max_abs",
+            "max_dim",
+            "median_abs",
+        )
         if not self._residual_rows:
             return pd.DataFrame({c: [] for c in cols})
         return pd.DataFrame({c: np.concatenate([r[c] for r in self._residual_rows]) for c in cols})
@@ -91,9 +102,17 @@ class Record:
     def examples(self) -> pd.DataFrame:
         return pd.DataFrame(self._examples, columns=["example", "tower", "n_tokens", "roles"])
 
-    def pattern(self, example: int, layer: int, head: int, *, tower: str = "lm", step: int = 0) -> AttentionRows:
+    def pattern(
+        self, example: int, layer: int, head: int, *, tower: str = "lm", step: int = 0
+    ) -> AttentionRows:
         for rows in self.patterns:
-            if (rows.example, rows.tower, rows.step, rows.layer, rows.head) == (example, tower, step, layer, head):
+            if (rows.example, rows.tower, rows.step, rows.layer, rows.head) == (
+                example,
+                tower,
+                step,
+                layer,
+                head,
+            ):
                 return rows
         raise SelectionError(
             f"no pattern was recorded for example {example}, {tower} layer {layer} head {head}, step {step}; "

@@ -43,7 +43,9 @@ class TokenRoles:
         if any(c < 0 or c >= len(self.names) for c in self.classes):
             raise InputError(f"role classes must index names {self.names}")
         if self.grid is not None and self.grid_start + self.grid[0] * self.grid[1] > len(self.classes):
-            raise InputError(f"patch grid {self.grid} at {self.grid_start} does not fit {len(self.classes)} tokens")
+            raise InputError(
+                f"patch grid {self.grid} at {self.grid_start} does not fit {len(self.classes)} tokens"
+            )
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -62,24 +64,35 @@ class TokenRoles:
         """These roles plus `n_new` generated tokens of role `name` (decode steps)."""
         names = self.names if name in self.names else (*self.names, name)
         return TokenRoles(
-            classes=self.classes + (names.index(name),) * n_new, names=names, grid=self.grid,
-            grid_start=self.grid_start, flagged=self.flagged,
+            classes=self.classes + (names.index(name),) * n_new,
+            names=names,
+            grid=self.grid,
+            grid_start=self.grid_start,
+            flagged=self.flagged,
         )
 
     def with_flagged(self, positions: Sequence[int]) -> TokenRoles:
         bad = [p for p in positions if not 0 <= p < len(self)]
         if bad:
             raise InputError(f"flagged positions {bad} are outside this example's {len(self)} tokens")
-        return TokenRoles(classes=self.classes, names=self.names, grid=self.grid, grid_start=self.grid_start,
-                          flagged=tuple(positions))
+        return TokenRoles(
+            classes=self.classes,
+            names=self.names,
+            grid=self.grid,
+            grid_start=self.grid_start,
+            flagged=tuple(positions),
+        )
 
     def tensor(self) -> torch.Tensor:
         return torch.tensor(self.classes, dtype=torch.long)
 
 
 def text_roles(
-    input_ids: Sequence[int], *, image_token_id: int | None = None,
-    segments: Sequence[tuple[int, int]] = (), flagged: Sequence[int] = (),
+    input_ids: Sequence[int],
+    *,
+    image_token_id: int | None = None,
+    segments: Sequence[tuple[int, int]] = (),
+    flagged: Sequence[int] = (),
 ) -> TokenRoles:
     """Roles of a text (or LLaVA-style text + image tokens) example given its real token ids.
 
@@ -108,8 +121,9 @@ def text_roles(
         names.append(f"segment_{i}")
         for p in range(start, end):
             classes[p] = len(names) - 1
-    return TokenRoles(classes=tuple(classes), names=tuple(names), grid=grid, grid_start=grid_start,
-                      flagged=tuple(flagged))
+    return TokenRoles(
+        classes=tuple(classes), names=tuple(names), grid=grid, grid_start=grid_start, flagged=tuple(flagged)
+    )
 
 
 def grid_roles(prefix_tokens: int, grid: tuple[int, int], n_tokens: int | None = None) -> TokenRoles:
@@ -119,7 +133,9 @@ def grid_roles(prefix_tokens: int, grid: tuple[int, int], n_tokens: int | None =
     if n_tokens is not None and n_tokens != n:
         side = math.isqrt(n_tokens - prefix_tokens)
         if side * side != n_tokens - prefix_tokens:
-            raise InputError(f"{n_tokens} vision tokens do not form {prefix_tokens} prefix tokens + a square grid")
+            raise InputError(
+                f"{n_tokens} vision tokens do not form {prefix_tokens} prefix tokens + a square grid"
+            )
         rows = cols = side
         n = n_tokens
     classes = (0,) * prefix_tokens + (1,) * (rows * cols)

@@ -64,7 +64,9 @@ def alpha_keys(ctx: BatchContext, first_k: int) -> torch.Tensor:
         keys += [p for p in r.flagged if p not in keys]
         per_example.append(keys)
     width = max((len(k) for k in per_example), default=0)
-    return torch.tensor([k + [-1] * (width - len(k)) for k in per_example], dtype=torch.long).reshape(ctx.batch, width)
+    return torch.tensor([k + [-1] * (width - len(k)) for k in per_example], dtype=torch.long).reshape(
+        ctx.batch, width
+    )
 
 
 def _alpha_onehots(ctx: BatchContext, alpha_pos: torch.Tensor) -> torch.Tensor:
@@ -77,7 +79,13 @@ def wants_linear_distance(ctx: BatchContext, causal: bool) -> bool:
 
 
 def augmented_values(
-    ctx: BatchContext, k: torch.Tensor, v: torch.Tensor, spec: Stats, *, causal: bool, alpha_pos: torch.Tensor | None
+    ctx: BatchContext,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: Stats,
+    *,
+    causal: bool,
+    alpha_pos: torch.Tensor | None,
 ) -> tuple[torch.Tensor, Layout]:
     """[V | K | role one-hots | j, j^2 | alpha one-hots] as float32 values [batch, kv_head, n_k, width]."""
     batch, n_kv, n_k, _ = k.shape
@@ -161,7 +169,12 @@ def grid_distance_from_probs(probs: torch.Tensor, ctx: BatchContext) -> tuple[to
 
 
 def grid_distance_tiled(
-    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, bias: torch.Tensor | None, ctx: BatchContext
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    ctx: BatchContext,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """2-D distances from query tiles rebuilt as exp(scale q k^T + bias - lse): O(tile * n) memory."""
     coords, is_patch = _grid_coords(ctx)
@@ -222,7 +235,9 @@ def _query_selection(ctx: BatchContext, n_q: int, queries) -> torch.Tensor:
     return sel
 
 
-def _visible_counts(ctx: BatchContext, alpha_pos: torch.Tensor, keep: torch.Tensor | None, causal: bool, n_q: int):
+def _visible_counts(
+    ctx: BatchContext, alpha_pos: torch.Tensor, keep: torch.Tensor | None, causal: bool, n_q: int
+):
     """[batch, a] number of real queries of the call that can see alpha key a."""
     q_valid = ctx.key_valid[:, -n_q:]
     q_pos = ctx.key_pos[:, -n_q:]
@@ -246,8 +261,14 @@ def _padded(ctx: BatchContext, positions: torch.Tensor) -> torch.Tensor:
 
 
 def reduce(
-    stats: PerQuery, ctx: BatchContext, spec: Stats, *, layer: int, causal: bool,
-    alpha_pos: torch.Tensor | None, keep: torch.Tensor | None,
+    stats: PerQuery,
+    ctx: BatchContext,
+    spec: Stats,
+    *,
+    layer: int,
+    causal: bool,
+    alpha_pos: torch.Tensor | None,
+    keep: torch.Tensor | None,
 ) -> dict[str, np.ndarray]:
     """Tidy rows (example, tower, step, layer, head, stat, role, value) of one attention call."""
     blocks: list[tuple[torch.Tensor, str, list[list[str]], torch.Tensor]] = []
@@ -278,15 +299,25 @@ def reduce(
         if spec.roles is not None:
             missing = [r for r in spec.roles if r not in ctx.names]
             if missing:
-                raise InputError(f"roles {missing} are absent from every example of this batch; present: {ctx.names}")
+                raise InputError(
+                    f"roles {missing} are absent from every example of this batch; present: {ctx.names}"
+                )
             present &= torch.tensor([n in spec.roles for n in ctx.names])
         labels = [list(ctx.names)] * ctx.batch
-        blocks += [(mean(stats.mass), "mass", labels, present), (at_last(stats.mass), "mass_last", labels, present)]
+        blocks += [
+            (mean(stats.mass), "mass", labels, present),
+            (at_last(stats.mass), "mass_last", labels, present),
+        ]
     if stats.entropy is not None:
-        blocks += [(mean(stats.entropy), "entropy", one, everyone), (at_last(stats.entropy), "entropy_last", one, everyone)]
+        blocks += [
+            (mean(stats.entropy), "entropy", one, everyone),
+            (at_last(stats.entropy), "entropy_last", one, everyone),
+        ]
     if stats.distance is not None:
-        blocks += [(mean(stats.distance), "distance", one, everyone),
-                   (mean(stats.distance_rms), "distance_rms", one, everyone)]
+        blocks += [
+            (mean(stats.distance), "distance", one, everyone),
+            (mean(stats.distance_rms), "distance_rms", one, everyone),
+        ]
     if stats.alpha is not None and ctx.step == 0:
         counts = _visible_counts(ctx, alpha_pos, keep, causal, n_q).to(stats.alpha.device)  # [batch, a]
         real = q_valid[:, None, :, None].to(stats.alpha.device)  # padding queries attend nowhere real
@@ -297,13 +328,17 @@ def reduce(
 
 
 def _rows(blocks, ctx: BatchContext, layer: int) -> dict[str, np.ndarray]:
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("example", "step", "layer", "head", "stat", "role", "value")}
+    cols: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("example", "step", "layer", "head", "stat", "role", "value")
+    }
     for values, stat, labels, keep in blocks:
         values = values.detach().float().cpu()  # [batch, head, r]
         batch, n_heads, n_r = values.shape
         ok = keep[:, None, :].expand(batch, n_heads, n_r) & ~values.isnan()
         b_idx, h_idx, r_idx = (t.numpy() for t in torch.nonzero(ok, as_tuple=True))
-        label_arr = np.array([[labels[b][r] for r in range(n_r)] for b in range(batch)], dtype=object).reshape(batch, n_r)
+        label_arr = np.array(
+            [[labels[b][r] for r in range(n_r)] for b in range(batch)], dtype=object
+        ).reshape(batch, n_r)
         cols["example"].append(np.asarray(ctx.examples)[b_idx])
         cols["head"].append(h_idx)
         cols["role"].append(label_arr[b_idx, r_idx])

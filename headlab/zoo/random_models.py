@@ -53,7 +53,11 @@ def _train_tokenizer(vocab_size: int, *, add_bos: bool) -> tf.PreTrainedTokenize
             single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
         )
     return tf.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
         extra_special_tokens={"image_token": IMAGE},
     )
 
@@ -69,18 +73,30 @@ def _ids(tokenizer: tf.PreTrainedTokenizerFast) -> dict[str, int]:
 def _gpt2(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 256) -> None:
     tokenizer = _train_tokenizer(300, add_bos=True)
     config = tf.GPT2Config(
-        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
         **_ids(tokenizer),
     )
     tf.GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 
-def _llama_config(tokenizer, *, layers: int, hidden: int, heads: int, kv_heads: int, **extra) -> tf.LlamaConfig:
+def _llama_config(
+    tokenizer, *, layers: int, hidden: int, heads: int, kv_heads: int, **extra
+) -> tf.LlamaConfig:
     return tf.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-        **_ids(tokenizer), **extra,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        **_ids(tokenizer),
+        **extra,
     )
 
 
@@ -94,8 +110,14 @@ def _llama(path: Path) -> None:
 def _qwen2(path: Path) -> None:
     tokenizer = _train_tokenizer(300, add_bos=False)
     config = tf.Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **_ids(tokenizer),
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        **_ids(tokenizer),
     )
     tf.Qwen2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -103,8 +125,13 @@ def _qwen2(path: Path) -> None:
 
 def _clip_vision_config(*, layers: int = 2, hidden: int = 32, heads: int = 4) -> tf.CLIPVisionConfig:
     return tf.CLIPVisionConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=hidden,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=hidden,
     )
 
 
@@ -120,21 +147,34 @@ def _llava(path: Path) -> None:
     vision = _clip_vision_config(layers=2, hidden=32, heads=4)
     n_patches = (IMAGE_SIZE // PATCH_SIZE) ** 2
     config = tf.LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
-        image_seq_length=n_patches, vision_feature_select_strategy="default", vision_feature_layer=-2,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        image_seq_length=n_patches,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
     )
     tf.LlavaForConditionalGeneration(config).save_pretrained(path)
     processor = tf.LlavaProcessor(
-        image_processor=_image_processor(), tokenizer=tokenizer, patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token=IMAGE,
+        image_processor=_image_processor(),
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=IMAGE,
     )
     processor.save_pretrained(path)
 
 
 def _vit(path: Path) -> None:
     config = tf.ViTConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_labels=4,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        num_labels=4,
     )
     tf.ViTForImageClassification(config).save_pretrained(path)
     tf.ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)

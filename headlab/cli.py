@@ -1,0 +1,171 @@
+"""The `headlab` command line. Every HeadlabError is printed as one clear line (exit code 2)."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from headlab.errors import HeadlabError
+
+app = typer.Typer(help="headlab: capture, analyse and intervene on attention heads.", no_args_is_help=True)
+zoo_app = typer.Typer(
+    help="Models that run without a hub: tiny random models of real architectures.", no_args_is_help=True
+)
+app.add_typer(zoo_app, name="zoo")
+console = Console()
+
+
+def _friendly(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HeadlabError as err:
+            console.print(f"[bold red]headlab:[/] {err}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@_friendly
+def info(model: Annotated[str, typer.Argument(help="local model directory or hub id")]) -> None:
+    """Load a model and show its family, towers and attention shapes."""
+    import headlab as hl
+
+    lm = hl.load(model)
+    table = Table(title=f"{lm.model_type} ({lm.family.value}) from {lm.source}")
+    for col in ("tower", "module path", "layers", "heads", "kv heads", "head dim", "causal", "patch grid"):
+        table.add_column(col)
+    for t in lm.towers:
+        table.add_row(
+            t.name,
+            t.path,
+            str(t.n_layers),
+            str(t.n_heads),
+            str(t.n_kv_heads),
+            str(t.head_dim),
+            str(t.causal),
+            "x".join(map(str, t.grid)) if t.grid else "-",
+        )
+    console.print(table)
+    console.print(f"image tokens: {lm.image_tokens}")
+
+
+def _summary(frame, title: str) -> Table:
+    """Per (tower, layer, head): first-token mass, entropy, mean distance, alpha of key 0."""
+    import pandas as pd
+
+    picks = {
+        "mass:bos": ("mass", "bos"),
+        "mass:cls": ("mass", "cls"),
+        "mass:image": ("mass", "image"),
+        "entropy": ("entropy", ""),
+        "distance": ("distance", ""),
+        "alpha pos:0": ("alpha", "pos:0"),
+    }
+    cols = {}
+    for label, (stat, role) in picks.items():
+        sub = frame[(frame.stat == stat) & (frame.role == role)]
+        if len(sub):
+            cols[label] = sub.groupby(["tower", "layer", "head"]).value.mean()
+    joined = pd.DataFrame(cols).reset_index()
+    table = Table(title=title)
+    for c in joined.columns:
+        table.add_column(str(c), justify="right")
+    for row in joined.itertuples(index=False):
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
+    return table
+
+
+@app.command()
+@_friendly
+def stats(
+    model: Annotated[str, typer.Argument(help="local model directory or hub id")],
+    prompt: Annotated[list[str], typer.Option(help="a prompt (repeat for a batch)")],
+    image: Annotated[list[Path] | None, typer.Option(help="an image per prompt (LVLMs, ViTs)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="write the tidy head_stats table (.csv or .parquet)")
+    ] = None,
+) -> None:
+    """Capture per-head attention statistics of every head for a few prompts."""
+    import headlab as hl
+    from headlab.inputs import prepare
+
+    lm = hl.load(model)
+    inputs = prepare(lm, prompt, image or [])
+    frame = _capture_stats(lm, inputs)
+    console.print(_summary(frame, f"per-head statistics of {lm.model_type}, {len(prompt)} example(s)"))
+    if out is not None:
+        _write(frame, out)
+
+
+def _capture_stats(lm, inputs):
+    import torch
+
+    import headlab as hl
+
+    with torch.no_grad(), hl.capture(lm) as rec:
+        lm.model(**inputs)
+    return rec.head_stats
+
+
+def _write(frame, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        frame.to_parquet(out, index=False)
+    else:
+        frame.to_csv(out, index=False)
+    console.print(f"wrote {len(frame)} rows to {out}")
+
+
+@zoo_app.command("random")
+@_friendly
+def zoo_random(
+    name: Annotated[str, typer.Argument(help="gpt2, llama, qwen2, llava, vit or clip_vision")],
+    out: Annotated[Path, typer.Argument(help="directory to write the model into")],
+    seed: int = 0,
+) -> None:
+    """Build a tiny random-weight model of a real architecture (with tokenizer/processor) for offline use."""
+    from headlab.zoo.random_models import build_random
+
+    path = build_random(name, out, seed=seed)
+    console.print(f"wrote a tiny random {name} to {path}")
+
+
+@app.command()
+@_friendly
+def demo(
+    out: Annotated[Path, typer.Option(help="where to write the demo outputs")] = Path("out/demo"),
+) -> None:
+    """The offline end-to-end path: tiny LLaVA and GPT-2 -> fused capture of every head -> tables."""
+    from PIL import Image
+
+    import headlab as hl
+    from headlab.inputs import prepare
+    from headlab.zoo.random_models import build_random
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, prompts in (
+            ("gpt2", ["When Mary and John went to the store, John gave a drink to"]),
+            ("llava", ["USER: <image>\nIs there a red square in the image? ASSISTANT:"]),
+        ):
+            lm = hl.load(build_random(name, Path(tmp) / name))
+            images = [Image.new("RGB", (32, 32), (200, 30, 30))] if lm.family is hl.Family.LVLM else []
+            inputs = prepare(lm, prompts, images)
+            frame = _capture_stats(lm, inputs)
+            console.print(_summary(frame, f"{name}: fused per-head statistics (random weights)"))
+            _write(frame, out / f"{name}_head_stats.csv")
+    console.print(
+        f"[bold]demo done[/]: statistics of every head of a tiny GPT-2 and a tiny LLaVA in {out.resolve()}"
+    )
+
+
+if __name__ == "__main__":
+    app()
