@@ -7,9 +7,17 @@ with hl.capture(lm, patterns=hl.Select(layers=[0], heads=[0])) as rec:
 rec.head_stats
 """
 
-from headlab.errors import HeadlabError, InputError, ModelLoadError, SelectionError, UnsupportedModelError
+from headlab.errors import (
+    HeadlabError,
+    InputError,
+    ModelLoadError,
+    SelectionError,
+    StoreError,
+    UnsupportedModelError,
+)
 from headlab.loading import SUPPORTED, Family, LoadedModel, Tower, describe, load
 from headlab.probe import Record, Select, Stats, TokenRoles, capture, grid_roles, text_roles
+from headlab.store import Store
 
 __version__ = "0.1.0"
 
@@ -23,6 +31,8 @@ __all__ = [
     "Record",
     "Select",
     "SelectionError",
+    "Store",
+    "StoreError",
     "Stats",
     "TokenRoles",
     "Tower",

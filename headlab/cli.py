@@ -18,6 +18,8 @@ zoo_app = typer.Typer(
     help="Models that run without a hub: tiny random models of real architectures.", no_args_is_help=True
 )
 app.add_typer(zoo_app, name="zoo")
+store_app = typer.Typer(help="Inspect and check activation stores.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
 console = Console()
 
 
@@ -123,6 +125,74 @@ def _write(frame, out: Path) -> None:
     else:
         frame.to_csv(out, index=False)
     console.print(f"wrote {len(frame)} rows to {out}")
+
+
+def _layers(text: str) -> tuple[int, ...] | None:
+    if text == "all":
+        return None
+    if text == "none":
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise HeadlabError(f"--attention takes 'all', 'none' or comma-separated layers, got {text!r}") from None
+
+
+@app.command("capture")
+@_friendly
+def capture_cmd(
+    model: Annotated[str, typer.Option(help="local model directory or hub id")],
+    data: Annotated[Path, typer.Option(help="JSONL of prompts: {'id', 'prompt', 'image'?, ...}")],
+    out: Annotated[Path, typer.Option(help="the store directory (created if missing)")],
+    condition: Annotated[str, typer.Option(help="name of this condition (e.g. with_image)")] = "default",
+    images: Annotated[Path | None, typer.Option(help="directory the image paths are relative to")] = None,
+    batch_size: int = 8,
+    attention: Annotated[str, typer.Option(help="layers whose compact attention is stored: all, none or 0,3")] = "all",
+) -> None:
+    """Capture a prompt file into a store (resumable: a rerun skips committed examples)."""
+    import headlab as hl
+    from headlab.datasets.prompts import read_prompts
+    from headlab.store import Store
+    from headlab.store.batch import capture_to_store
+
+    lm = hl.load(model)
+    prompts = read_prompts(data, images_dir=images, need_images=lm.family is not hl.Family.LLM)
+    store = Store.create(out, lm, exist_ok=True)
+    report = capture_to_store(lm, store, prompts.items, condition=condition, batch_size=batch_size,
+                              attention_layers=_layers(attention))
+    console.print(f"{report.done} captured, {report.skipped} already in the store, "
+                  f"{len(prompts.problems) + len(report.failed)} bad -> {out}")
+    for problem in prompts.problems + report.failed:
+        console.print(f"  [yellow]skipped[/] {problem}")
+    if report.interrupted:
+        console.print("[bold]interrupted[/]: every committed batch is kept; rerun the same command to resume")
+        raise typer.Exit(130)
+
+
+@store_app.command("verify")
+@_friendly
+def store_verify(store: Annotated[Path, typer.Argument(help="store directory")]) -> None:
+    """Check every committed shard against its checksums and schema (exit 1 on a problem)."""
+    from headlab.store import Store
+
+    report = Store.open(store).verify()
+    for note in report.notes:
+        console.print(f"note: {note}")
+    for problem in report.problems:
+        console.print(f"[bold red]problem[/]: {problem}")
+    console.print(f"{report.shards} shards, {report.files} files checked: {'OK' if report.ok else 'PROBLEMS'}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@store_app.command("info")
+@_friendly
+def store_info(store: Annotated[Path, typer.Argument(help="store directory")]) -> None:
+    """Summarise a store: model, examples, conditions, shards, size."""
+    from headlab.store import Store
+
+    for key, value in Store.open(store).info().items():
+        console.print(f"{key:>15}: {value}")
 
 
 @zoo_app.command("random")

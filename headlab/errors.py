@@ -26,3 +26,7 @@ class SelectionError(HeadlabError):
 
 class InputError(HeadlabError):
     """The model input is unusable as given (too long, missing a role it was asked about, ...)."""
+
+
+class StoreError(HeadlabError):
+    """An activation store is missing, corrupted, from a newer headlab, or for another model."""

@@ -256,3 +256,24 @@ def test_record_renders_in_a_notebook(tiny):
     lm = tiny("gpt2")
     _, rec = _capture(lm, inputs_for(lm))
     assert "headlab Record" in rec._repr_html_() and "<table" in rec._repr_html_()
+
+
+def test_bfloat16_model_observing_changes_nothing(model_dirs):
+    lm = hl.load(model_dirs["llama"], dtype=torch.bfloat16)
+    inputs = inputs_for(lm, padding_side="left")
+    with torch.no_grad():
+        before = logits_of(lm, inputs).float()
+    during, _ = _capture(lm, inputs)
+    # bfloat16 tolerance: the statistics call runs in float32, the plain one in bfloat16.
+    torch.testing.assert_close(during.float(), before, atol=3e-2, rtol=3e-2)
+
+
+def test_query_selection_for_averages(tiny):
+    lm = tiny("gpt2")
+    inputs = inputs_for(lm, batch=1)
+    _, rec = _capture(lm, inputs, stats=hl.Stats(queries=[-1], which=("mass", "entropy")))
+    stats = rec.head_stats
+    mean = stats[stats.stat == "mass"].set_index(["layer", "head", "role"]).value
+    last = stats[stats.stat == "mass_last"].set_index(["layer", "head", "role"]).value
+    pd.testing.assert_series_equal(mean, last, check_names=False)
+    assert set(stats.stat) == {"mass", "mass_last", "entropy", "entropy_last"}

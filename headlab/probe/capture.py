@@ -26,7 +26,7 @@ from headlab.loading import Family, LoadedModel
 from headlab.probe import stats as S
 from headlab.probe.attention import switched_to_headlab
 from headlab.probe.context import BatchContext, text_context
-from headlab.probe.record import AttentionRows, HeadOutputs, Record, ResidualRatios
+from headlab.probe.record import AttentionRows, CompactAttention, HeadOutputs, Record, ResidualRatios
 from headlab.probe.roles import TokenRoles, grid_roles, text_roles
 from headlab.probe.select import Select, Stats
 
@@ -65,13 +65,14 @@ class Probe:
         residuals: Select | None,
         allow_long: bool,
         engine: str = "fused",
+        compact: Select | None = None,
     ) -> None:
         if engine not in ("fused", "reference"):
             raise SelectionError(f"engine must be 'fused' or 'reference', got {engine!r}")
         self.lm, self.record, self.stats, self.engine = lm, record, stats, engine
-        self.patterns, self.head_outputs, self.residuals = patterns, head_outputs, residuals
+        self.patterns, self.head_outputs, self.residuals, self.compact = patterns, head_outputs, residuals, compact
         self.allow_long = allow_long
-        for sel in (patterns, head_outputs, residuals):
+        for sel in (patterns, head_outputs, residuals, compact):
             if sel is not None:
                 tower = lm.tower(sel.tower)
                 sel.layer_ids(tower.n_layers)
@@ -203,7 +204,8 @@ class Probe:
         want_stats = self.stats is not None and (self.stats.towers is None or tower in self.stats.towers)
         want_rows = self._selected(self.patterns, tower, layer)
         want_z = self._selected(self.head_outputs, tower, layer)
-        if not (want_stats or want_rows or want_z):
+        want_compact = self._selected(self.compact, tower, layer)
+        if not (want_stats or want_rows or want_z or want_compact):
             return sdpa_attention_forward(module, q, k, v, mask, scaling=scale, is_causal=is_causal, **kwargs)
         ctx = self.context(tower, batch, n_k).fit_keys(n_k)
         if want_stats:
@@ -214,6 +216,8 @@ class Probe:
             self._record_rows(ctx, layer, q, k, lse, mask, scale, causal)
         if want_z:
             self._record_z(ctx, layer, out)
+        if want_compact and ctx.step == 0:
+            self._record_compact(ctx, layer, q, k, lse, scale, causal, getattr(module, "sliding_window", None))
         return out.to(v.dtype).transpose(1, 2).contiguous(), None
 
     def _selected(self, sel: Select | None, tower: str, layer: int) -> bool:
@@ -276,6 +280,17 @@ class Probe:
                     HeadOutputs(example, ctx.tower, ctx.step, layer, tuple(heads), tuple(positions), z)
                 )
 
+    def _record_compact(self, ctx, layer, q, k, lse, scale, causal, window):
+        heads = self.compact.head_ids(q.shape[1])
+        group = q.shape[1] // k.shape[1]
+        for b, example in enumerate(ctx.examples):
+            valid = ctx.key_valid[b]
+            self.record.compact.append(CompactAttention(
+                example, ctx.tower, layer, heads, q[b, list(heads)][:, valid].detach().float().cpu(),
+                k[b][:, valid].detach().float().cpu(), lse[b, list(heads)][:, valid].detach().float().cpu(),
+                float(scale), causal, window, group,
+            ))
+
     # ----- residuals ------------------------------------------------------------------------------------
     def residual_hook(self, tower: str, layer: int):
         def hook(module, args, kwargs):
@@ -325,6 +340,7 @@ def capture(
     roles: Sequence[TokenRoles] | None = None,
     allow_long: bool = False,
     engine: str = "fused",
+    compact: Select | None = None,
 ) -> Iterator[Record]:
     """Record attention of every forward pass (and `generate` decode step) run inside the block.
 
@@ -336,6 +352,8 @@ def capture(
     record in full, for the selected layers, heads and query positions. roles: TokenRoles for the examples
     of the first pass (e.g. caller-given segments); for later passes call `rec.use_roles(...)` before them.
     allow_long: allow inputs longer than the model's trained context (for positions that extrapolate).
+    compact: layers/heads whose compact attention (post-RoPE q, k and the row logsumexp) is kept, from which
+    any of their patterns is rebuilt exactly (`rec.compact[i].rows(head)`, or later from a Store).
     engine: "fused" (default; O(n) memory) or "reference" (eager softmax(QK^T)V with full [q, k] patterns,
     the oracle the fused engine is tested against).
     """
@@ -349,6 +367,7 @@ def capture(
         residuals=residuals,
         allow_long=allow_long,
         engine=engine,
+        compact=compact,
     )
     if roles is not None:
         probe.use_roles(roles)

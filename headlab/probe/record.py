@@ -57,6 +57,35 @@ class ResidualRatios:
     ratios: torch.Tensor  # [position, d_model]
 
 
+@dataclass(frozen=True)
+class CompactAttention:
+    """Compact attention of one example in one layer (prefill): post-RoPE q and k of the real tokens and the
+    row logsumexp, from which `rows()` rebuilds any selected head's exact pattern."""
+
+    example: int
+    tower: str
+    layer: int
+    heads: tuple[int, ...]
+    q: torch.Tensor  # [head (selected), n, d_head]
+    k: torch.Tensor  # [kv_head, n, d_head]
+    lse: torch.Tensor  # [head (selected), n]
+    scale: float
+    causal: bool
+    window: int | None
+    group: int  # query heads per kv head
+
+    def rows(self, head: int, queries=None) -> torch.Tensor:
+        """Attention rows [q, k] of `head` (all queries, or the given positions)."""
+        from headlab.kernels.rebuild import rebuild_rows
+
+        if head not in self.heads:
+            raise SelectionError(f"head {head} was not recorded for layer {self.layer}; recorded: {list(self.heads)}")
+        i = self.heads.index(head)
+        positions = torch.arange(self.q.shape[1]) if queries is None else torch.as_tensor(list(queries))
+        return rebuild_rows(self.q[i, positions], self.k[head // self.group], self.lse[i, positions], scale=self.scale,
+                            query_positions=positions, causal=self.causal, window=self.window)
+
+
 @dataclass
 class Record:
     """Everything one `capture` block recorded."""
@@ -67,6 +96,7 @@ class Record:
     patterns: list[AttentionRows] = field(default_factory=list)
     head_outputs: list[HeadOutputs] = field(default_factory=list)
     residual_ratios: list[ResidualRatios] = field(default_factory=list)
+    compact: list[CompactAttention] = field(default_factory=list)
     _probe: object = field(default=None, repr=False)
 
     def use_roles(self, roles) -> None:

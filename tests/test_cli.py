@@ -1,0 +1,59 @@
+"""The `headlab` command line: help, info, stats, zoo random, and errors as one clear line."""
+
+from __future__ import annotations
+
+import pandas as pd
+from PIL import Image
+from typer.testing import CliRunner
+
+from headlab.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("info", "stats", "demo", "zoo"):
+        assert command in result.output
+
+
+def test_info(model_dirs):
+    result = runner.invoke(app, ["info", model_dirs["llava"]])
+    assert result.exit_code == 0, result.output
+    assert "vision" in result.output and "4x4" in result.output and "input_ids ==" in result.output
+
+
+def test_stats_writes_a_tidy_table(model_dirs, tmp_path):
+    out = tmp_path / "stats.parquet"
+    result = runner.invoke(app, ["stats", model_dirs["gpt2"], "--prompt", "a b c d", "--prompt", "e f", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_parquet(out)
+    assert set(frame.columns) == {"example", "tower", "step", "layer", "head", "stat", "role", "value"}
+    assert set(frame.example) == {0, 1}
+
+
+def test_stats_on_a_vit_with_an_image(model_dirs, tmp_path):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 40), (0, 200, 0)).save(image)
+    result = runner.invoke(app, ["stats", model_dirs["vit"], "--prompt", "", "--image", str(image)])
+    assert result.exit_code == 0, result.output
+    assert "vision" in result.output
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    result = runner.invoke(app, ["info", str(tmp_path / "missing")])
+    assert result.exit_code == 2
+    assert "headlab:" in result.output and "does not exist" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_image_is_a_clear_error(model_dirs, tmp_path):
+    result = runner.invoke(app, ["stats", model_dirs["vit"], "--prompt", "", "--image", str(tmp_path / "no.png")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_zoo_random_builds_a_loadable_model(tmp_path):
+    result = runner.invoke(app, ["zoo", "random", "qwen2", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["info", str(tmp_path / "q")]).exit_code == 0

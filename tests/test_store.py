@@ -1,0 +1,208 @@
+"""The activation store: round trip, lazy exact patterns, conditions, crash safety (SIGKILL), concurrent
+writers, verification of corrupted files, model and schema checks, and the resumable CLI capture."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import inputs_for
+from typer.testing import CliRunner
+
+import headlab as hl
+from headlab.cli import app
+from headlab.store import Store
+
+SELECT = dict(compact=hl.Select(), head_outputs=hl.Select(queries=[-1]),
+              patterns=hl.Select(layers=[1], heads=[2], queries=[-1]), residuals=hl.Select(queries=[0]))
+
+
+def _record(lm, inputs, **kwargs):
+    with torch.no_grad(), hl.capture(lm, **{**SELECT, **kwargs}) as rec:
+        lm.model(**inputs)
+    return rec
+
+
+@pytest.fixture()
+def llama_store(tiny, tmp_path):
+    lm = tiny("llama")
+    inputs = inputs_for(lm, padding_side="left")
+    rec = _record(lm, inputs)
+    store = Store.create(tmp_path / "store", lm)
+    store.append(rec, examples=[10, 11], meta=[{"prompt": "a"}, {"prompt": "b"}])
+    return lm, inputs, rec, store
+
+
+def test_round_trip(llama_store):
+    lm, inputs, rec, store = llama_store
+    assert store.committed() == {10, 11}
+    stats = store.head_stats(stat="entropy", layers=[1])
+    assert set(stats.example) == {10, 11} and set(stats.layer) == {1} and set(stats.stat) == {"entropy"}
+    want = rec.head_stats.query("stat == 'entropy' and layer == 1").value.to_numpy()
+    np.testing.assert_allclose(np.sort(stats.value.to_numpy()), np.sort(want), rtol=1e-6)
+    ex = store.examples()
+    assert json.loads(ex[ex.example == 11].meta.iloc[0]) == {"prompt": "b"}
+    index, z = store.head_outputs(0, position="last")
+    assert z.shape == (2, lm.n_heads, lm.head_dim) and list(index.example) == [10, 11]
+    torch.testing.assert_close(torch.from_numpy(z[1]), rec.z(0)[1, 0])
+    assert set(store.residuals().position) == {0}
+
+
+def test_stored_patterns_are_exact(llama_store):
+    lm, inputs, rec, store = llama_store
+    lm.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            eager = lm.model(**inputs, output_attentions=True).attentions
+    finally:
+        lm.model.set_attn_implementation("sdpa")
+    valid = inputs["attention_mask"].bool()
+    for example, b in ((10, 0), (11, 1)):
+        for layer in range(2):
+            for head in range(lm.n_heads):
+                want = eager[layer][b, head][valid[b]][:, valid[b]].numpy()
+                np.testing.assert_allclose(store.pattern(example, layer, head), want, atol=1e-5)
+    last = store.pattern(11, 1, 2, queries=[-1])
+    np.testing.assert_allclose(last, rec.pattern(1, 1, 2).probs.numpy(), atol=1e-6)
+
+
+def test_conditions_side_by_side(tiny, tmp_path):
+    lm = tiny("gpt2")
+    store = Store.create(tmp_path / "s", lm)
+    for condition, prompt in (("with", "a red square"), ("without", "a blue circle")):
+        rec = _record(lm, lm.tokenizer([prompt], return_tensors="pt"))
+        store.append(rec, examples=[7], condition=condition)
+    assert store.conditions() == ["with", "without"]
+    stats = store.head_stats(stat="entropy")
+    wide = stats.pivot_table(index=["example", "layer", "head"], columns="condition", values="value")
+    assert wide.shape == (2 * 4, 2) and not wide.isna().any().any()
+    for condition in ("with", "without"):
+        np.testing.assert_allclose(store.pattern(7, 0, 0, condition=condition).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_verify_reports_truncated_and_corrupted_files(llama_store):
+    store = llama_store[3]
+    assert store.verify().ok
+    shard = store.root / "shards" / store.shard_ids()[0]
+    table = shard / "head_stats.parquet"
+    table.write_bytes(table.read_bytes()[:100])
+    chunk = next(p for p in (shard / "arrays.zarr").rglob("*") if p.is_file() and "c" in p.parts)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    report = store.verify()
+    assert not report.ok
+    assert any("head_stats.parquet" in p and "truncated" in p for p in report.problems)
+    assert any(chunk.name in p and "checksum" in p for p in report.problems)
+    result = CliRunner().invoke(app, ["store", "verify", str(store.root)])
+    assert result.exit_code == 1 and "head_stats.parquet" in result.output
+    with pytest.raises(hl.StoreError, match="head_stats.parquet"):
+        Store.open(store.root).head_stats()
+
+
+def test_other_model_and_newer_schema_are_clear_errors(llama_store, tiny):
+    store = llama_store[3]
+    with pytest.raises(hl.StoreError, match="another model"):
+        Store.open(store.root, tiny("qwen2"))
+    assert Store.open(store.root, tiny("qwen2"), allow_model_mismatch=True).committed() == {10, 11}
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (store.root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(hl.StoreError, match="newer"):
+        Store.open(store.root)
+    with pytest.raises(hl.StoreError, match="not a headlab store"):
+        Store.open(store.root / "shards")
+
+
+def test_nothing_is_pickled(llama_store):
+    root = llama_store[3].root
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert b"\x80\x04\x95" not in path.read_bytes()[:64], path  # no pickle stream anywhere
+    shard = root / "shards" / llama_store[3].shard_ids()[0]
+    group = zarr.open_group(shard / "arrays.zarr", mode="r")
+    for _, array in group.arrays() if hasattr(group, "arrays") else []:
+        assert np.issubdtype(array.dtype, np.number)
+
+
+def _prompts(path: Path, n: int, bad: bool = False) -> Path:
+    lines = [json.dumps({"id": i, "prompt": f"example number {i} is here", "label": i % 2}) for i in range(n)]
+    if bad:
+        lines.insert(3, "{not json")
+        lines.insert(5, json.dumps({"id": 999}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "headlab.cli", *args]
+
+
+def test_cli_capture_reports_bad_lines_and_resumes(model_dirs, tmp_path):
+    data = _prompts(tmp_path / "p.jsonl", 6, bad=True)
+    args = ["capture", "--model", model_dirs["gpt2"], "--data", str(data), "--out", str(tmp_path / "s"),
+            "--batch-size", "2"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "6 captured" in first.output and "2 bad" in first.output
+    assert "p.jsonl:4: not valid JSON" in first.output and "p.jsonl:6: no prompt" in first.output
+    again = CliRunner().invoke(app, args)
+    assert "0 captured, 6 already in the store" in again.output
+    assert Store.open(tmp_path / "s").committed() == set(range(6))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_loses_only_the_open_shard(model_dirs, tmp_path):
+    data = _prompts(tmp_path / "p.jsonl", 60)
+    out = tmp_path / "s"
+    args = _cli("capture", "--model", model_dirs["gpt2"], "--data", str(data), "--out", str(out),
+                "--batch-size", "1", "--attention", "all")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        shards = out / "shards"
+        if shards.is_dir() and len([p for p in shards.iterdir() if not p.name.startswith(".")]) >= 4:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = Store.open(out)
+    report = store.verify()
+    assert report.ok, report.problems
+    done = store.committed()
+    assert 4 <= len(done) < 60 and len(store.shard_ids()) == len(done)
+    for example in done:  # every committed example is whole and readable
+        assert store.pattern(example, 1, 0).shape[0] > 0
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = Store.open(out)
+    assert store.committed() == set(range(60)) and store.verify().ok
+    assert len(store.examples()) == 60  # nothing captured twice
+
+
+@pytest.mark.slow
+def test_concurrent_writers_lose_nothing(model_dirs, tmp_path):
+    out = tmp_path / "s"
+    files = []
+    for w in range(3):
+        lines = [json.dumps({"id": 100 * w + i, "prompt": f"writer {w} example {i}"}) for i in range(8)]
+        files.append(tmp_path / f"w{w}.jsonl")
+        files[-1].write_text("\n".join(lines))
+    lm = hl.load(model_dirs["gpt2"])
+    Store.create(out, lm)
+    procs = [subprocess.Popen(_cli("capture", "--model", model_dirs["gpt2"], "--data", str(f), "--out", str(out),
+                                   "--batch-size", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for f in files]
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read()
+    store = Store.open(out)
+    assert store.committed() == {100 * w + i for w in range(3) for i in range(8)}
+    assert store.verify().ok and len(store.manifest["runs"]) == 3
