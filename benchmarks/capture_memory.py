@@ -6,6 +6,7 @@ subprocess, so peak memory is that method's alone:
 
     (a) plain     plain SDPA forward (the baseline)
     (b) headlab   hl.capture(lm) with the default statistics of ALL heads (fused, O(n) memory)
+        headlab_lite  the same without entropy (mass, distance, alpha): entropy needs K as extra values
     (c) hf_eager  HF `output_attentions=True` (eager attention, returns every [n, n] pattern)
     (d) tlens     TransformerLens 4 TransformerBridge.run_with_cache limited to hook_pattern
     (e) nnsight   nnsight trace saving every layer's attention weights (eager attention)
@@ -28,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("plain", "headlab", "hf_eager", "tlens", "nnsight")
+METHODS = ("plain", "headlab", "headlab_lite", "hf_eager", "tlens", "nnsight")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--merge", action="store_true", help="update the rows of an earlier results file")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "MODEL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -168,6 +170,11 @@ def main() -> None:
                     row = json.loads(proc.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 print(row, flush=True)
+    if args.merge and (RESULTS / "capture_memory.json").is_file():
+        old = json.loads((RESULTS / "capture_memory.json").read_text())["rows"]
+        fresh = {(r["method"], r["n"]) for r in rows}
+        rows = [r for r in old if (r["method"], r["n"]) not in fresh] + rows
+        rows.sort(key=lambda r: (r["n"], METHODS.index(r["method"])))
     report(rows)
 
 

@@ -20,7 +20,7 @@ zoo_app = typer.Typer(
 app.add_typer(zoo_app, name="zoo")
 store_app = typer.Typer(help="Inspect and check activation stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
-console = Console()
+console = Console(soft_wrap=True)  # messages are never broken mid-path
 
 
 def _friendly(fn):

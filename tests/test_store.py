@@ -43,7 +43,7 @@ def llama_store(tiny, tmp_path):
 
 
 def test_round_trip(llama_store):
-    lm, inputs, rec, store = llama_store
+    lm, _, rec, store = llama_store
     assert store.committed() == {10, 11}
     stats = store.head_stats(stat="entropy", layers=[1])
     assert set(stats.example) == {10, 11} and set(stats.layer) == {1} and set(stats.stat) == {"entropy"}
@@ -105,7 +105,7 @@ def test_verify_reports_truncated_and_corrupted_files(llama_store):
     assert any(chunk.name in p and "checksum" in p for p in report.problems)
     result = CliRunner().invoke(app, ["store", "verify", str(store.root)])
     assert result.exit_code == 1 and "head_stats.parquet" in result.output
-    with pytest.raises(hl.StoreError, match="head_stats.parquet"):
+    with pytest.raises(hl.StoreError, match=r"head_stats\.parquet"):
         Store.open(store.root).head_stats()
 
 

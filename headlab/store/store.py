@@ -183,8 +183,8 @@ class Store:
         meta_of = dict(zip(captured, meta, strict=True)) if meta is not None else {}
         writer = ShardWriter(self.root / "shards")
         try:
-            self._write_tables(writer, rec, ids, meta_of, condition)
-            self._write_arrays(writer, rec, ids, condition)
+            write_tables(writer, rec, ids, meta_of, condition)
+            write_arrays(writer, rec, ids, condition)
             shard = writer.commit({"condition": condition, "created": time.time(), "run": self._run,
                                    "examples": sorted(ids.values()), "schema_version": SCHEMA_VERSION})
         except BaseException:
@@ -192,59 +192,6 @@ class Store:
             raise
         self._note_run()
         return shard
-
-    def _write_tables(self, writer: ShardWriter, rec: Record, ids: dict, meta_of: dict, condition: str) -> None:
-        ex = rec.examples
-        ex = ex.assign(example=ex.example.map(ids), condition=condition,
-                       meta=[json.dumps(meta_of.get(e, {}), default=str) for e in rec.examples.example])
-        writer.table("examples", ex)
-        for name, frame in (("head_stats", rec.head_stats), ("residuals", rec.residuals)):
-            if len(frame):
-                writer.table(name, frame.assign(example=frame.example.map(ids), condition=condition))
-
-    def _write_arrays(self, writer: ShardWriter, rec: Record, ids: dict, condition: str) -> None:
-        groups: dict[tuple, list] = {}
-        for h in rec.head_outputs:
-            groups.setdefault((h.tower, h.step, h.layer), []).append(h)
-        index = []
-        for (tower, step, layer), items in groups.items():
-            rows = np.concatenate([h.z.numpy() for h in items])  # [rows, head, d_head]
-            writer.array(f"z/{tower}/s{step}/L{layer}", rows.astype(np.float32))
-            row = 0
-            for h in items:
-                for p in h.queries:
-                    index.append((ids[h.example], condition, tower, step, layer, p, row, list(h.heads)))
-                    row += 1
-        writer.table("z_index", pd.DataFrame(index, columns=["example", "condition", "tower", "step", "layer",
-                                                             "position", "row", "heads"]))
-        by_layer: dict[tuple, list] = {}
-        for c in rec.compact:
-            by_layer.setdefault((c.tower, c.layer), []).append(c)
-        index = []
-        for (tower, layer), items in by_layer.items():
-            start = 0
-            for c in items:
-                n = c.q.shape[1]
-                index.append((ids[c.example], condition, tower, layer, start, start + n, c.scale, c.causal,
-                              -1 if c.window is None else c.window, c.group, list(c.heads)))
-                start += n
-            base = f"attn/{tower}/L{layer}"
-            writer.array(f"{base}/q", np.concatenate([c.q.permute(1, 0, 2).numpy() for c in items]))
-            writer.array(f"{base}/k", np.concatenate([c.k.permute(1, 0, 2).numpy() for c in items]))
-            writer.array(f"{base}/lse", np.concatenate([c.lse.T.numpy() for c in items]))
-        writer.table("attn_index", pd.DataFrame(index, columns=["example", "condition", "tower", "layer", "start",
-                                                                "stop", "scale", "causal", "window", "group", "heads"]))
-        index, values, start = [], [], 0
-        for r in rec.patterns:
-            for i, qpos in enumerate(r.queries):
-                row = r.probs[i].numpy().astype(np.float32)
-                index.append((ids[r.example], condition, r.tower, r.step, r.layer, r.head, qpos, start, len(row)))
-                values.append(row)
-                start += len(row)
-        if values:
-            writer.array("rows/values", np.concatenate(values), row_chunk=1 << 16)
-        writer.table("rows_index", pd.DataFrame(index, columns=["example", "condition", "tower", "step", "layer",
-                                                                "head", "query", "start", "length"]))
 
     def _note_run(self) -> None:
         """Record this writer's run in the manifest (once per Store object; atomic replace)."""
@@ -411,3 +358,71 @@ class Store:
     def __repr__(self) -> str:
         i = self.info()
         return f"Store({i['path']}: {i['examples']} examples, {i['shards']} shards, conditions {i['conditions']})"
+
+
+def write_tables(writer: ShardWriter, rec: Record, ids: dict, meta_of: dict, condition: str) -> None:
+    """The examples, head_stats and residuals tables of one record, with store example ids and condition."""
+    ex = rec.examples
+    ex = ex.assign(example=ex.example.map(ids), condition=condition,
+                   meta=[json.dumps(meta_of.get(e, {}), default=str) for e in rec.examples.example])
+    writer.table("examples", ex)
+    for name, frame in (("head_stats", rec.head_stats), ("residuals", rec.residuals)):
+        if len(frame):
+            writer.table(name, frame.assign(example=frame.example.map(ids), condition=condition))
+
+def write_arrays(writer: ShardWriter, rec: Record, ids: dict, condition: str) -> None:
+    """Head outputs, compact attention and selected rows as ragged Zarr arrays plus their index tables."""
+    _write_head_outputs(writer, rec, ids, condition)
+    _write_compact(writer, rec, ids, condition)
+    _write_rows(writer, rec, ids, condition)
+
+
+def _write_head_outputs(writer: ShardWriter, rec: Record, ids: dict, condition: str) -> None:
+    groups: dict[tuple, list] = {}
+    for h in rec.head_outputs:
+        groups.setdefault((h.tower, h.step, h.layer), []).append(h)
+    index = []
+    for (tower, step, layer), items in groups.items():
+        rows = np.concatenate([h.z.numpy() for h in items])  # [rows, head, d_head]
+        writer.array(f"z/{tower}/s{step}/L{layer}", rows.astype(np.float32))
+        row = 0
+        for h in items:
+            for p in h.queries:
+                index.append((ids[h.example], condition, tower, step, layer, p, row, list(h.heads)))
+                row += 1
+    writer.table("z_index", pd.DataFrame(index, columns=["example", "condition", "tower", "step", "layer",
+                                                         "position", "row", "heads"]))
+
+
+def _write_compact(writer: ShardWriter, rec: Record, ids: dict, condition: str) -> None:
+    by_layer: dict[tuple, list] = {}
+    for c in rec.compact:
+        by_layer.setdefault((c.tower, c.layer), []).append(c)
+    index = []
+    for (tower, layer), items in by_layer.items():
+        start = 0
+        for c in items:
+            n = c.q.shape[1]
+            index.append((ids[c.example], condition, tower, layer, start, start + n, c.scale, c.causal,
+                          -1 if c.window is None else c.window, c.group, list(c.heads)))
+            start += n
+        base = f"attn/{tower}/L{layer}"
+        writer.array(f"{base}/q", np.concatenate([c.q.permute(1, 0, 2).numpy() for c in items]))
+        writer.array(f"{base}/k", np.concatenate([c.k.permute(1, 0, 2).numpy() for c in items]))
+        writer.array(f"{base}/lse", np.concatenate([c.lse.T.numpy() for c in items]))
+    writer.table("attn_index", pd.DataFrame(index, columns=["example", "condition", "tower", "layer", "start",
+                                                            "stop", "scale", "causal", "window", "group", "heads"]))
+
+
+def _write_rows(writer: ShardWriter, rec: Record, ids: dict, condition: str) -> None:
+    index, values, start = [], [], 0
+    for r in rec.patterns:
+        for i, qpos in enumerate(r.queries):
+            row = r.probs[i].numpy().astype(np.float32)
+            index.append((ids[r.example], condition, r.tower, r.step, r.layer, r.head, qpos, start, len(row)))
+            values.append(row)
+            start += len(row)
+    if values:
+        writer.array("rows/values", np.concatenate(values), row_chunk=1 << 16)
+    writer.table("rows_index", pd.DataFrame(index, columns=["example", "condition", "tower", "step", "layer",
+                                                            "head", "query", "start", "length"]))
