@@ -11,7 +11,8 @@ subprocess, so peak memory is that method's alone:
     (d) tlens     TransformerLens 4 TransformerBridge.run_with_cache limited to hook_pattern
     (e) nnsight   nnsight trace saving every layer's attention weights (eager attention)
 
-Peak memory is the rise of the process's peak RSS over its RSS after loading the model and a 64-token
+Timing drifts on a shared machine, so the sweep runs `--rounds` times with the methods interleaved; time is
+the median over rounds of each child's median warm run, memory the first round's. Peak memory is the rise of the process's peak RSS over its RSS after loading the model and a 64-token
 warm-up run (measured on the first run at n). Time is the median of the following warm runs. Writes JSON and a Markdown table
 to benchmarks/results/. Usage: python benchmarks/capture_memory.py [--sizes 1024 2048 4096] [--repeats 3]
 """
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--merge", action="store_true", help="update the rows of an earlier results file")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the whole sweep")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "MODEL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -147,35 +149,38 @@ def main() -> None:
             )
         )
         for n in args.sizes:
-            for method in args.methods:
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--repeats",
-                    str(args.repeats),
-                    "--child",
-                    method,
-                    model_dir,
-                    str(n),
-                ]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-                    row = {
-                        "method": method,
-                        "n": n,
-                        "error": f"failed (exit {proc.returncode}): {tail[0][:120]}",
+            runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+            for _ in range(args.rounds):
+                for method in args.methods:
+                    runs[method].append(_child(method, model_dir, n, args.repeats))
+                    print(runs[method][-1], flush=True)
+            for results in runs.values():
+                ok = [r for r in results if "error" not in r]
+                if not ok:
+                    rows.append(results[0])
+                    continue
+                rows.append(
+                    {
+                        **ok[0],
+                        "seconds": statistics.median(r["seconds"] for r in ok),
+                        "seconds_all": [r["seconds"] for r in ok],
                     }
-                else:
-                    row = json.loads(proc.stdout.strip().splitlines()[-1])
-                rows.append(row)
-                print(row, flush=True)
+                )
     if args.merge and (RESULTS / "capture_memory.json").is_file():
         old = json.loads((RESULTS / "capture_memory.json").read_text())["rows"]
         fresh = {(r["method"], r["n"]) for r in rows}
         rows = [r for r in old if (r["method"], r["n"]) not in fresh] + rows
         rows.sort(key=lambda r: (r["n"], METHODS.index(r["method"])))
     report(rows)
+
+
+def _child(method: str, model_dir: str, n: int, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--repeats", str(repeats), "--child", method, model_dir, str(n)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        return {"method": method, "n": n, "error": f"failed (exit {proc.returncode}): {tail[0][:120]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def report(rows: list[dict]) -> None:

@@ -53,10 +53,19 @@ def synthetic_record(n_examples: int, n: int, *, layers: int, heads: int, d: int
         rec._examples.append({"example": e, "tower": "lm", "n_tokens": n, "roles": "bos,text"})
         for layer in range(layers):
             q, k = torch.randn(heads, n, d, generator=g), torch.randn(heads, n, d, generator=g)
-            lse = torch.logsumexp((q @ k.transpose(1, 2)) * d**-0.5, -1) if n <= 256 else torch.randn(heads, n, generator=g)
-            rec.compact.append(CompactAttention(e, "lm", layer, tuple(range(heads)), q, k, lse, d**-0.5, True, None, 1))
-            rec.head_outputs.append(HeadOutputs(e, "lm", 0, layer, tuple(range(heads)), (n - 1,),
-                                                torch.randn(1, heads, d, generator=g)))
+            lse = (
+                torch.logsumexp((q @ k.transpose(1, 2)) * d**-0.5, -1)
+                if n <= 256
+                else torch.randn(heads, n, generator=g)
+            )
+            rec.compact.append(
+                CompactAttention(e, "lm", layer, tuple(range(heads)), q, k, lse, d**-0.5, True, None, 1)
+            )
+            rec.head_outputs.append(
+                HeadOutputs(
+                    e, "lm", 0, layer, tuple(range(heads)), (n - 1,), torch.randn(1, heads, d, generator=g)
+                )
+            )
             for h in range(heads):
                 rows.append((e, "lm", 0, layer, h, "entropy", "", float(h)))
     frame = pd.DataFrame(rows, columns=["example", "tower", "step", "layer", "head", "stat", "role", "value"])
@@ -65,8 +74,10 @@ def synthetic_record(n_examples: int, n: int, *, layers: int, heads: int, d: int
 
 
 def array_bytes(rec: Record) -> int:
-    return sum(c.q.numel() + c.k.numel() + c.lse.numel() for c in rec.compact) * 4 + \
-        sum(h.z.numel() for h in rec.head_outputs) * 4
+    return (
+        sum(c.q.numel() + c.k.numel() + c.lse.numel() for c in rec.compact) * 4
+        + sum(h.z.numel() for h in rec.head_outputs) * 4
+    )
 
 
 def bench_write(tmp: Path, n: int, batches: int) -> dict:
@@ -93,8 +104,14 @@ def bench_write(tmp: Path, n: int, batches: int) -> dict:
                             os.fsync(f.fileno())
         out[sync] = time.perf_counter() - start
     stored = sum(f.stat().st_size for f in (tmp / "w").rglob("*") if f.is_file()) / 1e6
-    return {"n": n, "array_mb": mb, "store_mb_s": mb / t_store, "numpy_save_mb_s": mb / out[False],
-            "numpy_save_fsync_mb_s": mb / out[True], "stored_mb": stored}
+    return {
+        "n": n,
+        "array_mb": mb,
+        "store_mb_s": mb / t_store,
+        "numpy_save_mb_s": mb / out[False],
+        "numpy_save_fsync_mb_s": mb / out[True],
+        "stored_mb": stored,
+    }
 
 
 def bench_read(tmp: Path, n_examples: int, reads: int) -> dict:
@@ -116,8 +133,12 @@ def bench_read(tmp: Path, n_examples: int, reads: int) -> dict:
         times.append(time.perf_counter() - start)
         assert p.shape == (64, 64)
     times.sort()
-    return {"examples": n_examples, "first_read_ms": first * 1e3, "median_ms": statistics.median(times) * 1e3,
-            "p95_ms": times[int(0.95 * len(times))] * 1e3}
+    return {
+        "examples": n_examples,
+        "first_read_ms": first * 1e3,
+        "median_ms": statistics.median(times) * 1e3,
+        "p95_ms": times[int(0.95 * len(times))] * 1e3,
+    }
 
 
 def bench_size(tmp: Path, n: int) -> dict:
@@ -132,26 +153,44 @@ def bench_size(tmp: Path, n: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write = bench_write(tmp, 256 if args.quick else 1024, 2 if args.quick else 4)
-        reads = [bench_read(tmp, n, 50 if args.quick else 200) for n in ((200, 1000) if args.quick else (1000, 10000))]
+        reads = [
+            bench_read(tmp, n, 50 if args.quick else 200)
+            for n in ((200, 1000) if args.quick else (1000, 10000))
+        ]
         sizes = [bench_size(tmp, n) for n in (1024, 4096)]
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
     result = {"machine": machine, "write": write, "reads": reads, "sizes": sizes}
-    lines = [f"Machine: {machine}.", "",
-             "| write (MB/s of arrays) | headlab store (atomic, checksummed, fsynced) | numpy.save | numpy.save + fsync |",
-             "|---|---|---|---|",
-             f"| n = {write['n']}, {write['array_mb']:.0f} MB | {write['store_mb_s']:.0f} | {write['numpy_save_mb_s']:.0f} "
-             f"| {write['numpy_save_fsync_mb_s']:.0f} |", "",
-             "| store size | first read (index load) ms | random pattern read, median ms | p95 ms |", "|---|---|---|---|"]
-    lines += [f"| {r['examples']} examples | {r['first_read_ms']:.1f} | {r['median_ms']:.2f} | {r['p95_ms']:.2f} |" for r in reads]
-    lines += ["", "| n | compact attention per layer (MB, stored) | dense float32 patterns (MB) | dense / compact |",
-              "|---|---|---|---|"]
-    lines += [f"| {s['n']} | {s['compact_mb']:.1f} | {s['dense_mb']:.0f} | {s['ratio']:.0f}x |" for s in sizes]
+    lines = [
+        f"Machine: {machine}.",
+        "",
+        "| write (MB/s of arrays) | headlab store (atomic, checksummed, fsynced) | numpy.save | numpy.save + fsync |",
+        "|---|---|---|---|",
+        f"| n = {write['n']}, {write['array_mb']:.0f} MB | {write['store_mb_s']:.0f} | {write['numpy_save_mb_s']:.0f} "
+        f"| {write['numpy_save_fsync_mb_s']:.0f} |",
+        "",
+        "| store size | first read (index load) ms | random pattern read, median ms | p95 ms |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['examples']} examples | {r['first_read_ms']:.1f} | {r['median_ms']:.2f} | {r['p95_ms']:.2f} |"
+        for r in reads
+    ]
+    lines += [
+        "",
+        "| n | compact attention per layer (MB, stored) | dense float32 patterns (MB) | dense / compact |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {s['n']} | {s['compact_mb']:.1f} | {s['dense_mb']:.0f} | {s['ratio']:.0f}x |" for s in sizes
+    ]
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "store_io.json").write_text(json.dumps(result, indent=2))

@@ -135,7 +135,9 @@ def _layers(text: str) -> tuple[int, ...] | None:
     try:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise HeadlabError(f"--attention takes 'all', 'none' or comma-separated layers, got {text!r}") from None
+        raise HeadlabError(
+            f"--attention takes 'all', 'none' or comma-separated layers, got {text!r}"
+        ) from None
 
 
 @app.command("capture")
@@ -147,7 +149,9 @@ def capture_cmd(
     condition: Annotated[str, typer.Option(help="name of this condition (e.g. with_image)")] = "default",
     images: Annotated[Path | None, typer.Option(help="directory the image paths are relative to")] = None,
     batch_size: int = 8,
-    attention: Annotated[str, typer.Option(help="layers whose compact attention is stored: all, none or 0,3")] = "all",
+    attention: Annotated[
+        str, typer.Option(help="layers whose compact attention is stored: all, none or 0,3")
+    ] = "all",
 ) -> None:
     """Capture a prompt file into a store (resumable: a rerun skips committed examples)."""
     import headlab as hl
@@ -158,10 +162,18 @@ def capture_cmd(
     lm = hl.load(model)
     prompts = read_prompts(data, images_dir=images, need_images=lm.family is not hl.Family.LLM)
     store = Store.create(out, lm, exist_ok=True)
-    report = capture_to_store(lm, store, prompts.items, condition=condition, batch_size=batch_size,
-                              attention_layers=_layers(attention))
-    console.print(f"{report.done} captured, {report.skipped} already in the store, "
-                  f"{len(prompts.problems) + len(report.failed)} bad -> {out}")
+    report = capture_to_store(
+        lm,
+        store,
+        prompts.items,
+        condition=condition,
+        batch_size=batch_size,
+        attention_layers=_layers(attention),
+    )
+    console.print(
+        f"{report.done} captured, {report.skipped} already in the store, "
+        f"{len(prompts.problems) + len(report.failed)} bad -> {out}"
+    )
     for problem in prompts.problems + report.failed:
         console.print(f"  [yellow]skipped[/] {problem}")
     if report.interrupted:
@@ -180,7 +192,9 @@ def store_verify(store: Annotated[Path, typer.Argument(help="store directory")])
         console.print(f"note: {note}")
     for problem in report.problems:
         console.print(f"[bold red]problem[/]: {problem}")
-    console.print(f"{report.shards} shards, {report.files} files checked: {'OK' if report.ok else 'PROBLEMS'}")
+    console.print(
+        f"{report.shards} shards, {report.files} files checked: {'OK' if report.ok else 'PROBLEMS'}"
+    )
     if not report.ok:
         raise typer.Exit(1)
 

@@ -26,7 +26,9 @@ def test_info(model_dirs):
 
 def test_stats_writes_a_tidy_table(model_dirs, tmp_path):
     out = tmp_path / "stats.parquet"
-    result = runner.invoke(app, ["stats", model_dirs["gpt2"], "--prompt", "a b c d", "--prompt", "e f", "--out", str(out)])
+    result = runner.invoke(
+        app, ["stats", model_dirs["gpt2"], "--prompt", "a b c d", "--prompt", "e f", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     frame = pd.read_parquet(out)
     assert set(frame.columns) == {"example", "tower", "step", "layer", "head", "stat", "role", "value"}
@@ -49,7 +51,9 @@ def test_errors_are_one_clear_line(tmp_path):
 
 
 def test_missing_image_is_a_clear_error(model_dirs, tmp_path):
-    result = runner.invoke(app, ["stats", model_dirs["vit"], "--prompt", "", "--image", str(tmp_path / "no.png")])
+    result = runner.invoke(
+        app, ["stats", model_dirs["vit"], "--prompt", "", "--image", str(tmp_path / "no.png")]
+    )
     assert result.exit_code == 2 and "does not exist" in result.output
 
 

@@ -22,8 +22,12 @@ import headlab as hl
 from headlab.cli import app
 from headlab.store import Store
 
-SELECT = dict(compact=hl.Select(), head_outputs=hl.Select(queries=[-1]),
-              patterns=hl.Select(layers=[1], heads=[2], queries=[-1]), residuals=hl.Select(queries=[0]))
+SELECT = dict(
+    compact=hl.Select(),
+    head_outputs=hl.Select(queries=[-1]),
+    patterns=hl.Select(layers=[1], heads=[2], queries=[-1]),
+    residuals=hl.Select(queries=[0]),
+)
 
 
 def _record(lm, inputs, **kwargs):
@@ -149,8 +153,17 @@ def _cli(*args: str) -> list[str]:
 
 def test_cli_capture_reports_bad_lines_and_resumes(model_dirs, tmp_path):
     data = _prompts(tmp_path / "p.jsonl", 6, bad=True)
-    args = ["capture", "--model", model_dirs["gpt2"], "--data", str(data), "--out", str(tmp_path / "s"),
-            "--batch-size", "2"]
+    args = [
+        "capture",
+        "--model",
+        model_dirs["gpt2"],
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "s"),
+        "--batch-size",
+        "2",
+    ]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "6 captured" in first.output and "2 bad" in first.output
@@ -164,8 +177,19 @@ def test_cli_capture_reports_bad_lines_and_resumes(model_dirs, tmp_path):
 def test_sigkill_mid_run_loses_only_the_open_shard(model_dirs, tmp_path):
     data = _prompts(tmp_path / "p.jsonl", 60)
     out = tmp_path / "s"
-    args = _cli("capture", "--model", model_dirs["gpt2"], "--data", str(data), "--out", str(out),
-                "--batch-size", "1", "--attention", "all")
+    args = _cli(
+        "capture",
+        "--model",
+        model_dirs["gpt2"],
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        "--attention",
+        "all",
+    )
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -198,11 +222,52 @@ def test_concurrent_writers_lose_nothing(model_dirs, tmp_path):
         files[-1].write_text("\n".join(lines))
     lm = hl.load(model_dirs["gpt2"])
     Store.create(out, lm)
-    procs = [subprocess.Popen(_cli("capture", "--model", model_dirs["gpt2"], "--data", str(f), "--out", str(out),
-                                   "--batch-size", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for f in files]
+    procs = [
+        subprocess.Popen(
+            _cli(
+                "capture",
+                "--model",
+                model_dirs["gpt2"],
+                "--data",
+                str(f),
+                "--out",
+                str(out),
+                "--batch-size",
+                "2",
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for f in files
+    ]
     for p in procs:
         assert p.wait() == 0, p.stderr.read()
     store = Store.open(out)
     assert store.committed() == {100 * w + i for w in range(3) for i in range(8)}
     assert store.verify().ok and len(store.manifest["runs"]) == 3
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_selected_rows_dense_and_top_k(tiny, tmp_path, top_k):
+    lm = tiny("gpt2")
+    inputs = lm.tokenizer(["The quick brown fox jumps over the lazy dog"], return_tensors="pt")
+    with (
+        torch.no_grad(),
+        hl.capture(lm, patterns=hl.Select(layers=[1], heads=[0, 2], queries=[-1, 2])) as rec,
+    ):
+        lm.model(**inputs)
+    store = Store.create(tmp_path / "s", lm)
+    store.append(rec, examples=[5], top_k=top_k)
+    want = rec.pattern(0, 1, 2).probs.numpy()  # rows for queries (2, last)
+    got = store.pattern(5, 1, 2)
+    assert got.shape == want.shape
+    if top_k is None:
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    else:
+        assert ((got > 0).sum(-1) == top_k).all()
+        for g, w in zip(got, want, strict=True):
+            top = np.sort(np.argsort(-w)[:top_k])
+            np.testing.assert_allclose(g[top], w[top], rtol=1e-6)
+    np.testing.assert_allclose(store.pattern(5, 1, 2, queries=[-1]), got[-1:], rtol=1e-6)
+    with pytest.raises(hl.StoreError, match="no attention stored"):
+        store.pattern(5, 0, 0)

@@ -34,7 +34,9 @@ class PromptFile:
     problems: list[str] = field(default_factory=list)
 
 
-def read_prompts(path: str | Path, *, images_dir: str | Path | None = None, need_images: bool = False) -> PromptFile:
+def read_prompts(
+    path: str | Path, *, images_dir: str | Path | None = None, need_images: bool = False
+) -> PromptFile:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file {path} does not exist")

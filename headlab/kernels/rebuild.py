@@ -14,8 +14,15 @@ import torch
 
 
 def rebuild_rows(
-    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: float, query_positions: torch.Tensor,
-    causal: bool, window: int | None = None, softcap: float | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float,
+    query_positions: torch.Tensor,
+    causal: bool,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention rows [q, k] of one head, exactly as the model computed them."""
     scores = (q.float() @ k.float().T) * scale

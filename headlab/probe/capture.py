@@ -70,7 +70,12 @@ class Probe:
         if engine not in ("fused", "reference"):
             raise SelectionError(f"engine must be 'fused' or 'reference', got {engine!r}")
         self.lm, self.record, self.stats, self.engine = lm, record, stats, engine
-        self.patterns, self.head_outputs, self.residuals, self.compact = patterns, head_outputs, residuals, compact
+        self.patterns, self.head_outputs, self.residuals, self.compact = (
+            patterns,
+            head_outputs,
+            residuals,
+            compact,
+        )
         self.allow_long = allow_long
         for sel in (patterns, head_outputs, residuals, compact):
             if sel is not None:
@@ -217,7 +222,9 @@ class Probe:
         if want_z:
             self._record_z(ctx, layer, out)
         if want_compact and ctx.step == 0:
-            self._record_compact(ctx, layer, q, k, lse, scale, causal, getattr(module, "sliding_window", None))
+            self._record_compact(
+                ctx, layer, q, k, lse, scale, causal, getattr(module, "sliding_window", None)
+            )
         return out.to(v.dtype).transpose(1, 2).contiguous(), None
 
     def _selected(self, sel: Select | None, tower: str, layer: int) -> bool:
@@ -285,11 +292,21 @@ class Probe:
         group = q.shape[1] // k.shape[1]
         for b, example in enumerate(ctx.examples):
             valid = ctx.key_valid[b]
-            self.record.compact.append(CompactAttention(
-                example, ctx.tower, layer, heads, q[b, list(heads)][:, valid].detach().float().cpu(),
-                k[b][:, valid].detach().float().cpu(), lse[b, list(heads)][:, valid].detach().float().cpu(),
-                float(scale), causal, window, group,
-            ))
+            self.record.compact.append(
+                CompactAttention(
+                    example,
+                    ctx.tower,
+                    layer,
+                    heads,
+                    q[b, list(heads)][:, valid].detach().float().cpu(),
+                    k[b][:, valid].detach().float().cpu(),
+                    lse[b, list(heads)][:, valid].detach().float().cpu(),
+                    float(scale),
+                    causal,
+                    window,
+                    group,
+                )
+            )
 
     # ----- residuals ------------------------------------------------------------------------------------
     def residual_hook(self, tower: str, layer: int):

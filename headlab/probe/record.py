@@ -79,11 +79,20 @@ class CompactAttention:
         from headlab.kernels.rebuild import rebuild_rows
 
         if head not in self.heads:
-            raise SelectionError(f"head {head} was not recorded for layer {self.layer}; recorded: {list(self.heads)}")
+            raise SelectionError(
+                f"head {head} was not recorded for layer {self.layer}; recorded: {list(self.heads)}"
+            )
         i = self.heads.index(head)
         positions = torch.arange(self.q.shape[1]) if queries is None else torch.as_tensor(list(queries))
-        return rebuild_rows(self.q[i, positions], self.k[head // self.group], self.lse[i, positions], scale=self.scale,
-                            query_positions=positions, causal=self.causal, window=self.window)
+        return rebuild_rows(
+            self.q[i, positions],
+            self.k[head // self.group],
+            self.lse[i, positions],
+            scale=self.scale,
+            query_positions=positions,
+            causal=self.causal,
+            window=self.window,
+        )
 
 
 @dataclass

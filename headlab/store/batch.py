@@ -29,8 +29,15 @@ class BatchReport:
 
 
 def capture_to_store(
-    lm: LoadedModel, store: Store, items: Sequence[PromptItem], *, condition: str = "default", batch_size: int = 8,
-    attention_layers: Sequence[int] | None = (), head_outputs: bool = True, progress: bool = True,
+    lm: LoadedModel,
+    store: Store,
+    items: Sequence[PromptItem],
+    *,
+    condition: str = "default",
+    batch_size: int = 8,
+    attention_layers: Sequence[int] | None = (),
+    head_outputs: bool = True,
+    progress: bool = True,
 ) -> BatchReport:
     """Capture every not-yet-committed item into `store`; returns what happened.
 
@@ -46,17 +53,26 @@ def capture_to_store(
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             try:
-                inputs = prepare(lm, [it.prompt for it in batch], [it.image for it in batch if it.image is not None])
-                with torch.no_grad(), capture(
-                    lm, stats=Stats(), compact=compact,
-                    head_outputs=Select(queries=[-1], tower=lm.main.name) if head_outputs else None,
-                ) as rec:
+                inputs = prepare(
+                    lm, [it.prompt for it in batch], [it.image for it in batch if it.image is not None]
+                )
+                with (
+                    torch.no_grad(),
+                    capture(
+                        lm,
+                        stats=Stats(),
+                        compact=compact,
+                        head_outputs=Select(queries=[-1], tower=lm.main.name) if head_outputs else None,
+                    ) as rec,
+                ):
                     lm.model(**inputs)
             except HeadlabError as err:  # a bad example never stops the run
                 report.failed += [f"id {it.id} (line {it.line}): {err}" for it in batch]
                 bar.update(len(batch))
                 continue
-            store.append(rec, examples=[it.id for it in batch], condition=condition, meta=[it.meta for it in batch])
+            store.append(
+                rec, examples=[it.id for it in batch], condition=condition, meta=[it.meta for it in batch]
+            )
             report.done += len(batch)
             bar.update(len(batch))
     except KeyboardInterrupt:

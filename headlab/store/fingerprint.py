@@ -14,8 +14,17 @@ import torch
 
 from headlab.loading import LoadedModel
 
-_VOLATILE = {"_attn_implementation_internal", "_attn_implementation", "transformers_version", "dtype", "torch_dtype",
-             "_name_or_path", "_commit_hash", "attn_implementation", "_experts_implementation_internal"}
+_VOLATILE = {
+    "_attn_implementation_internal",
+    "_attn_implementation",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "_name_or_path",
+    "_commit_hash",
+    "attn_implementation",
+    "_experts_implementation_internal",
+}
 
 
 def _clean(obj):

@@ -8,7 +8,8 @@ Layout:
         residuals.parquet    example, condition, tower, step, layer, position, norm, rms, max_abs, max_dim, median_abs
         z_index.parquet      example, condition, tower, step, layer, position, row -> arrays.zarr/z/<tower>/L<layer>
         attn_index.parquet   example, condition, tower, layer, start, stop, scale, causal, window, group, heads
-                             -> arrays.zarr/attn/<tower>/L<layer>/{q,k,lse} (token rows start:stop)
+                             -> arrays.zarr/attn/<tower>/L<layer>: [token, head + kv_head, d_head + 1],
+                             q | lse then k | 0 (token rows start:stop; see _pack_qk)
         rows_index.parquet   example, condition, tower, step, layer, head, query, start, length -> rows/values
 
 Reads are lazy: the small index tables are read once (and refreshed when new shards appear), and a
@@ -76,8 +77,14 @@ class Store:
         self._shards: dict[str, dict] = {}
         self._tables: dict[str, pd.DataFrame] = {}
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
-        self._run = {"id": uuid.uuid4().hex[:12], "started": time.time(), "host": socket.gethostname(),
-                     "pid": os.getpid(), "headlab": headlab.__version__}
+        self._lookups: dict[str, tuple[pd.DataFrame, dict]] = {}
+        self._run = {
+            "id": uuid.uuid4().hex[:12],
+            "started": time.time(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "headlab": headlab.__version__,
+        }
 
     # ----- opening ------------------------------------------------------------------------------------
     @classmethod
@@ -86,16 +93,25 @@ class Store:
         root = Path(path)
         if (root / MANIFEST).exists():
             if not exist_ok:
-                raise StoreError(f"{root} already holds a store; open it with Store.open or pass exist_ok=True")
+                raise StoreError(
+                    f"{root} already holds a store; open it with Store.open or pass exist_ok=True"
+                )
             return cls.open(root, lm)
         (root / "shards").mkdir(parents=True, exist_ok=True)
-        manifest = {"schema_version": SCHEMA_VERSION, "fingerprint": fingerprint(lm), "created": time.time(),
-                    "headlab": headlab.__version__, "runs": []}
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "fingerprint": fingerprint(lm),
+            "created": time.time(),
+            "headlab": headlab.__version__,
+            "runs": [],
+        }
         write_json_atomic(root / MANIFEST, manifest)
         return cls(root, manifest)
 
     @classmethod
-    def open(cls, path: str | Path, lm: LoadedModel | None = None, *, allow_model_mismatch: bool = False) -> Store:
+    def open(
+        cls, path: str | Path, lm: LoadedModel | None = None, *, allow_model_mismatch: bool = False
+    ) -> Store:
         """Open an existing store; with `lm`, check that it is the model that wrote the store."""
         root = Path(path)
         if not (root / MANIFEST).is_file():
@@ -106,8 +122,10 @@ class Store:
             raise StoreError(f"{root / MANIFEST} is corrupted: {err}") from err
         version = manifest.get("schema_version")
         if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise StoreError(f"{root} has schema version {version}, newer than this headlab reads "
-                             f"({SCHEMA_VERSION}); upgrade headlab")
+            raise StoreError(
+                f"{root} has schema version {version}, newer than this headlab reads "
+                f"({SCHEMA_VERSION}); upgrade headlab"
+            )
         store = cls(root, manifest)
         if lm is not None and not allow_model_mismatch:
             store.check_model(lm)
@@ -126,8 +144,11 @@ class Store:
     def shard_ids(self, *, refresh: bool = True) -> list[str]:
         """Committed shards (directories with a shard.json), oldest first; refreshes the read caches."""
         if refresh:
-            found = sorted(p for p in (self.root / "shards").iterdir() if not p.name.startswith(".")
-                           and (p / SHARD_META).is_file())
+            found = sorted(
+                p
+                for p in (self.root / "shards").iterdir()
+                if not p.name.startswith(".") and (p / SHARD_META).is_file()
+            )
             new = [p for p in found if p.name not in self._shards]
             for p in new:
                 self._shards[p.name] = json.loads((p / SHARD_META).read_text())
@@ -137,14 +158,19 @@ class Store:
 
     def _table(self, name: str, columns: Sequence[str] | None = None, filter=None) -> pd.DataFrame:
         ids = self.shard_ids()
-        files = [str(self.root / "shards" / s / f"{name}.parquet") for s in ids
-                 if (self.root / "shards" / s / f"{name}.parquet").is_file()]
+        files = [
+            str(self.root / "shards" / s / f"{name}.parquet")
+            for s in ids
+            if (self.root / "shards" / s / f"{name}.parquet").is_file()
+        ]
         if not files:
             return pd.DataFrame()
         try:
             table = pads.dataset(files, format="parquet").to_table(columns=columns, filter=filter)
         except (OSError, pa.ArrowException) as err:
-            raise StoreError(f"a {name}.parquet file of {self.root} is unreadable ({err}); run `headlab store verify`") from err
+            raise StoreError(
+                f"a {name}.parquet file of {self.root} is unreadable ({err}); run `headlab store verify`"
+            ) from err
         return table.to_pandas()
 
     def _index(self, name: str) -> pd.DataFrame:
@@ -163,13 +189,21 @@ class Store:
         return self._tables[name]
 
     # ----- writing ------------------------------------------------------------------------------------
-    def append(self, rec: Record, *, examples: Sequence[int] | None = None, condition: str = "default",
-               meta: Sequence[dict] | None = None) -> str:
+    def append(
+        self,
+        rec: Record,
+        *,
+        examples: Sequence[int] | None = None,
+        condition: str = "default",
+        meta: Sequence[dict] | None = None,
+        top_k: int | None = None,
+    ) -> str:
         """Commit one record as a new shard; returns its id.
 
         examples: the store id of each example of the record, in capture order (default: the next free ids,
         fine for one writer; give explicit ids when several processes write). meta: a JSON-able dict per
-        example (prompt, image path, label, ...), kept in the examples table.
+        example (prompt, image path, label, ...), kept in the examples table. top_k: keep only the k largest
+        entries of each selected attention row (rec.patterns) instead of the dense row.
         """
         captured = sorted({e["example"] for e in rec._examples})
         if examples is None:
@@ -184,9 +218,16 @@ class Store:
         writer = ShardWriter(self.root / "shards")
         try:
             write_tables(writer, rec, ids, meta_of, condition)
-            write_arrays(writer, rec, ids, condition)
-            shard = writer.commit({"condition": condition, "created": time.time(), "run": self._run,
-                                   "examples": sorted(ids.values()), "schema_version": SCHEMA_VERSION})
+            write_arrays(writer, rec, ids, condition, top_k)
+            shard = writer.commit(
+                {
+                    "condition": condition,
+                    "created": time.time(),
+                    "run": self._run,
+                    "examples": sorted(ids.values()),
+                    "schema_version": SCHEMA_VERSION,
+                }
+            )
         except BaseException:
             writer.abort()
             raise
@@ -221,17 +262,30 @@ class Store:
         ex = self.examples(condition=condition)
         return set(ex.example.astype(int)) if len(ex) else set()
 
-    def head_stats(self, *, condition: str | None = None, tower: str | None = None, stat: str | Iterable[str] | None = None,
-                   layers: Iterable[int] | None = None, heads: Iterable[int] | None = None,
-                   examples: Iterable[int] | None = None) -> pd.DataFrame:
+    def head_stats(
+        self,
+        *,
+        condition: str | None = None,
+        tower: str | None = None,
+        stat: str | Iterable[str] | None = None,
+        layers: Iterable[int] | None = None,
+        heads: Iterable[int] | None = None,
+        examples: Iterable[int] | None = None,
+    ) -> pd.DataFrame:
         """The tidy head_stats table, filtered in the Parquet scan (only matching rows are read)."""
         expr = None
 
         def both(e, new):
             return new if e is None else e & new
 
-        for column, value in (("condition", condition), ("tower", tower), ("stat", stat), ("layer", layers),
-                              ("head", heads), ("example", examples)):
+        for column, value in (
+            ("condition", condition),
+            ("tower", tower),
+            ("stat", stat),
+            ("layer", layers),
+            ("head", heads),
+            ("example", examples),
+        ):
             if value is None:
                 continue
             values = [value] if isinstance(value, str | int) else list(value)
@@ -248,44 +302,96 @@ class Store:
             self._arrays[key] = zarr.open_array(self.root / "shards" / shard / ARRAYS, path=name, mode="r")
         return self._arrays[key]
 
-    def pattern(self, example: int, layer: int, head: int, *, tower: str = "lm", condition: str = "default",
-                queries: Sequence[int] | None = None) -> np.ndarray:
+    def pattern(
+        self,
+        example: int,
+        layer: int,
+        head: int,
+        *,
+        tower: str = "lm",
+        condition: str = "default",
+        queries: Sequence[int] | None = None,
+    ) -> np.ndarray:
         """The exact attention pattern [q, k] of one head for one example, rebuilt lazily from compact
         attention (or read from stored rows); reads only that example's rows of that head."""
+        row = self._compact_lookup().get((example, condition, tower, layer))
+        if row is None:
+            return self._stored_rows(example, layer, head, tower, condition, queries)
+        heads = list(row.heads)
+        if head not in heads:
+            raise StoreError(f"head {head} of {tower} layer {layer} was not stored; stored heads: {heads}")
+        start, stop, h = int(row.start), int(row.stop), heads.index(head)
+        n = stop - start
+        packed = self._array(row.shard, f"attn/{tower}/L{layer}")
+        both = packed.get_orthogonal_selection((slice(start, stop), [h, len(heads) + head // int(row.group)]))
+        q, lse, k = (torch.from_numpy(x) for x in (both[:, 0, :-1], both[:, 0, -1], both[:, 1, :-1]))
+        positions = torch.arange(n) if queries is None else torch.tensor([p % n for p in queries])
+        window = None if int(row.window) < 0 else int(row.window)
+        return rebuild_rows(
+            q[positions],
+            k,
+            lse[positions],
+            scale=float(row.scale),
+            query_positions=positions,
+            causal=bool(row.causal),
+            window=window,
+        ).numpy()
+
+    def _compact_lookup(self) -> dict[tuple, tuple]:
+        """(example, condition, tower, layer) -> its attn_index row (the latest shard wins); cached."""
         idx = self._index("attn_index")
-        hit = idx[(idx.example == example) & (idx.condition == condition) & (idx.tower == tower) & (idx.layer == layer)] \
-            if len(idx) else idx
-        if len(hit):
-            row = hit.iloc[-1]
-            heads = list(row.heads)
-            if head not in heads:
-                raise StoreError(f"head {head} of {tower} layer {layer} was not stored; stored heads: {heads}")
-            base = f"attn/{tower}/L{layer}"
-            start, stop, h = int(row.start), int(row.stop), heads.index(head)
-            n = stop - start
-            positions = torch.arange(n) if queries is None else torch.tensor([p % n for p in queries])
-            q = torch.from_numpy(self._array(row.shard, f"{base}/q")[start:stop, h])
-            k = torch.from_numpy(self._array(row.shard, f"{base}/k")[start:stop, head // int(row.group)])
-            lse = torch.from_numpy(self._array(row.shard, f"{base}/lse")[start:stop, h])
-            window = None if int(row.window) < 0 else int(row.window)
-            return rebuild_rows(q[positions], k, lse[positions], scale=float(row.scale), query_positions=positions,
-                                causal=bool(row.causal), window=window).numpy()
-        return self._stored_rows(example, layer, head, tower, condition, queries)
+        if "attn_lookup" not in self._lookups or self._lookups["attn_lookup"][0] is not idx:
+            table = (
+                {(int(r.example), r.condition, r.tower, int(r.layer)): r for r in idx.itertuples()}
+                if len(idx)
+                else {}
+            )
+            self._lookups["attn_lookup"] = (idx, table)
+        return self._lookups["attn_lookup"][1]
 
     def _stored_rows(self, example, layer, head, tower, condition, queries) -> np.ndarray:
         idx = self._index("rows_index")
-        hit = idx[(idx.example == example) & (idx.condition == condition) & (idx.tower == tower)
-                  & (idx.layer == layer) & (idx.head == head) & (idx.step == 0)] if len(idx) else idx
+        hit = (
+            idx[
+                (idx.example == example)
+                & (idx.condition == condition)
+                & (idx.tower == tower)
+                & (idx.layer == layer)
+                & (idx["head"] == head)
+                & (idx.step == 0)
+            ]
+            if len(idx)
+            else idx
+        )
         if queries is not None and len(hit):
-            hit = hit[hit["query"].isin(list(queries))]
+            n_keys = int(hit.n_keys.iloc[0])
+            hit = hit[hit["query"].isin([q % n_keys for q in queries])]
         if not len(hit):
-            raise StoreError(f"no attention stored for example {example} ({condition}), {tower} layer {layer} head "
-                             f"{head}; capture it with compact=Select(...) or patterns=Select(...)")
-        values = self._array(hit.shard.iloc[0], "rows/values")
-        return np.stack([values[int(r.start) : int(r.start) + int(r.length)] for r in hit.itertuples()])
+            raise StoreError(
+                f"no attention stored for example {example} ({condition}), {tower} layer {layer} head "
+                f"{head}; capture it with compact=Select(...) or patterns=Select(...)"
+            )
+        shard = hit.shard.iloc[0]
+        values = self._array(shard, "rows/values")
+        sparse = (self.root / "shards" / shard / ARRAYS / "rows" / "keys").is_dir()
+        rows = np.zeros((len(hit), int(hit.n_keys.iloc[0])), dtype=np.float32)
+        for i, r in enumerate(hit.itertuples()):
+            span = slice(int(r.start), int(r.start) + int(r.length))
+            if sparse:
+                rows[i, self._array(shard, "rows/keys")[span]] = values[span]
+            else:
+                rows[i] = values[span]
+        return rows
 
-    def head_outputs(self, layer: int, *, tower: str = "lm", condition: str = "default", step: int = 0,
-                     position: int | str | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    def head_outputs(
+        self,
+        layer: int,
+        *,
+        tower: str = "lm",
+        condition: str = "default",
+        step: int = 0,
+        position: int | str | None = None,
+    ) -> tuple[pd.DataFrame, np.ndarray]:
         """Per-head outputs z of one layer for every stored example: (index rows, array [rows, head, d_head]).
 
         position: keep one stored position per example: an example position, or "last" for each example's
@@ -293,13 +399,17 @@ class Store:
         idx = self._index("z_index")
         if not len(idx):
             raise StoreError("no head outputs stored; capture them with head_outputs=Select(...)")
-        hit = idx[(idx.layer == layer) & (idx.tower == tower) & (idx.condition == condition) & (idx.step == step)]
+        hit = idx[
+            (idx.layer == layer) & (idx.tower == tower) & (idx.condition == condition) & (idx.step == step)
+        ]
         if position == "last":
             hit = hit[hit.position == hit.groupby("example").position.transform("max")]
         elif position is not None:
             hit = hit[hit.position == position]
-        parts = [self._array(s, f"z/{tower}/s{step}/L{layer}").get_orthogonal_selection((g.row.to_numpy(),))
-                 for s, g in hit.groupby("shard", sort=False)]
+        parts = [
+            self._array(s, f"z/{tower}/s{step}/L{layer}").get_orthogonal_selection((g.row.to_numpy(),))
+            for s, g in hit.groupby("shard", sort=False)
+        ]
         order = pd.concat([g for _, g in hit.groupby("shard", sort=False)]) if parts else hit
         data = np.concatenate(parts) if parts else np.zeros((0,))
         return order.drop(columns="shard").reset_index(drop=True), data
@@ -321,23 +431,32 @@ class Store:
                 report.problems.append(f"{path.name}/{SHARD_META}: unreadable ({err})")
                 continue
             if meta.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
-                report.problems.append(f"{path.name}: schema {meta['schema_version']} is newer than {SCHEMA_VERSION}")
+                report.problems.append(
+                    f"{path.name}: schema {meta['schema_version']} is newer than {SCHEMA_VERSION}"
+                )
             for name, info in meta.get("files", {}).items():
                 report.files += 1
                 file = path / name
                 if not file.is_file():
                     report.problems.append(f"{path.name}/{name}: missing")
                 elif file.stat().st_size != info["bytes"]:
-                    report.problems.append(f"{path.name}/{name}: {file.stat().st_size} bytes, expected {info['bytes']} (truncated?)")
+                    report.problems.append(
+                        f"{path.name}/{name}: {file.stat().st_size} bytes, expected {info['bytes']} (truncated?)"
+                    )
                 elif sha256_of(file) != info["sha256"]:
                     report.problems.append(f"{path.name}/{name}: checksum mismatch (corrupted)")
             for table, required in REQUIRED_COLUMNS.items():
                 file = path / f"{table}.parquet"
-                if f"{table}.parquet" in meta.get("files", {}) and file.is_file() and not any(
-                        p.startswith(f"{path.name}/{table}.parquet") for p in report.problems):
+                if (
+                    f"{table}.parquet" in meta.get("files", {})
+                    and file.is_file()
+                    and not any(p.startswith(f"{path.name}/{table}.parquet") for p in report.problems)
+                ):
                     missing = required - set(pads.dataset(str(file)).schema.names)
                     if missing:
-                        report.problems.append(f"{path.name}/{table}.parquet: missing columns {sorted(missing)}")
+                        report.problems.append(
+                            f"{path.name}/{table}.parquet: missing columns {sorted(missing)}"
+                        )
         return report
 
     def info(self) -> dict:
@@ -345,10 +464,14 @@ class Store:
         fp = self.manifest["fingerprint"]
         size = sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
         return {
-            "path": str(self.root), "schema_version": self.manifest["schema_version"],
-            "model": f"{fp['architecture']} ({fp['source']})", "shards": len(self.shard_ids()),
-            "examples": int(ex.example.nunique()) if len(ex) else 0, "conditions": self.conditions(),
-            "runs": len(self.manifest.get("runs", [])), "bytes": size,
+            "path": str(self.root),
+            "schema_version": self.manifest["schema_version"],
+            "model": f"{fp['architecture']} ({fp['source']})",
+            "shards": len(self.shard_ids()),
+            "examples": int(ex.example.nunique()) if len(ex) else 0,
+            "conditions": self.conditions(),
+            "runs": len(self.manifest.get("runs", [])),
+            "bytes": size,
         }
 
     def _repr_html_(self) -> str:
@@ -363,18 +486,24 @@ class Store:
 def write_tables(writer: ShardWriter, rec: Record, ids: dict, meta_of: dict, condition: str) -> None:
     """The examples, head_stats and residuals tables of one record, with store example ids and condition."""
     ex = rec.examples
-    ex = ex.assign(example=ex.example.map(ids), condition=condition,
-                   meta=[json.dumps(meta_of.get(e, {}), default=str) for e in rec.examples.example])
+    ex = ex.assign(
+        example=ex.example.map(ids),
+        condition=condition,
+        meta=[json.dumps(meta_of.get(e, {}), default=str) for e in rec.examples.example],
+    )
     writer.table("examples", ex)
     for name, frame in (("head_stats", rec.head_stats), ("residuals", rec.residuals)):
         if len(frame):
             writer.table(name, frame.assign(example=frame.example.map(ids), condition=condition))
 
-def write_arrays(writer: ShardWriter, rec: Record, ids: dict, condition: str) -> None:
+
+def write_arrays(
+    writer: ShardWriter, rec: Record, ids: dict, condition: str, top_k: int | None = None
+) -> None:
     """Head outputs, compact attention and selected rows as ragged Zarr arrays plus their index tables."""
     _write_head_outputs(writer, rec, ids, condition)
     _write_compact(writer, rec, ids, condition)
-    _write_rows(writer, rec, ids, condition)
+    _write_rows(writer, rec, ids, condition, top_k)
 
 
 def _write_head_outputs(writer: ShardWriter, rec: Record, ids: dict, condition: str) -> None:
@@ -390,8 +519,22 @@ def _write_head_outputs(writer: ShardWriter, rec: Record, ids: dict, condition: 
             for p in h.queries:
                 index.append((ids[h.example], condition, tower, step, layer, p, row, list(h.heads)))
                 row += 1
-    writer.table("z_index", pd.DataFrame(index, columns=["example", "condition", "tower", "step", "layer",
-                                                         "position", "row", "heads"]))
+    writer.table(
+        "z_index",
+        pd.DataFrame(
+            index, columns=["example", "condition", "tower", "step", "layer", "position", "row", "heads"]
+        ),
+    )
+
+
+def _pack_qk(c) -> np.ndarray:
+    """[token, head + kv_head, d_head + 1]: q with the row logsumexp in the last column, then k (last column 0).
+
+    One array per layer, so that one read (q and lse of head h, k of its kv head) rebuilds a pattern."""
+    n, d = c.q.shape[1], c.q.shape[2]
+    q = torch.cat([c.q, c.lse[..., None]], -1)  # [head, n, d + 1]
+    k = torch.cat([c.k, torch.zeros(c.k.shape[0], n, 1)], -1)  # [kv_head, n, d + 1]
+    return torch.cat([q, k]).permute(1, 0, 2).numpy().reshape(n, -1, d + 1)
 
 
 def _write_compact(writer: ShardWriter, rec: Record, ids: dict, condition: str) -> None:
@@ -403,26 +546,79 @@ def _write_compact(writer: ShardWriter, rec: Record, ids: dict, condition: str) 
         start = 0
         for c in items:
             n = c.q.shape[1]
-            index.append((ids[c.example], condition, tower, layer, start, start + n, c.scale, c.causal,
-                          -1 if c.window is None else c.window, c.group, list(c.heads)))
+            index.append(
+                (
+                    ids[c.example],
+                    condition,
+                    tower,
+                    layer,
+                    start,
+                    start + n,
+                    c.scale,
+                    c.causal,
+                    -1 if c.window is None else c.window,
+                    c.group,
+                    list(c.heads),
+                )
+            )
             start += n
-        base = f"attn/{tower}/L{layer}"
-        writer.array(f"{base}/q", np.concatenate([c.q.permute(1, 0, 2).numpy() for c in items]))
-        writer.array(f"{base}/k", np.concatenate([c.k.permute(1, 0, 2).numpy() for c in items]))
-        writer.array(f"{base}/lse", np.concatenate([c.lse.T.numpy() for c in items]))
-    writer.table("attn_index", pd.DataFrame(index, columns=["example", "condition", "tower", "layer", "start",
-                                                            "stop", "scale", "causal", "window", "group", "heads"]))
+        writer.array(f"attn/{tower}/L{layer}", np.concatenate([_pack_qk(c) for c in items]))
+    writer.table(
+        "attn_index",
+        pd.DataFrame(
+            index,
+            columns=[
+                "example",
+                "condition",
+                "tower",
+                "layer",
+                "start",
+                "stop",
+                "scale",
+                "causal",
+                "window",
+                "group",
+                "heads",
+            ],
+        ),
+    )
 
 
-def _write_rows(writer: ShardWriter, rec: Record, ids: dict, condition: str) -> None:
-    index, values, start = [], [], 0
+def _write_rows(writer: ShardWriter, rec: Record, ids: dict, condition: str, top_k: int | None) -> None:
+    """Selected attention rows: dense, or (top_k) the k largest entries of each row with their key indices."""
+    index, values, keys, start = [], [], [], 0
     for r in rec.patterns:
         for i, qpos in enumerate(r.queries):
             row = r.probs[i].numpy().astype(np.float32)
-            index.append((ids[r.example], condition, r.tower, r.step, r.layer, r.head, qpos, start, len(row)))
+            n_keys = len(row)
+            if top_k is not None:
+                kept = np.sort(np.argsort(-row, kind="stable")[: min(top_k, n_keys)]).astype(np.int32)
+                keys.append(kept)
+                row = row[kept]
+            index.append(
+                (ids[r.example], condition, r.tower, r.step, r.layer, r.head, qpos, start, len(row), n_keys)
+            )
             values.append(row)
             start += len(row)
     if values:
         writer.array("rows/values", np.concatenate(values), row_chunk=1 << 16)
-    writer.table("rows_index", pd.DataFrame(index, columns=["example", "condition", "tower", "step", "layer",
-                                                            "head", "query", "start", "length"]))
+    if keys:
+        writer.array("rows/keys", np.concatenate(keys), row_chunk=1 << 16)
+    writer.table(
+        "rows_index",
+        pd.DataFrame(
+            index,
+            columns=[
+                "example",
+                "condition",
+                "tower",
+                "step",
+                "layer",
+                "head",
+                "query",
+                "start",
+                "length",
+                "n_keys",
+            ],
+        ),
+    )

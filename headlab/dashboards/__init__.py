@@ -1,0 +1,1 @@
+"""The Dash head browser: reads a Store and analyses results; never imports probe/ or kernels/."""

@@ -1,0 +1,1 @@
+"""CLI batch reports (HTML + JSON + Markdown) on hallucination benchmarks, built from a Store."""
