@@ -7,6 +7,7 @@ with hl.capture(lm, patterns=hl.Select(layers=[0], heads=[0])) as rec:
 rec.head_stats
 """
 
+from headlab import zoo
 from headlab.errors import (
     HeadlabError,
     InputError,
@@ -42,4 +43,5 @@ __all__ = [
     "grid_roles",
     "load",
     "text_roles",
+    "zoo",
 ]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
-import tempfile
+import json
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -82,7 +83,7 @@ def _summary(frame, title: str) -> Table:
     for c in joined.columns:
         table.add_column(str(c), justify="right")
     for row in joined.itertuples(index=False):
-        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
+        table.add_row(*(("-" if v != v else f"{v:.3f}") if isinstance(v, float) else str(v) for v in row))
     return table
 
 
@@ -223,31 +224,59 @@ def zoo_random(
     console.print(f"wrote a tiny random {name} to {path}")
 
 
+_DEMO_PROMPTS = {
+    "gpt2": [
+        "When Mary and John went to the store, John gave a drink to",
+        "The war lasted from the year 1732 to the year 17",
+    ],
+    "llava": [
+        "USER: <image>\nIs there a red square in the image? ASSISTANT:",
+        "USER: <image>\nIs there a blue circle in the image? ASSISTANT:",
+    ],
+}
+
+
 @app.command()
 @_friendly
 def demo(
     out: Annotated[Path, typer.Option(help="where to write the demo outputs")] = Path("out/demo"),
 ) -> None:
-    """The offline end-to-end path: tiny LLaVA and GPT-2 -> fused capture of every head -> tables."""
+    """The offline end-to-end path: tiny GPT-2 and LLaVA -> fused capture of every head -> store -> tables."""
     from PIL import Image
 
     import headlab as hl
-    from headlab.inputs import prepare
-    from headlab.zoo.random_models import build_random
+    from headlab.datasets.prompts import read_prompts
+    from headlab.store.batch import capture_to_store
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, prompts in (
-            ("gpt2", ["When Mary and John went to the store, John gave a drink to"]),
-            ("llava", ["USER: <image>\nIs there a red square in the image? ASSISTANT:"]),
-        ):
-            lm = hl.load(build_random(name, Path(tmp) / name))
-            images = [Image.new("RGB", (32, 32), (200, 30, 30))] if lm.family is hl.Family.LVLM else []
-            inputs = prepare(lm, prompts, images)
-            frame = _capture_stats(lm, inputs)
-            console.print(_summary(frame, f"{name}: fused per-head statistics (random weights)"))
-            _write(frame, out / f"{name}_head_stats.csv")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, prompts in _DEMO_PROMPTS.items():
+        lm = hl.load(hl.zoo.build_random(name, out / "models" / name))
+        lines = []
+        for i, prompt in enumerate(prompts):
+            line = {"id": i, "prompt": prompt}
+            if lm.family is hl.Family.LVLM:
+                Image.new("RGB", (32, 32), (200, 30, 30) if i == 0 else (30, 30, 200)).save(
+                    out / f"image{i}.png"
+                )
+                line["image"] = f"image{i}.png"
+            lines.append(json.dumps(line))
+        data = out / f"{name}_prompts.jsonl"
+        data.write_text("\n".join(lines) + "\n")
+        store = hl.Store.create(out / f"{name}_store", lm, exist_ok=True)
+        items = read_prompts(data, need_images=lm.family is hl.Family.LVLM).items
+        report = capture_to_store(lm, store, items, batch_size=2, attention_layers=None, progress=False)
+        frame = store.head_stats()
+        console.print(_summary(frame, f"{name}: per-head statistics of every head, read back from the store"))
+        pattern = store.pattern(0, layer=lm.n_layers - 1, head=0, queries=[-1])[0]
+        console.print(
+            f"{name}: last-token attention of layer {lm.n_layers - 1} head 0 rebuilt exactly from the "
+            f"store: top keys {np.argsort(-pattern)[:5].tolist()}, row sum {pattern.sum():.6f}; "
+            f"{report.done} captured, {report.skipped} already there; verify: "
+            f"{'OK' if store.verify().ok else 'PROBLEMS'}"
+        )
+        _write(frame, out / f"{name}_head_stats.csv")
     console.print(
-        f"[bold]demo done[/]: statistics of every head of a tiny GPT-2 and a tiny LLaVA in {out.resolve()}"
+        f"[bold]demo done[/]: tiny random GPT-2 and LLaVA captured into stores under {out.resolve()}"
     )
 
 
