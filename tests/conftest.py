@@ -11,7 +11,7 @@ from PIL import Image
 import headlab as hl
 from headlab.zoo.random_models import RANDOM_BUILDERS, build_random
 
-LLMS = ("gpt2", "llama", "qwen2")
+LLMS = ("gpt2", "llama", "qwen2", "mistral")
 ALL_ARCHS = tuple(RANDOM_BUILDERS)
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Is there a cat in the image? Yes."]
 

@@ -271,3 +271,27 @@ def test_selected_rows_dense_and_top_k(tiny, tmp_path, top_k):
     np.testing.assert_allclose(store.pattern(5, 1, 2, queries=[-1]), got[-1:], rtol=1e-6)
     with pytest.raises(hl.StoreError, match="no attention stored"):
         store.pattern(5, 0, 0)
+
+
+def test_sliding_window_patterns_rebuild_exactly(tiny, tmp_path):
+    lm = tiny("mistral")  # sliding window 6, prompts of ~30 tokens
+    inputs = lm.tokenizer(
+        ["The quick brown fox jumps over the lazy dog again and again"], return_tensors="pt"
+    )
+    assert inputs["input_ids"].shape[1] > 12
+    lm.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            eager = lm.model(**inputs, output_attentions=True).attentions
+    finally:
+        lm.model.set_attn_implementation("sdpa")
+    with torch.no_grad(), hl.capture(lm, compact=hl.Select()) as rec:
+        lm.model(**inputs)
+    store = Store.create(tmp_path / "s", lm)
+    store.append(rec, examples=[0])
+    for layer in range(2):
+        for head in range(lm.n_heads):
+            np.testing.assert_allclose(
+                store.pattern(0, layer, head), eager[layer][0, head].numpy(), atol=1e-5
+            )
+    assert (eager[0][0, 0, -1, :-6] == 0).all()  # the window really cuts

@@ -222,9 +222,8 @@ class Probe:
         if want_z:
             self._record_z(ctx, layer, out)
         if want_compact and ctx.step == 0:
-            self._record_compact(
-                ctx, layer, q, k, lse, scale, causal, getattr(module, "sliding_window", None)
-            )
+            window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+            self._record_compact(ctx, layer, q, k, lse, scale, causal, window)
         return out.to(v.dtype).transpose(1, 2).contiguous(), None
 
     def _selected(self, sel: Select | None, tower: str, layer: int) -> bool:

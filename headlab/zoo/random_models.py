@@ -2,7 +2,7 @@
 
 No hub is reachable where headlab is built and tested, so tests, benchmarks and the offline demo build
 their models here: the real architecture classes (GPT-2, Llama with grouped-query attention, Qwen2, LLaVA =
-CLIP vision tower + Llama, ViT, CLIP vision) at hidden sizes of 32-64 and 2-4 layers, with a byte-level
+CLIP vision tower + Llama, Mistral, ViT, DeiT, DINOv2, CLIP vision) at hidden sizes of 32-64 and 2-4 layers, with a byte-level
 BPE tokenizer trained on a small built-in corpus. `build_random(name, path)` writes a directory that
 `headlab.load(path)` (and `from_pretrained(path)`) reads back through the real loading path.
 
@@ -107,6 +107,24 @@ def _llama(path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
+def _mistral(path: Path) -> None:
+    """Mistral with a sliding window shorter than the test prompts, so the window mask is exercised."""
+    tokenizer = _train_tokenizer(300, add_bos=True)
+    config = tf.MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=6,
+        **_ids(tokenizer),
+    )
+    tf.MistralForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 def _qwen2(path: Path) -> None:
     tokenizer = _train_tokenizer(300, add_bos=False)
     config = tf.Qwen2Config(
@@ -180,6 +198,29 @@ def _vit(path: Path) -> None:
     tf.ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
 
 
+def _vision_config(cls, **extra):
+    return cls(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        **extra,
+    )
+
+
+def _deit(path: Path) -> None:
+    """DeiT: a CLS and a distillation token before the patch grid."""
+    tf.DeiTForImageClassification(_vision_config(tf.DeiTConfig, num_labels=4)).save_pretrained(path)
+    tf.ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+
+
+def _dinov2(path: Path) -> None:
+    tf.Dinov2Model(_vision_config(tf.Dinov2Config)).save_pretrained(path)
+    tf.ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+
+
 def _clip_vision(path: Path) -> None:
     tf.CLIPVisionModel(_clip_vision_config()).save_pretrained(path)
     _image_processor().save_pretrained(path)
@@ -188,10 +229,13 @@ def _clip_vision(path: Path) -> None:
 RANDOM_BUILDERS: dict[str, Callable[[Path], None]] = {
     "gpt2": _gpt2,
     "llama": _llama,
+    "mistral": _mistral,
     "qwen2": _qwen2,
     "llava": _llava,
     "vit": _vit,
     "clip_vision": _clip_vision,
+    "deit": _deit,
+    "dinov2": _dinov2,
 }
 
 
