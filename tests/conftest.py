@@ -69,3 +69,13 @@ def inputs_for(lm: hl.LoadedModel, *, padding_side: str = "right", batch: int = 
 def logits_of(lm: hl.LoadedModel, inputs) -> torch.Tensor:
     out = lm.model(**inputs)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def eager_attentions(lm: hl.LoadedModel, inputs) -> tuple[torch.Tensor, ...]:
+    """Every layer's [batch, head, q, k] pattern from HF eager attention (the independent oracle)."""
+    lm.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return lm.model(**inputs, output_attentions=True).attentions
+    finally:
+        lm.model.set_attn_implementation("sdpa")

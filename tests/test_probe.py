@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import ALL_ARCHS, LLMS, inputs_for, logits_of
+from conftest import ALL_ARCHS, LLMS, eager_attentions, inputs_for, logits_of
 
 import headlab as hl
 from headlab.probe import stats as S
@@ -79,20 +79,11 @@ def test_masses_sum_to_one_and_roles_are_right(tiny):
     assert examples[examples.tower == "lm"].n_tokens.tolist() == lengths
 
 
-def _eager_attentions(lm, inputs):
-    lm.model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            return lm.model(**inputs, output_attentions=True).attentions
-    finally:
-        lm.model.set_attn_implementation("sdpa")
-
-
 @pytest.mark.parametrize("name", LLMS)
 def test_patterns_equal_eager_attention(tiny, name):
     lm = tiny(name)
     inputs = inputs_for(lm, padding_side="left")
-    eager = _eager_attentions(lm, inputs)
+    eager = eager_attentions(lm, inputs)
     _, rec = _capture(lm, inputs, stats=None, patterns=hl.Select(layers=[0, 1], heads=[0, 3]))
     valid = inputs["attention_mask"].bool()
     for rows in rec.patterns:

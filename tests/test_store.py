@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import inputs_for
+from conftest import eager_attentions, inputs_for
 from typer.testing import CliRunner
 
 import headlab as hl
@@ -63,12 +63,7 @@ def test_round_trip(llama_store):
 
 def test_stored_patterns_are_exact(llama_store):
     lm, inputs, rec, store = llama_store
-    lm.model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            eager = lm.model(**inputs, output_attentions=True).attentions
-    finally:
-        lm.model.set_attn_implementation("sdpa")
+    eager = eager_attentions(lm, inputs)
     valid = inputs["attention_mask"].bool()
     for example, b in ((10, 0), (11, 1)):
         for layer in range(2):
@@ -279,12 +274,7 @@ def test_sliding_window_patterns_rebuild_exactly(tiny, tmp_path):
         ["The quick brown fox jumps over the lazy dog again and again"], return_tensors="pt"
     )
     assert inputs["input_ids"].shape[1] > 12
-    lm.model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            eager = lm.model(**inputs, output_attentions=True).attentions
-    finally:
-        lm.model.set_attn_implementation("sdpa")
+    eager = eager_attentions(lm, inputs)
     with torch.no_grad(), hl.capture(lm, compact=hl.Select()) as rec:
         lm.model(**inputs)
     store = Store.create(tmp_path / "s", lm)

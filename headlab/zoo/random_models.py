@@ -84,61 +84,32 @@ def _gpt2(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_
     tokenizer.save_pretrained(path)
 
 
-def _llama_config(
-    tokenizer, *, layers: int, hidden: int, heads: int, kv_heads: int, **extra
-) -> tf.LlamaConfig:
-    return tf.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
-        **_ids(tokenizer),
-        **extra,
-    )
-
-
-def _llama(path: Path) -> None:
-    tokenizer = _train_tokenizer(300, add_bos=True)
-    config = _llama_config(tokenizer, layers=2, hidden=64, heads=4, kv_heads=2)
-    tf.LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
-def _mistral(path: Path) -> None:
-    """Mistral with a sliding window shorter than the test prompts, so the window mask is exercised."""
-    tokenizer = _train_tokenizer(300, add_bos=True)
-    config = tf.MistralConfig(
-        vocab_size=len(tokenizer),
+def _decoder_config(config_cls, tokenizer, **extra):
+    """A 2-layer decoder config of `config_cls` with grouped-query attention (4 query, 2 KV heads)."""
+    sizes = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        sliding_window=6,
-        **_ids(tokenizer),
     )
-    tf.MistralForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    return config_cls(vocab_size=len(tokenizer), **_ids(tokenizer), **{**sizes, **extra})
 
 
-def _qwen2(path: Path) -> None:
-    tokenizer = _train_tokenizer(300, add_bos=False)
-    config = tf.Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        **_ids(tokenizer),
-    )
-    tf.Qwen2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+def _decoder(config_cls, model_cls, *, add_bos: bool, **extra):
+    def build(path: Path) -> None:
+        tokenizer = _train_tokenizer(300, add_bos=add_bos)
+        model_cls(_decoder_config(config_cls, tokenizer, **extra)).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+    return build
+
+
+_llama = _decoder(tf.LlamaConfig, tf.LlamaForCausalLM, add_bos=True)
+_qwen2 = _decoder(tf.Qwen2Config, tf.Qwen2ForCausalLM, add_bos=False)
+# Mistral with a sliding window shorter than the test prompts, so the window mask is exercised.
+_mistral = _decoder(tf.MistralConfig, tf.MistralForCausalLM, add_bos=True, sliding_window=6)
 
 
 def _clip_vision_config(*, layers: int = 2, hidden: int = 32, heads: int = 4) -> tf.CLIPVisionConfig:
@@ -161,7 +132,7 @@ def _image_processor() -> tf.CLIPImageProcessorPil:
 
 def _llava(path: Path) -> None:
     tokenizer = _train_tokenizer(300, add_bos=True)
-    text = _llama_config(tokenizer, layers=2, hidden=64, heads=4, kv_heads=2)
+    text = _decoder_config(tf.LlamaConfig, tokenizer)
     vision = _clip_vision_config(layers=2, hidden=32, heads=4)
     n_patches = (IMAGE_SIZE // PATCH_SIZE) ** 2
     config = tf.LlavaConfig(
