@@ -169,19 +169,6 @@ def _load_config(source: str) -> tf.PretrainedConfig:
         ) from err
 
 
-def _config_for(model: nn.Module, prefix: str, root: tf.PretrainedConfig) -> tf.PretrainedConfig:
-    """The config of the sub-model that owns the layer list at `prefix`."""
-    module = model
-    config = root
-    for part in prefix.split("."):
-        if not part:
-            continue
-        module = getattr(module, part) if not part.isdigit() else module[int(part)]
-        if isinstance(module, tf.PreTrainedModel) or hasattr(module, "config"):
-            config = getattr(module, "config", config)
-    return config
-
-
 def _tower(name: str, prefix: str, n_layers: int, config, spec: _ArchSpec, family: Family) -> Tower:
     heads = config.num_attention_heads if hasattr(config, "num_attention_heads") else config.n_head
     d_model = config.hidden_size
@@ -232,7 +219,7 @@ def describe(model: nn.Module, *, source: str = "<in memory>", processor=None) -
     towers, attention, layer_modules = [], {}, {}
     for prefix, by_layer in found.items():
         name = "vision" if ("vision" in prefix or spec.family is Family.VIT) else "lm"
-        tower_config = _config_for(model, prefix, config)
+        tower_config = config
         if spec.family is Family.LVLM:
             tower_config = config.vision_config if name == "vision" else config.text_config
         towers.append(_tower(name, prefix, len(by_layer), tower_config, spec, spec.family))

@@ -246,7 +246,8 @@ def _visible_counts(
         sees = sees & (q_pos[:, :, None] >= alpha_pos[:, None, :])
     if keep is not None:  # a mask may hide more (sliding windows): read the alpha columns of it
         idx = torch.where(alpha_pos >= 0, _padded(ctx, alpha_pos), 0)  # [batch, a]
-        cols = keep[:, 0].gather(-1, idx[:, None, :].expand(-1, keep.shape[-2], -1))  # [batch, q, a]
+        rows = keep[:, 0].expand(ctx.batch, -1, -1)  # masks may be shared across the batch
+        cols = rows.gather(-1, idx[:, None, :].expand(-1, rows.shape[-2], -1))  # [batch, q, a]
         sees = sees & cols[:, -n_q:]
     return sees.sum(1)
 
