@@ -186,12 +186,7 @@ def test_sigkill_mid_run_loses_only_the_open_shard(model_dirs, tmp_path):
         "all",
     )
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        shards = out / "shards"
-        if shards.is_dir() and len([p for p in shards.iterdir() if not p.name.startswith(".")]) >= 4:
-            break
-        time.sleep(0.05)
+    _wait_for_shards(out, 4, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     store = Store.open(out)
@@ -205,6 +200,34 @@ def test_sigkill_mid_run_loses_only_the_open_shard(model_dirs, tmp_path):
     store = Store.open(out)
     assert store.committed() == set(range(60)) and store.verify().ok
     assert len(store.examples()) == 60  # nothing captured twice
+
+
+def _wait_for_shards(out: Path, n: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        shards = out / "shards"
+        if shards.is_dir() and len([p for p in shards.iterdir() if not p.name.startswith(".")]) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the writer did not commit {n} shards in time")
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_every_finished_batch(model_dirs, tmp_path):
+    data = _prompts(tmp_path / "p.jsonl", 60)
+    out = tmp_path / "s"
+    args = _cli(
+        "capture", "--model", model_dirs["gpt2"], "--data", str(data), "--out", str(out), "--batch-size", "1"
+    )
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    _wait_for_shards(out, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in stdout and "rerun the same command" in stdout
+    store = Store.open(out)
+    assert store.verify().ok and 3 <= len(store.committed()) < 60
+    info = CliRunner().invoke(app, ["store", "info", str(out)])
+    assert info.exit_code == 0 and "examples" in info.output and "GPT2LMHeadModel" in info.output
 
 
 @pytest.mark.slow
