@@ -1,0 +1,40 @@
+"""Token roles: text, LLaVA image spans with their grid, segments, flagged tokens, vision grids, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+import headlab as hl
+from headlab.probe.roles import grid_roles, text_roles
+
+
+def test_text_roles_with_an_image_span_and_segments():
+    ids = [1, 5, 9, 9, 9, 9, 6, 7, 8]  # 4 image tokens (a 2x2 grid) after two text tokens
+    roles = text_roles(ids, image_token_id=9, segments=[(6, 8)], flagged=[7])
+    assert roles.positions("bos") == [0]
+    assert roles.positions("image") == [2, 3, 4, 5]
+    assert roles.grid == (2, 2) and roles.grid_start == 2
+    assert roles.positions("segment_0") == [6, 7] and roles.positions("text") == [1, 8]
+    assert roles.flagged == (7,)
+    assert roles.extended(2).positions("answer") == [9, 10]
+
+
+def test_flagging_and_errors():
+    roles = text_roles([1, 2, 3])
+    assert roles.with_flagged([2]).flagged == (2,)
+    with pytest.raises(hl.InputError, match="outside"):
+        roles.with_flagged([3])
+    with pytest.raises(hl.InputError, match="'image' is absent"):
+        roles.positions("image")
+    with pytest.raises(hl.InputError, match="does not fit"):
+        text_roles([1, 2, 3], segments=[(2, 5)])
+    with pytest.raises(hl.InputError, match="no tokens"):
+        text_roles([])
+
+
+def test_vision_grid_roles():
+    roles = grid_roles(2, (3, 3))
+    assert roles.positions("cls") == [0, 1] and len(roles.positions("patch")) == 9 and roles.grid_start == 2
+    assert grid_roles(1, (4, 4), n_tokens=26).grid == (5, 5)  # another image size: the grid follows the tokens
+    with pytest.raises(hl.InputError, match="square grid"):
+        grid_roles(1, (4, 4), n_tokens=20)
