@@ -37,7 +37,7 @@ format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/capture_memory.py
+	$(PY) benchmarks/capture_memory.py && $(PY) benchmarks/store_io.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

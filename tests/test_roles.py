@@ -35,6 +35,9 @@ def test_flagging_and_errors():
 def test_vision_grid_roles():
     roles = grid_roles(2, (3, 3))
     assert roles.positions("cls") == [0, 1] and len(roles.positions("patch")) == 9 and roles.grid_start == 2
-    assert grid_roles(1, (4, 4), n_tokens=26).grid == (5, 5)  # another image size: the grid follows the tokens
+    assert grid_roles(1, (4, 4), n_tokens=26).grid == (
+        5,
+        5,
+    )  # another image size: the grid follows the tokens
     with pytest.raises(hl.InputError, match="square grid"):
         grid_roles(1, (4, 4), n_tokens=20)

@@ -1,0 +1,47 @@
+"""The README's Python examples run as written (with the hub id swapped for a local tiny model)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def _blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_quick_start_runs(model_dirs):
+    code = _blocks()[0].replace('hl.load("gpt2")', f"hl.load({model_dirs['gpt2']!r})")
+    code = (
+        code.replace("layers=[5]", "layers=[1]").replace("layer=5", "layer=1").replace("layer=3", "layer=1")
+    )
+    scope: dict = {}
+    exec(compile(code, "README quick start", "exec"), scope)  # layer numbers fitted to the 2-layer model
+    rec = scope["rec"]
+    assert len(rec.head_stats) > 0 and rec.pattern(0, layer=1, head=1).probs.shape[0] == 1
+    assert rec.z(layer=1).shape[0] == 1 and len(rec.residuals) == 2
+
+
+def test_store_example_runs(model_dirs, tmp_path, monkeypatch):
+    block = next(b for b in _blocks() if "hl.Store.create" in b)
+    monkeypatch.chdir(tmp_path)
+    setup = (
+        "import torch\nimport headlab as hl\n"
+        f"lm = hl.load({model_dirs['gpt2']!r})\n"
+        "inputs = lm.tokenizer(['a b c', 'd e f g'], return_tensors='pt', padding=True)\n"
+    )
+    scope: dict = {}
+    exec(
+        compile(
+            setup
+            + block.replace("layer=3, head=5", "layer=1, head=2")
+            .replace("layer=3,", "layer=1,")
+            .replace("layers=[10, 11]", "layers=[0, 1]"),
+            "README store example",
+            "exec",
+        ),
+        scope,
+    )
+    assert scope["store"].committed("with_image") == {101, 102}
