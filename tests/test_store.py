@@ -70,6 +70,8 @@ def test_stored_patterns_are_exact(llama_store):
             for head in range(lm.n_heads):
                 want = eager[layer][b, head][valid[b]][:, valid[b]].numpy()
                 np.testing.assert_allclose(store.pattern(example, layer, head), want, atol=1e-5)
+    compact = next(c for c in rec.compact if (c.example, c.layer) == (1, 1))
+    np.testing.assert_allclose(compact.rows(3).numpy(), store.pattern(11, 1, 3), atol=1e-6)
     last = store.pattern(11, 1, 2, queries=[-1])
     np.testing.assert_allclose(last, rec.pattern(1, 1, 2).probs.numpy(), atol=1e-6)
 
