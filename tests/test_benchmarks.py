@@ -112,3 +112,48 @@ def test_amber_discriminative_no_is_positive(tmp_path):
     assert set(scores) == {"overall", "existence", "attribute", "relation"}
     with pytest.raises(hl.InputError, match="not discriminative"):
         amber.score_amber_discriminative(questions, {1: "Yes"})
+
+
+SYNONYMS = """person, man, woman, people, boy, girl, child
+dog, puppy
+cat, kitten
+traffic light, stoplight
+toilet
+chair, seat, stool
+teddy bear, teddybear
+bear
+dining table, table, desk
+"""
+
+
+def test_chair_hand_computed(tmp_path):
+    from headlab.datasets import chair
+
+    (tmp_path / "synonyms.txt").write_text(SYNONYMS)
+    vocab = chair.Vocabulary.from_file(tmp_path / "synonyms.txt")
+    captions = [
+        {"image_id": 1, "caption": "A man and two dogs near a traffic light."},
+        {"image_id": 2, "caption": "A baby bear sits on a toilet seat next to a teddy bear."},
+        {"image_id": 3, "caption": "Kittens on a desk."},
+        {"image_id": "x", "caption": 5},
+    ]
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(c) for c in captions))
+    (tmp_path / "truth.json").write_text(
+        json.dumps({"1": ["person", "dog"], "2": ["bear", "toilet"], "3": ["kitten", "table", "boy"]})
+    )
+    caps, problems = chair.load_captions(tmp_path / "captions.jsonl")
+    assert sorted(caps) == [1, 2, 3] and "captions.jsonl:4" in problems[0]
+    truth = chair.load_truth(tmp_path / "truth.json", vocab)
+    assert truth[3] == {"cat", "dining table", "person"}
+    assert chair.mentions(caps[1], vocab) == (["person", "dog", "traffic light"], 8)
+    assert chair.mentions(caps[2], vocab) == (["bear", "toilet", "teddy bear"], 10)
+    assert chair.mentions(caps[3], vocab) == (["cat", "dining table"], 4)
+    s = chair.score_chair(caps, truth, vocab)
+    assert s.chair_s == pytest.approx(2 / 3) and s.chair_i == pytest.approx(2 / 8)
+    assert s.recall == pytest.approx(6 / 7) and s.length == pytest.approx(22 / 3)
+    assert chair.mentions("a toilet with a seat", vocab)[0] == ["toilet"]  # seat is dropped beside toilet
+    with pytest.raises(hl.InputError, match="ground-truth"):
+        chair.score_chair({9: "a dog"}, truth, vocab)
+    (tmp_path / "bad.json").write_text(json.dumps({"1": ["unicorn"]}))
+    with pytest.raises(hl.InputError, match="unicorn"):
+        chair.load_truth(tmp_path / "bad.json", vocab)

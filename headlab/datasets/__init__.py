@@ -1,5 +1,7 @@
-"""Datasets: prompt files for batch capture (benchmark loaders and scorers, synthetic tasks: their issue)."""
+"""Datasets: benchmark loaders and scorers (POPE, CHAIR, AMBER discriminative, MME hallucination), prompt
+files for batch capture, and synthetic tasks with known ground truth."""
 
+from headlab.datasets import amber, chair, mme, pope
 from headlab.datasets.prompts import PromptFile, PromptItem, read_prompts
 
-__all__ = ["PromptFile", "PromptItem", "read_prompts"]
+__all__ = ["PromptFile", "PromptItem", "amber", "chair", "mme", "pope", "read_prompts"]
