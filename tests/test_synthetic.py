@@ -15,12 +15,13 @@ def test_generators_are_seeded(name):
 
 
 def test_induction_ground_truth():
-    for ex in syn.induction(50, length=10, seed=1):
-        tokens, first = ex.get("tokens"), ex.get("first_copy")
-        assert len(set(tokens[:first])) == first  # distinct tokens: one continuation
+    for ex in syn.induction(50, length=(5, 15), prefix=(0, 6), seed=1):
+        tokens, first, start = ex.get("tokens"), ex.get("first_copy"), ex.get("start")
+        assert len(set(tokens[start : start + first])) == first  # distinct tokens: one continuation
+        assert tokens[start : start + first] == tokens[start + first :]
         seen = ex.prompt.split()
         last = seen[-1]
-        assert ex.answer == tokens[tokens.index(last) + 1]  # the token after the earlier occurrence
+        assert ex.answer == tokens[tokens.index(last, start) + 1]  # the token after the earlier occurrence
 
 
 def test_ioi_templates_and_corruption():

@@ -46,19 +46,24 @@ class Example:
         return dict(self.meta)[key]
 
 
-def induction(n: int, *, length: int = 12, vocab: int = 64, seed: int = 0) -> list[Example]:
-    """Sequences "t1 .. tL t1 .. tL" of distinct token names "w<i>"; answer: the continuation at the cut.
+def induction(
+    n: int, *, length: int | tuple[int, int] = 12, vocab: int = 64, prefix: tuple[int, int] = (0, 0), seed: int = 0
+) -> list[Example]:
+    """Sequences "p1 .. pP t1 .. tL t1 .. tL" of token names "w<i>" (the repeated segment's tokens are distinct,
+    so each continuation is unique); answer: the continuation at a random cut inside the second copy.
 
-    meta: tokens (the full sequence) and `first_copy` length, so every second-copy position is checkable."""
+    length / prefix: fixed, or (low, high) ranges drawn per example, so a model cannot copy from a fixed
+    offset. meta: tokens (the full sequence), `first_copy` (L) and `start` (where the first copy begins)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        seq = [f"w{i}" for i in rng.sample(range(vocab), length)]  # distinct: the continuation is unique
-        full = seq + seq
-        cut = rng.randrange(length + 1, 2 * length)  # predict full[cut] from full[:cut]
-        out.append(
-            Example(" ".join(full[:cut]), full[cut], meta=(("tokens", tuple(full)), ("first_copy", length)))
-        )
+        size = length if isinstance(length, int) else rng.randint(*length)
+        lead = rng.randint(*prefix)
+        seq = [f"w{i}" for i in rng.sample(range(vocab), size)]
+        full = [f"w{rng.randrange(vocab)}" for _ in range(lead)] + seq + seq
+        cut = rng.randrange(lead + size + 1, lead + 2 * size)  # predict full[cut] from full[:cut]
+        out.append(Example(" ".join(full[:cut]), full[cut],
+                           meta=(("tokens", tuple(full)), ("first_copy", size), ("start", lead))))
     return out
 
 
