@@ -47,7 +47,12 @@ class Example:
 
 
 def induction(
-    n: int, *, length: int | tuple[int, int] = 12, vocab: int = 64, prefix: tuple[int, int] = (0, 0), seed: int = 0
+    n: int,
+    *,
+    length: int | tuple[int, int] = 12,
+    vocab: int = 64,
+    prefix: tuple[int, int] = (0, 0),
+    seed: int = 0,
 ) -> list[Example]:
     """Sequences "p1 .. pP t1 .. tL t1 .. tL" of token names "w<i>" (the repeated segment's tokens are distinct,
     so each continuation is unique); answer: the continuation at a random cut inside the second copy.
@@ -62,8 +67,13 @@ def induction(
         seq = [f"w{i}" for i in rng.sample(range(vocab), size)]
         full = [f"w{rng.randrange(vocab)}" for _ in range(lead)] + seq + seq
         cut = rng.randrange(lead + size + 1, lead + 2 * size)  # predict full[cut] from full[:cut]
-        out.append(Example(" ".join(full[:cut]), full[cut],
-                           meta=(("tokens", tuple(full)), ("first_copy", size), ("start", lead))))
+        out.append(
+            Example(
+                " ".join(full[:cut]),
+                full[cut],
+                meta=(("tokens", tuple(full)), ("first_copy", size), ("start", lead)),
+            )
+        )
     return out
 
 
