@@ -155,20 +155,6 @@ def _llava(path: Path) -> None:
     processor.save_pretrained(path)
 
 
-def _vit(path: Path) -> None:
-    config = tf.ViTConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        num_labels=4,
-    )
-    tf.ViTForImageClassification(config).save_pretrained(path)
-    tf.ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
-
-
 def _vision_config(cls, **extra):
     return cls(
         hidden_size=32,
@@ -179,6 +165,11 @@ def _vision_config(cls, **extra):
         patch_size=PATCH_SIZE,
         **extra,
     )
+
+
+def _vit(path: Path) -> None:
+    tf.ViTForImageClassification(_vision_config(tf.ViTConfig, num_labels=4)).save_pretrained(path)
+    tf.ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
 
 
 def _deit(path: Path) -> None:
