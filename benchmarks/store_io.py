@@ -30,7 +30,8 @@ import torch
 
 from headlab.probe.record import CompactAttention, HeadOutputs, Record
 from headlab.store.shard import ShardWriter
-from headlab.store.store import Store, write_arrays
+from headlab.store.store import Store
+from headlab.store.write import write_arrays
 
 RESULTS = Path(__file__).parent / "results"
 

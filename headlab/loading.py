@@ -169,7 +169,7 @@ def _load_config(source: str) -> tf.PretrainedConfig:
         ) from err
 
 
-def _tower(name: str, prefix: str, n_layers: int, config, spec: _ArchSpec, family: Family) -> Tower:
+def _tower(name: str, prefix: str, n_layers: int, config, spec: _ArchSpec) -> Tower:
     heads = config.num_attention_heads if hasattr(config, "num_attention_heads") else config.n_head
     d_model = config.hidden_size
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -180,7 +180,7 @@ def _tower(name: str, prefix: str, n_layers: int, config, spec: _ArchSpec, famil
         rows, cols = (size, size) if isinstance(size, int) else tuple(size)
         prows, pcols = (patch, patch) if isinstance(patch, int) else tuple(patch)
         grid = (rows // prows, cols // pcols)
-        prefix_tokens = spec.prefix_tokens if family is Family.VIT else 1
+        prefix_tokens = spec.prefix_tokens if spec.family is Family.VIT else 1  # LLaVA's CLIP: one CLS
         causal = False
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return Tower(
@@ -222,7 +222,7 @@ def describe(model: nn.Module, *, source: str = "<in memory>", processor=None) -
         tower_config = config
         if spec.family is Family.LVLM:
             tower_config = config.vision_config if name == "vision" else config.text_config
-        towers.append(_tower(name, prefix, len(by_layer), tower_config, spec, spec.family))
+        towers.append(_tower(name, prefix, len(by_layer), tower_config, spec))
         attention[name] = tuple(by_layer[i] for i in sorted(by_layer))
         layer_modules[name] = tuple(layers[prefix][i] for i in sorted(by_layer))
     if not towers:

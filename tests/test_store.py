@@ -150,19 +150,25 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "headlab.cli", *args]
 
 
-def test_cli_capture_reports_bad_lines_and_resumes(model_dirs, tmp_path):
-    data = _prompts(tmp_path / "p.jsonl", 6, bad=True)
-    args = [
+def _capture_args(model: str, data: Path, out: Path, batch_size: int, *extra: str) -> list[str]:
+    """`headlab capture` arguments (without the program name)."""
+    return [
         "capture",
         "--model",
-        model_dirs["gpt2"],
+        model,
         "--data",
         str(data),
         "--out",
-        str(tmp_path / "s"),
+        str(out),
         "--batch-size",
-        "2",
+        str(batch_size),
+        *extra,
     ]
+
+
+def test_cli_capture_reports_bad_lines_and_resumes(model_dirs, tmp_path):
+    data = _prompts(tmp_path / "p.jsonl", 6, bad=True)
+    args = _capture_args(model_dirs["gpt2"], data, tmp_path / "s", 2)
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "6 captured" in first.output and "2 bad" in first.output
@@ -176,19 +182,7 @@ def test_cli_capture_reports_bad_lines_and_resumes(model_dirs, tmp_path):
 def test_sigkill_mid_run_loses_only_the_open_shard(model_dirs, tmp_path):
     data = _prompts(tmp_path / "p.jsonl", 60)
     out = tmp_path / "s"
-    args = _cli(
-        "capture",
-        "--model",
-        model_dirs["gpt2"],
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--batch-size",
-        "1",
-        "--attention",
-        "all",
-    )
+    args = _cli(*_capture_args(model_dirs["gpt2"], data, out, 1, "--attention", "all"))
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_shards(out, 4, proc)
     os.kill(proc.pid, signal.SIGKILL)
@@ -220,9 +214,7 @@ def _wait_for_shards(out: Path, n: int, proc: subprocess.Popen) -> None:
 def test_ctrl_c_keeps_every_finished_batch(model_dirs, tmp_path):
     data = _prompts(tmp_path / "p.jsonl", 60)
     out = tmp_path / "s"
-    args = _cli(
-        "capture", "--model", model_dirs["gpt2"], "--data", str(data), "--out", str(out), "--batch-size", "1"
-    )
+    args = _cli(*_capture_args(model_dirs["gpt2"], data, out, 1))
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     _wait_for_shards(out, 3, proc)
     proc.send_signal(signal.SIGINT)
@@ -246,17 +238,7 @@ def test_concurrent_writers_lose_nothing(model_dirs, tmp_path):
     Store.create(out, lm)
     procs = [
         subprocess.Popen(
-            _cli(
-                "capture",
-                "--model",
-                model_dirs["gpt2"],
-                "--data",
-                str(f),
-                "--out",
-                str(out),
-                "--batch-size",
-                "2",
-            ),
+            _cli(*_capture_args(model_dirs["gpt2"], f, out, 2)),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

@@ -21,7 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from headlab.errors import InputError, SelectionError, UnsupportedModelError
 from headlab.kernels.augmented import attention_with_lse
-from headlab.kernels.reference import causal_keep, expand_kv, naive_attention
+from headlab.kernels.reference import expand_kv, naive_attention
 from headlab.loading import Family, LoadedModel
 from headlab.probe import stats as S
 from headlab.probe.attention import switched_to_headlab
@@ -39,15 +39,17 @@ def _keep_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _bias_rows(mask, rows: torch.Tensor, n_q: int, n_k: int, causal: bool, batch_index: int) -> torch.Tensor:
-    """Additive float32 bias [len(rows), n_k] for query rows `rows` (indices within the call) of one example."""
+    """Additive float32 bias [len(rows), n_k] for query rows `rows` (indices within the call) of one example;
+    only these rows are built (never the [q, k] mask)."""
     bias = torch.zeros(len(rows), n_k)
     keep = _keep_mask(mask)
     if keep is not None:
-        m = keep[batch_index if keep.shape[0] > 1 else 0, 0]
-        m = m[-n_q:] if m.shape[0] != 1 else m.expand(n_q, n_k)
-        bias = bias.masked_fill(~m[rows], float("-inf"))
-    if causal:
-        bias = bias.masked_fill(~causal_keep(n_q, n_k)[rows], float("-inf"))
+        m = keep[batch_index if keep.shape[0] > 1 else 0, 0]  # [q or 1, k]
+        m = m[-n_q:][rows] if m.shape[0] != 1 else m.expand(len(rows), n_k)
+        bias = bias.masked_fill(~m, float("-inf"))
+    if causal:  # query row r sits at key position n_k - n_q + r
+        beyond = torch.arange(n_k)[None, :] > (n_k - n_q + rows)[:, None]
+        bias = bias.masked_fill(beyond, float("-inf"))
     return bias
 
 
@@ -232,6 +234,7 @@ class Probe:
 
     def _attend_with_stats(self, ctx, layer, q, k, v, mask, scale, causal):
         spec = self.stats
+        keep = _keep_mask(mask)
         alpha_pos = S.alpha_keys(ctx, spec.first_k) if "alpha" in spec.which and ctx.step == 0 else None
         if self.engine == "reference":
             ref = naive_attention(q, k, v, mask=mask, scale=scale, causal=causal)
@@ -241,17 +244,12 @@ class Probe:
             v_aug, layout = S.augmented_values(ctx, k, v, spec, causal=causal, alpha_pos=alpha_pos)
             aug, lse = attention_with_lse(q.float(), k.float(), v_aug, mask=mask, scale=scale, causal=causal)
             out, per_query = S.decode(aug, lse, q, scale, layout, ctx)
-        if (
-            self.engine == "fused"
-            and "distance" in spec.which
-            and not layout.positions
-            and any(r.grid for r in ctx.roles)
-        ):
-            bias = None if mask is None else torch.where(_keep_mask(mask), 0.0, float("-inf"))
-            per_query.distance, per_query.distance_rms = S.grid_distance_tiled(q, k, lse, scale, bias, ctx)
-        rows = S.reduce(
-            per_query, ctx, spec, layer=layer, causal=causal, alpha_pos=alpha_pos, keep=_keep_mask(mask)
-        )
+            if "distance" in spec.which and not layout.positions and any(r.grid for r in ctx.roles):
+                bias = None if keep is None else torch.where(keep, 0.0, float("-inf"))
+                per_query.distance, per_query.distance_rms = S.grid_distance_tiled(
+                    q, k, lse, scale, bias, ctx
+                )
+        rows = S.reduce(per_query, ctx, spec, layer=layer, causal=causal, alpha_pos=alpha_pos, keep=keep)
         self.record._stat_chunks.append(rows)
         return out, lse
 

@@ -74,10 +74,6 @@ def _alpha_onehots(ctx: BatchContext, alpha_pos: torch.Tensor) -> torch.Tensor:
     return ((ctx.key_pos[:, :, None] == alpha_pos[:, None, :]) & (alpha_pos[:, None, :] >= 0)).float()
 
 
-def wants_linear_distance(ctx: BatchContext, causal: bool) -> bool:
-    return causal and all(r.grid is None or ctx.tower == "lm" for r in ctx.roles)
-
-
 def augmented_values(
     ctx: BatchContext,
     k: torch.Tensor,
@@ -99,7 +95,7 @@ def augmented_values(
         n_roles = len(ctx.names)
         onehot = F.one_hot(ctx.key_role.clamp(min=0), n_roles).float()
         shared.append(onehot * ctx.key_valid[..., None])
-    positions = "distance" in spec.which and wants_linear_distance(ctx, causal)
+    positions = "distance" in spec.which and causal  # 1-D text distance; vision grids go through tiles
     if positions:
         pos = ctx.key_pos.clamp(min=0).float()
         shared.append(torch.stack([pos, pos * pos], -1))
@@ -155,17 +151,25 @@ def _grid_coords(ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
     return coords, is_patch
 
 
+def _grid_moments(probs, query_coords, coords, is_patch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and RMS patch distance [batch, head, q] over patch keys, for rows probs [batch, head, q, k]."""
+    dist = torch.cdist(query_coords, coords) * is_patch[:, None, :]  # [batch, q, k]
+    return (probs * dist[:, None]).sum(-1), (probs * dist[:, None] ** 2).sum(-1).sqrt()
+
+
+def _patch_queries_only(n_q, mean, rms, is_patch):
+    """NaN for queries that are not patches (the statistic is defined for patch queries only)."""
+    keep = is_patch[:, None, -n_q:]
+    nan = torch.tensor(float("nan"))
+    return torch.where(keep, mean, nan), torch.where(keep, rms, nan)
+
+
 def grid_distance_from_probs(probs: torch.Tensor, ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference 2-D distances from explicit probs [batch, head, q, k] (q = last q keys)."""
     coords, is_patch = _grid_coords(ctx)
     n_q = probs.shape[2]
-    dist = torch.cdist(coords[:, -n_q:], coords)  # [batch, q, k]
-    dist = dist * is_patch[:, None, :]
-    mean = (probs * dist[:, None]).sum(-1)
-    rms = (probs * dist[:, None] ** 2).sum(-1).sqrt()
-    nan = torch.tensor(float("nan"))
-    keep = is_patch[:, None, -n_q:]
-    return torch.where(keep, mean, nan), torch.where(keep, rms, nan)
+    mean, rms = _grid_moments(probs.float(), coords[:, -n_q:], coords, is_patch)
+    return _patch_queries_only(n_q, mean, rms, is_patch)
 
 
 def grid_distance_tiled(
@@ -179,7 +183,7 @@ def grid_distance_tiled(
     """2-D distances from query tiles rebuilt as exp(scale q k^T + bias - lse): O(tile * n) memory."""
     coords, is_patch = _grid_coords(ctx)
     k = expand_kv(k, q.shape[1]).float()
-    n_q = q.shape[2]
+    n_q, first = q.shape[2], ctx.n_keys - q.shape[2]
     means, rmss = [], []
     for start in range(0, n_q, _GRID_TILE):
         stop = min(n_q, start + _GRID_TILE)
@@ -187,13 +191,10 @@ def grid_distance_tiled(
         if bias is not None:
             scores = scores + bias[..., start:stop, :].float()
         probs = torch.exp(scores - lse[:, :, start:stop, None].float())
-        qc = coords[:, ctx.n_keys - n_q + start : ctx.n_keys - n_q + stop]
-        dist = torch.cdist(qc, coords) * is_patch[:, None, :]  # [batch, tile, k]
-        means.append((probs * dist[:, None]).sum(-1))
-        rmss.append((probs * dist[:, None] ** 2).sum(-1).sqrt())
-    nan = torch.tensor(float("nan"))
-    keep = is_patch[:, None, -n_q:]
-    return torch.where(keep, torch.cat(means, 2), nan), torch.where(keep, torch.cat(rmss, 2), nan)
+        mean, rms = _grid_moments(probs, coords[:, first + start : first + stop], coords, is_patch)
+        means.append(mean)
+        rmss.append(rms)
+    return _patch_queries_only(n_q, torch.cat(means, 2), torch.cat(rmss, 2), is_patch)
 
 
 def from_probs(
@@ -209,7 +210,7 @@ def from_probs(
     if "entropy" in spec.which:
         stats.entropy = -torch.special.xlogy(probs, probs).sum(-1)
     if "distance" in spec.which:
-        if wants_linear_distance(ctx, causal):
+        if causal:
             qpos = ctx.key_pos[:, -n_q:].float()
             kpos = ctx.key_pos.float()
             gap = (qpos[:, :, None] - kpos[:, None, :]).abs() * ctx.key_valid[:, None, :]  # [batch, q, k]

@@ -9,7 +9,7 @@ Layout:
         z_index.parquet      example, condition, tower, step, layer, position, row -> arrays.zarr/z/<tower>/L<layer>
         attn_index.parquet   example, condition, tower, layer, start, stop, scale, causal, window, group, heads
                              -> arrays.zarr/attn/<tower>/L<layer>: [token, head + kv_head, d_head + 1],
-                             q | lse then k | 0 (token rows start:stop; see _pack_qk)
+                             q | lse then k | 0 (token rows start:stop; see write._pack_qk)
         rows_index.parquet   example, condition, tower, step, layer, head, query, start, length -> rows/values
 
 Reads are lazy: the small index tables are read once (and refreshed when new shards appear), and a
@@ -43,7 +43,9 @@ from headlab.kernels.rebuild import rebuild_rows
 from headlab.loading import LoadedModel
 from headlab.probe.record import Record
 from headlab.store.fingerprint import fingerprint
+from headlab.store.lock import locked
 from headlab.store.shard import ARRAYS, SHARD_META, TMP_PREFIX, ShardWriter, sha256_of, write_json_atomic
+from headlab.store.write import write_arrays, write_tables
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -77,7 +79,7 @@ class Store:
         self._shards: dict[str, dict] = {}
         self._tables: dict[str, pd.DataFrame] = {}
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
-        self._lookups: dict[str, tuple[pd.DataFrame, dict]] = {}
+        self._attn_lookup: tuple[pd.DataFrame, dict] | None = None  # (the index it was built from, lookup)
         self._run = {
             "id": uuid.uuid4().hex[:12],
             "started": time.time(),
@@ -207,7 +209,8 @@ class Store:
         """
         captured = sorted({e["example"] for e in rec._examples})
         if examples is None:
-            start = int(self.examples().example.max()) + 1 if len(self.examples()) else 0
+            stored = self.examples()
+            start = int(stored.example.max()) + 1 if len(stored) else 0
             examples = list(range(start, start + len(captured)))
         if len(examples) != len(captured):
             raise StoreError(f"got {len(examples)} example ids for a record of {len(captured)} examples")
@@ -238,8 +241,6 @@ class Store:
         """Record this writer's run in the manifest (once per Store object; atomic replace)."""
         if any(r.get("id") == self._run["id"] for r in self.manifest.get("runs", [])):
             return
-        from headlab.store.lock import locked
-
         with locked(self.root):
             current = json.loads((self.root / MANIFEST).read_text())
             current.setdefault("runs", []).append(self._run)
@@ -273,28 +274,16 @@ class Store:
         examples: Iterable[int] | None = None,
     ) -> pd.DataFrame:
         """The tidy head_stats table, filtered in the Parquet scan (only matching rows are read)."""
-        expr = None
+        return self._table(
+            "head_stats",
+            filter=_filter(
+                condition=condition, tower=tower, stat=stat, layer=layers, head=heads, example=examples
+            ),
+        )
 
-        def both(e, new):
-            return new if e is None else e & new
-
-        for column, value in (
-            ("condition", condition),
-            ("tower", tower),
-            ("stat", stat),
-            ("layer", layers),
-            ("head", heads),
-            ("example", examples),
-        ):
-            if value is None:
-                continue
-            values = [value] if isinstance(value, str | int) else list(value)
-            expr = both(expr, pads.field(column).isin(values))
-        return self._table("head_stats", filter=expr)
-
-    def residuals(self, *, condition: str | None = None) -> pd.DataFrame:
-        frame = self._table("residuals")
-        return frame[frame.condition == condition] if condition is not None and len(frame) else frame
+    def residuals(self, *, condition: str | None = None, layers: Iterable[int] | None = None) -> pd.DataFrame:
+        """The residual-stream table (norms, max |x| and its dimension, median |x|), filtered in the scan."""
+        return self._table("residuals", filter=_filter(condition=condition, layer=layers))
 
     def _array(self, shard: str, name: str) -> zarr.Array:
         key = (shard, name)
@@ -338,16 +327,13 @@ class Store:
         ).numpy()
 
     def _compact_lookup(self) -> dict[tuple, tuple]:
-        """(example, condition, tower, layer) -> its attn_index row (the latest shard wins); cached."""
+        """(example, condition, tower, layer) -> its attn_index row (the latest shard wins); rebuilt when the
+        index is (new shards)."""
         idx = self._index("attn_index")
-        if "attn_lookup" not in self._lookups or self._lookups["attn_lookup"][0] is not idx:
-            table = (
-                {(int(r.example), r.condition, r.tower, int(r.layer)): r for r in idx.itertuples()}
-                if len(idx)
-                else {}
-            )
-            self._lookups["attn_lookup"] = (idx, table)
-        return self._lookups["attn_lookup"][1]
+        if self._attn_lookup is None or self._attn_lookup[0] is not idx:
+            rows = idx.itertuples() if len(idx) else ()
+            self._attn_lookup = (idx, {(int(r.example), r.condition, r.tower, int(r.layer)): r for r in rows})
+        return self._attn_lookup[1]
 
     def _stored_rows(self, example, layer, head, tower, condition, queries) -> np.ndarray:
         idx = self._index("rows_index")
@@ -406,13 +392,17 @@ class Store:
             hit = hit[hit.position == hit.groupby("example").position.transform("max")]
         elif position is not None:
             hit = hit[hit.position == position]
-        parts = [
-            self._array(s, f"z/{tower}/s{step}/L{layer}").get_orthogonal_selection((g.row.to_numpy(),))
-            for s, g in hit.groupby("shard", sort=False)
-        ]
-        order = pd.concat([g for _, g in hit.groupby("shard", sort=False)]) if parts else hit
-        data = np.concatenate(parts) if parts else np.zeros((0,))
-        return order.drop(columns="shard").reset_index(drop=True), data
+        frames, parts = [], []
+        for shard, group in hit.groupby("shard", sort=False):  # one read per shard, rows in index order
+            frames.append(group)
+            parts.append(
+                self._array(shard, f"z/{tower}/s{step}/L{layer}").get_orthogonal_selection(
+                    (group.row.to_numpy(),)
+                )
+            )
+        if not parts:
+            return hit.drop(columns="shard"), np.zeros((0,))
+        return pd.concat(frames).drop(columns="shard").reset_index(drop=True), np.concatenate(parts)
 
     # ----- integrity ----------------------------------------------------------------------------------
     def verify(self) -> VerifyReport:
@@ -483,142 +473,13 @@ class Store:
         return f"Store({i['path']}: {i['examples']} examples, {i['shards']} shards, conditions {i['conditions']})"
 
 
-def write_tables(writer: ShardWriter, rec: Record, ids: dict, meta_of: dict, condition: str) -> None:
-    """The examples, head_stats and residuals tables of one record, with store example ids and condition."""
-    ex = rec.examples
-    ex = ex.assign(
-        example=ex.example.map(ids),
-        condition=condition,
-        meta=[json.dumps(meta_of.get(e, {}), default=str) for e in rec.examples.example],
-    )
-    writer.table("examples", ex)
-    for name, frame in (("head_stats", rec.head_stats), ("residuals", rec.residuals)):
-        if len(frame):
-            writer.table(name, frame.assign(example=frame.example.map(ids), condition=condition))
-
-
-def write_arrays(
-    writer: ShardWriter, rec: Record, ids: dict, condition: str, top_k: int | None = None
-) -> None:
-    """Head outputs, compact attention and selected rows as ragged Zarr arrays plus their index tables."""
-    _write_head_outputs(writer, rec, ids, condition)
-    _write_compact(writer, rec, ids, condition)
-    _write_rows(writer, rec, ids, condition, top_k)
-
-
-def _write_head_outputs(writer: ShardWriter, rec: Record, ids: dict, condition: str) -> None:
-    groups: dict[tuple, list] = {}
-    for h in rec.head_outputs:
-        groups.setdefault((h.tower, h.step, h.layer), []).append(h)
-    index = []
-    for (tower, step, layer), items in groups.items():
-        rows = np.concatenate([h.z.numpy() for h in items])  # [rows, head, d_head]
-        writer.array(f"z/{tower}/s{step}/L{layer}", rows.astype(np.float32))
-        row = 0
-        for h in items:
-            for p in h.queries:
-                index.append((ids[h.example], condition, tower, step, layer, p, row, list(h.heads)))
-                row += 1
-    writer.table(
-        "z_index",
-        pd.DataFrame(
-            index, columns=["example", "condition", "tower", "step", "layer", "position", "row", "heads"]
-        ),
-    )
-
-
-def _pack_qk(c) -> np.ndarray:
-    """[token, head + kv_head, d_head + 1]: q with the row logsumexp in the last column, then k (last column 0).
-
-    One array per layer, so that one read (q and lse of head h, k of its kv head) rebuilds a pattern."""
-    n, d = c.q.shape[1], c.q.shape[2]
-    q = torch.cat([c.q, c.lse[..., None]], -1)  # [head, n, d + 1]
-    k = torch.cat([c.k, torch.zeros(c.k.shape[0], n, 1)], -1)  # [kv_head, n, d + 1]
-    return torch.cat([q, k]).permute(1, 0, 2).numpy().reshape(n, -1, d + 1)
-
-
-def _write_compact(writer: ShardWriter, rec: Record, ids: dict, condition: str) -> None:
-    by_layer: dict[tuple, list] = {}
-    for c in rec.compact:
-        by_layer.setdefault((c.tower, c.layer), []).append(c)
-    index = []
-    for (tower, layer), items in by_layer.items():
-        start = 0
-        for c in items:
-            n = c.q.shape[1]
-            index.append(
-                (
-                    ids[c.example],
-                    condition,
-                    tower,
-                    layer,
-                    start,
-                    start + n,
-                    c.scale,
-                    c.causal,
-                    -1 if c.window is None else c.window,
-                    c.group,
-                    list(c.heads),
-                )
-            )
-            start += n
-        writer.array(f"attn/{tower}/L{layer}", np.concatenate([_pack_qk(c) for c in items]))
-    writer.table(
-        "attn_index",
-        pd.DataFrame(
-            index,
-            columns=[
-                "example",
-                "condition",
-                "tower",
-                "layer",
-                "start",
-                "stop",
-                "scale",
-                "causal",
-                "window",
-                "group",
-                "heads",
-            ],
-        ),
-    )
-
-
-def _write_rows(writer: ShardWriter, rec: Record, ids: dict, condition: str, top_k: int | None) -> None:
-    """Selected attention rows: dense, or (top_k) the k largest entries of each row with their key indices."""
-    index, values, keys, start = [], [], [], 0
-    for r in rec.patterns:
-        for i, qpos in enumerate(r.queries):
-            row = r.probs[i].numpy().astype(np.float32)
-            n_keys = len(row)
-            if top_k is not None:
-                kept = np.sort(np.argsort(-row, kind="stable")[: min(top_k, n_keys)]).astype(np.int32)
-                keys.append(kept)
-                row = row[kept]
-            index.append(
-                (ids[r.example], condition, r.tower, r.step, r.layer, r.head, qpos, start, len(row), n_keys)
-            )
-            values.append(row)
-            start += len(row)
-    if values:
-        writer.array("rows/values", np.concatenate(values), row_chunk=1 << 16)
-    if keys:
-        writer.array("rows/keys", np.concatenate(keys), row_chunk=1 << 16)
-    writer.table(
-        "rows_index",
-        pd.DataFrame(
-            index,
-            columns=[
-                "example",
-                "condition",
-                "tower",
-                "step",
-                "layer",
-                "head",
-                "query",
-                "start",
-                "length",
-                "n_keys",
-            ],
-        ),
-    )
+def _filter(**columns):
+    """A pyarrow filter: every given column (value or values) must match; None means no condition."""
+    expr = None
+    for column, value in columns.items():
+        if value is None:
+            continue
+        values = [value] if isinstance(value, str | int) else list(value)
+        term = pads.field(column).isin(values)
+        expr = term if expr is None else expr & term
+    return expr
