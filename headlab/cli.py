@@ -224,14 +224,65 @@ def zoo_random(
     console.print(f"wrote a tiny random {name} to {path}")
 
 
+@zoo_app.command("list")
+@_friendly
+def zoo_list() -> None:
+    """The trained zoo models, whether their weights are present, and their shipped evaluation."""
+    from headlab.zoo.registry import WEIGHTS, ZOO, card
+
+    for name, model in ZOO.items():
+        info = card(name)
+        built = "shipped" if info else "not built"
+        console.print(f"[bold]{name}[/bold] ({model.family}, {built}): {model.description}")
+        if info:
+            training = info["training"]
+            console.print(
+                f"    {training['steps']} steps, {training['seconds']:.0f} s, final loss {training['final_loss']:.3f}"
+                f"; load with hl.load('zoo:{name}'); files in {WEIGHTS / name}"
+            )
+
+
+@zoo_app.command("train")
+@_friendly
+def zoo_train(
+    name: Annotated[str, typer.Argument(help="zoo model: lm, llava or vit (`headlab zoo list`)")],
+    out: Annotated[
+        Path | None, typer.Option(help="directory to write into (default: the shipped location)")
+    ] = None,
+    seed: int = 0,
+    steps: Annotated[int | None, typer.Option(help="training steps (default: the recipe's)")] = None,
+) -> None:
+    """Reproduce a zoo model from its recipe (deterministic seeds), evaluate it and write its zoo.json."""
+    import json
+
+    from tqdm import tqdm
+
+    from headlab.zoo.registry import entry, train
+
+    entry(name)
+    bar = tqdm(total=None, desc=f"training {name}", unit="step")
+
+    def progress(step: int, total: int, loss: float) -> None:
+        bar.total = total
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    try:
+        path = train(name, out, seed=seed, steps=steps, progress=progress)
+    finally:
+        bar.close()
+    console.print(json.dumps(json.loads((path / "zoo.json").read_text())["evaluation"], indent=1))
+    console.print(f"wrote the zoo model {name} to {path}")
+
+
 _DEMO_PROMPTS = {
-    "gpt2": [
+    "lm": [
         "When Mary and John went to the store, John gave a drink to",
-        "The war lasted from the year 1732 to the year 17",
+        "w3 w41 w7 w12 w60 w3 w41 w7",
     ],
     "llava": [
-        "USER: <image>\nIs there a red square in the image? ASSISTANT:",
-        "USER: <image>\nIs there a blue circle in the image? ASSISTANT:",
+        "USER: <image>\nIs there an apple in the image? ASSISTANT:",
+        "USER: <image>\nIs there a car in the image? ASSISTANT:",
     ],
 }
 
@@ -241,24 +292,21 @@ _DEMO_PROMPTS = {
 def demo(
     out: Annotated[Path, typer.Option(help="where to write the demo outputs")] = Path("out/demo"),
 ) -> None:
-    """The offline end-to-end path: tiny GPT-2 and LLaVA -> fused capture of every head -> store -> tables."""
-    from PIL import Image
-
+    """The offline end-to-end path: the zoo's LM and LLaVA -> fused capture of every head -> store -> tables."""
     import headlab as hl
+    from headlab.datasets import scenes
     from headlab.datasets.prompts import read_prompts
     from headlab.store.batch import capture_to_store
 
     out.mkdir(parents=True, exist_ok=True)
     for name, prompts in _DEMO_PROMPTS.items():
-        lm = hl.load(hl.zoo.build_random(name, out / "models" / name))
+        lm = hl.load(f"zoo:{name}")
         lines = []
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, scene) in enumerate(zip(prompts, scenes.make_scenes(len(prompts)), strict=True)):
             line = {"id": i, "prompt": prompt}
             if lm.family is hl.Family.LVLM:
-                Image.new("RGB", (32, 32), (200, 30, 30) if i == 0 else (30, 30, 200)).save(
-                    out / f"image{i}.png"
-                )
-                line["image"] = f"image{i}.png"
+                scenes.render(scene).save(out / scene.filename)
+                line["image"] = scene.filename
             lines.append(json.dumps(line))
         data = out / f"{name}_prompts.jsonl"
         data.write_text("\n".join(lines) + "\n")
@@ -270,14 +318,12 @@ def demo(
         pattern = store.pattern(0, layer=lm.n_layers - 1, head=0, queries=[-1])[0]
         console.print(
             f"{name}: last-token attention of layer {lm.n_layers - 1} head 0 rebuilt exactly from the "
-            f"store: top keys {np.argsort(-pattern)[:5].tolist()}, row sum {pattern.sum():.6f}; "
+            f"store: top keys {np.argsort(-pattern)[:5].tolist()}, row sum {pattern.sum():.4f}; "
             f"{report.done} captured, {report.skipped} already there; verify: "
             f"{'OK' if store.verify().ok else 'PROBLEMS'}"
         )
         _write(frame, out / f"{name}_head_stats.csv")
-    console.print(
-        f"[bold]demo done[/]: tiny random GPT-2 and LLaVA captured into stores under {out.resolve()}"
-    )
+    console.print(f"[bold]demo done[/]: the zoo's LM and LLaVA captured into stores under {out.resolve()}")
 
 
 if __name__ == "__main__":

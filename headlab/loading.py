@@ -143,6 +143,10 @@ def _looks_like_hub_id(source: str) -> bool:
 
 def _resolve(source: str | Path) -> str:
     source = str(source)
+    if source.startswith("zoo:"):
+        from headlab.zoo.registry import zoo_path
+
+        return str(zoo_path(source.removeprefix("zoo:")))
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -261,7 +265,8 @@ def load(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
 ) -> LoadedModel:
-    """Load a supported model from a local directory or a hub id, in eval mode, with its processor.
+    """Load a supported model from a local directory, a hub id or `zoo:NAME` (a shipped zoo model), in eval
+    mode, with its processor.
 
     Raises ModelLoadError for a missing path or a hub id that cannot be fetched, UnsupportedModelError for
     an architecture headlab does not know (the message lists the supported ones).

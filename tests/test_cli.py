@@ -67,9 +67,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "demo"
     first = runner.invoke(app, ["demo", "--out", str(out)])
     assert first.exit_code == 0, first.output
-    assert (
-        "2 captured" in first.output and "verify: OK" in first.output and "row sum 1.000000" in first.output
-    )
-    assert (out / "gpt2_head_stats.csv").is_file() and (out / "llava_store" / "manifest.json").is_file()
+    assert "2 captured" in first.output and "verify: OK" in first.output and "row sum 1.0000" in first.output
+    assert (out / "lm_head_stats.csv").is_file() and (out / "llava_store" / "manifest.json").is_file()
     again = runner.invoke(app, ["demo", "--out", str(out)])
     assert "0 captured, 2 already there" in again.output

@@ -30,7 +30,7 @@ def test_rendering_shows_each_object_color():
 
 def test_pope_files_follow_the_official_sampler(tmp_path):
     folder = scenes.write_pope_benchmark(tmp_path, n_images=40)
-    made = {s.filename: s for s in scenes.make_scenes(40, seed=1234, start_id=100_000)}
+    made = {s.filename: s for s in scenes.make_scenes(40, prior=0.5, seed=1234, start_id=100_000)}
     for split in ("random", "popular", "adversarial"):
         loaded = pope.load_pope(folder / f"pope_{split}.json")
         assert not loaded.problems
@@ -49,4 +49,4 @@ def test_pope_files_follow_the_official_sampler(tmp_path):
             scenes.PARTNERS[o] == q.text.split(" in the image")[0].split()[-1] for o in made[q.image].objects
         )
     )
-    assert partner_negatives > 0  # absent partners of present objects: the adversarial case
+    assert partner_negatives >= 10  # absent partners of present objects: the adversarial case

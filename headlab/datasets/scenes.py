@@ -142,12 +142,16 @@ def pope_questions(scenes: list[Scene], split: str, *, seed: int = 0) -> list[di
 
 
 def write_pope_benchmark(
-    folder: str | Path, n_images: int = 100, *, seed: int = 1234, size: int = 32
+    folder: str | Path, n_images: int = 100, *, prior: float = 0.5, seed: int = 1234, size: int = 32
 ) -> Path:
-    """Images plus `pope_{random,popular,adversarial}.json` (POPE JSON Lines) and `captions.jsonl`."""
+    """Images plus `pope_{random,popular,adversarial}.json` (POPE JSON Lines) and `captions.jsonl`.
+
+    The test scenes break the co-occurrence more often than the training default (partner present with
+    probability `prior` = 0.5 instead of 0.9), so the adversarial split finds absent partners to ask
+    about in many images instead of one in ten."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    scenes = make_scenes(n_images, seed=seed, start_id=100_000)
+    scenes = make_scenes(n_images, prior=prior, seed=seed, start_id=100_000)
     for s in scenes:
         render(s, size=size).save(folder / "images" / s.filename)
     for split in ("random", "popular", "adversarial"):

@@ -1,0 +1,153 @@
+"""The zoo's trained models: recipes, shipped weights and `zoo:NAME` resolution.
+
+Each entry is trained by its recipe (`headlab zoo train NAME`, deterministic seeds, minutes on a CPU) and
+its weights ship with headlab under `headlab/zoo/weights/NAME` (safetensors, with the tokenizer or
+processor), next to `zoo.json`: the recipe, seed, steps, training time and final loss, and the evaluation
+the recipe ran on held-out data. `headlab.load("zoo:NAME")` loads the shipped copy.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+from headlab.errors import HeadlabError, ModelLoadError
+
+WEIGHTS = Path(__file__).parent / "weights"
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    family: str
+    description: str
+    train: Callable[..., dict]  # (out, *, seed, steps, progress) -> training summary
+    evaluate: Callable[[object], dict]  # (LoadedModel) -> metrics
+
+
+def _lm_train(out, **kw):
+    from headlab.zoo.lm import train_lm
+
+    return train_lm(out, **kw)
+
+
+def _lm_eval(lm):
+    from headlab.zoo.lm import evaluate_lm
+
+    return evaluate_lm(lm.model, lm.tokenizer)
+
+
+def _llava_train(out, **kw):
+    from headlab.zoo.llava import train_llava
+
+    return train_llava(out, **kw)
+
+
+def _llava_eval(lm):
+    from headlab.zoo.llava import evaluate_llava
+
+    return evaluate_llava(lm.model, lm.processor)
+
+
+def _vit_train(out, **kw):
+    from headlab.zoo.vit import train_vit
+
+    return train_vit(out, **kw)
+
+
+def _vit_eval(lm):
+    from headlab.zoo.vit import evaluate_vit
+
+    return evaluate_vit(lm.model, lm.processor)
+
+
+ZOO: dict[str, ZooModel] = {
+    m.name: m
+    for m in (
+        ZooModel(
+            "lm",
+            "llm",
+            "2-layer Llama (RoPE, 4 heads, d=64) on induction, IOI, colored objects, greater-than, "
+            "multi-document QA and pairwise-judge text",
+            _lm_train,
+            _lm_eval,
+        ),
+        ZooModel(
+            "llava",
+            "lvlm",
+            "LLaVA (CLIP vision 3 layers + Llama 2 layers, d=64) on synthetic scenes with a co-occurrence "
+            "prior: POPE yes/no questions and captions",
+            _llava_train,
+            _llava_eval,
+        ),
+        ZooModel(
+            "vit",
+            "vit",
+            "ViT classifier (4 layers, 4 heads, d=64, 4-pixel patches) naming the objects of synthetic scenes",
+            _vit_train,
+            _vit_eval,
+        ),
+    )
+}
+
+
+def entry(name: str) -> ZooModel:
+    if name not in ZOO:
+        raise HeadlabError(f"no zoo model named {name!r}; the zoo has {sorted(ZOO)} (`headlab zoo list`)")
+    return ZOO[name]
+
+
+def zoo_path(name: str) -> Path:
+    """The directory of the shipped weights of zoo model `name`."""
+    path = WEIGHTS / entry(name).name
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"the zoo model {name!r} has no weights in {path}; build them with `headlab zoo train {name}`"
+        )
+    return path
+
+
+def card(name: str) -> dict:
+    """The shipped `zoo.json` of `name` (recipe, training summary, evaluation), or {} if not built."""
+    path = WEIGHTS / entry(name).name / "zoo.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def train(
+    name: str,
+    out: str | Path | None = None,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> Path:
+    """Train zoo model `name` from its recipe into `out` (default: the shipped location), evaluate it and
+    write its `zoo.json`. Returns the directory."""
+    from headlab.loading import load
+
+    model = entry(name)
+    out = Path(out) if out is not None else WEIGHTS / name
+    summary = model.train(out, seed=seed, steps=steps, progress=progress)
+    metrics = model.evaluate(load(out))
+    info = {
+        "name": name,
+        "family": model.family,
+        "description": model.description,
+        "seed": seed,
+        "training": summary,
+        "evaluation": metrics,
+        "built_with": {
+            "torch": torch.__version__,
+            "transformers": tf.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        },
+    }
+    (out / "zoo.json").write_text(json.dumps(info, indent=1) + "\n")
+    return out
