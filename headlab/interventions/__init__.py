@@ -1,2 +1,31 @@
-"""Interventions (VHR, VAR, ACT, PINE, head ablation): frozen dataclasses compiled to per-layer attention
-patches that the headlab attention function applies; each with an explicit-pattern reference."""
+"""Interventions: the published training-free head interventions (VHR, VAR, ACT, PINE) and head ablation,
+frozen dataclasses with their papers' defaults, applied exactly through the headlab attention function.
+
+    with hl.intervene(lm, hl.VHR(alpha=2.0), hl.VAR(p=0.6, rho=0.5)):
+        out = lm.model.generate(**inputs)
+"""
+
+from headlab.interventions.core import (
+    AttentionCall,
+    GroupEdit,
+    Intervention,
+    Patch,
+    grouped_attention,
+    intervene,
+    reference_attention,
+)
+from headlab.interventions.heads import HeadAblation, HeadScale, head_outputs, mean_head_outputs
+
+__all__ = [
+    "AttentionCall",
+    "GroupEdit",
+    "HeadAblation",
+    "HeadScale",
+    "Intervention",
+    "Patch",
+    "grouped_attention",
+    "head_outputs",
+    "intervene",
+    "mean_head_outputs",
+    "reference_attention",
+]

@@ -2,8 +2,9 @@
 
 `switched_to_headlab(model)` switches every config of the model to the "headlab" implementation and back
 on exit (also when an exception escapes); nothing is patched at import. Masks are built as for SDPA. The
-function hands each call to the `Probe` tagged on the module (`module._headlab_probe`), which computes the
-output (and whatever it records); a module without a probe falls back to plain SDPA, unchanged.
+function hands each call to the intervention runner tagged on the module (`module._headlab_runner`, see
+headlab.interventions) or else to the `Probe` (`module._headlab_probe`), which computes the output (and
+whatever it records); a module with neither falls back to plain SDPA, unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ def headlab_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """AttentionInterface signature: q [batch, head, q, d], k/v [batch, kv_head, k, d] -> ([batch, q, head, d], None)."""
+    runner = getattr(module, "_headlab_runner", None)  # headlab.interventions: edits, then any probe
+    if runner is not None:
+        return runner.attend(
+            module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     probe = getattr(module, "_headlab_probe", None)
     if probe is None:
         return sdpa_attention_forward(

@@ -409,6 +409,7 @@ def capture(
 
 def _untag(modules: list[nn.Module]) -> None:
     for m in modules:
-        for attr in ("_headlab_site", "_headlab_probe"):
-            if hasattr(m, attr):
-                delattr(m, attr)
+        if hasattr(m, "_headlab_probe"):
+            delattr(m, "_headlab_probe")
+        if hasattr(m, "_headlab_site") and not hasattr(m, "_headlab_runner"):  # intervene() still uses it
+            delattr(m, "_headlab_site")

@@ -1,0 +1,277 @@
+"""The intervention runtime: `intervene(lm, *interventions)` and what each intervention plugs into.
+
+An intervention is a frozen dataclass with its paper's defaults. `bind(lm)` turns it into a `Patch` that the
+headlab attention function consults on every attention call of the layers it touches. A patch can:
+
+- `edits(call)`: post-softmax redistributions between key groups (ACT, VAR). Each `GroupEdit` names disjoint
+  key groups and, per query row, a factor for each group and one for the other keys. They are applied
+  exactly without the [q, k] pattern: keys are split into atoms (the intersections of every edit's groups),
+  ONE fused attention over augmented values returns each atom's mass and output (sum_j a_ij v_j), and each
+  edit rescales atoms in turn, so edits of several interventions compose in order (`grouped_attention`).
+  Every edit also has `reference(probs)`, the paper's rule written on explicit rows (the oracle).
+- `transform(call, out)`: edits of the head outputs before o_proj (VHR, head ablation and scaling).
+- `replace(call)`: compute the attention itself (PINE: per-query positions and segment masks).
+- `on_pass(runner, kwargs)`: run before each forward pass of the model (VHR's first-step selection).
+- `layer_input(tower, layer, hidden, ctx)`: see the residual stream entering a layer (VAR's sink tokens).
+
+On exit the model is as it was, also after an exception. A `capture` opened inside `intervene` records the
+attention the model computed before the edits (statistics, patterns) next to the edited outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from headlab.errors import SelectionError
+from headlab.kernels.augmented import attention_with_lse
+from headlab.kernels.reference import expand_kv, naive_attention
+from headlab.loading import LoadedModel
+from headlab.probe.attention import switched_to_headlab
+from headlab.probe.capture import Probe
+from headlab.probe.context import BatchContext
+from headlab.probe.record import Record
+
+
+@dataclass(eq=False)
+class AttentionCall:
+    """One attention call as the patches see it (q [b, h, q, d]; k, v [b, kv, k, d], post-RoPE)."""
+
+    module: nn.Module
+    tower: str
+    layer: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+    scale: float
+    causal: bool
+    ctx: BatchContext
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def n_heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def n_q(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def step(self) -> int:
+        return self.ctx.step
+
+    @cached_property
+    def query_pos(self) -> torch.Tensor:
+        """[b, n_q] example positions of the call's queries (-1 for padding)."""
+        return self.ctx.key_pos[:, -self.n_q :]
+
+    @cached_property
+    def plain(self):
+        """(out [b, h, q, d_v] fp32, lse [b, h, q]) of the unedited attention (computed once, fused)."""
+        return attention_with_lse(
+            self.q.float(), self.k.float(), self.v.float(), mask=self.mask, scale=self.scale, causal=self.causal
+        )
+
+    def probs(self) -> torch.Tensor:
+        """The explicit [b, h, q, k] pattern (reference paths and single-row decode steps only)."""
+        return naive_attention(self.q, self.k, self.v, mask=self.mask, scale=self.scale, causal=self.causal).probs
+
+
+class GroupEdit:
+    """A post-softmax redistribution between disjoint key groups, exact in group masses and outputs.
+
+    `groups`: bool tensors [b, 1 or h, n_k] (disjoint). `factors(mass)` gets each group's current mass
+    [b, h, q] (and `rest`, the mass on the other keys) and returns a factor per group plus one for the rest
+    (tensors broadcastable to [b, h, q]); every key of a group is multiplied by its group's factor.
+    `reference(probs)` applies the paper's rule to explicit rows [b, h, q, k] (the oracle).
+    """
+
+    groups: tuple[torch.Tensor, ...] = ()
+
+    def factors(self, mass: list[torch.Tensor], rest: torch.Tensor):
+        raise NotImplementedError
+
+    def reference(self, probs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Patch:
+    """What one bound intervention does; every hook is optional."""
+
+    tower: str = "lm"
+
+    def touches(self, tower: str, layer: int) -> bool:
+        return tower == self.tower
+
+    def edits(self, call: AttentionCall) -> list[GroupEdit]:
+        return []
+
+    def transform(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def replace(self, call: AttentionCall) -> torch.Tensor | None:
+        return None
+
+    def on_pass(self, runner: Runner, kwargs: dict) -> None:
+        return None
+
+    def input_layers(self) -> Sequence[int]:
+        return ()
+
+    def layer_input(self, tower: str, layer: int, hidden: torch.Tensor, ctx: BatchContext) -> None:
+        return None
+
+
+class Intervention:
+    """Base of the intervention dataclasses: `bind(lm)` -> Patch."""
+
+    def bind(self, lm: LoadedModel) -> Patch:
+        raise NotImplementedError
+
+
+def grouped_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torch.Tensor:
+    """Attention with `edits` applied in order, exactly, from atom masses and outputs: [b, h, q, d_v] fp32."""
+    b, h, n_k = call.q.shape[0], call.n_heads, call.k.shape[2]
+    groups = [g.expand(b, h, n_k) for e in edits for g in e.groups]
+    if not groups:
+        return call.plain[0]
+    if len(groups) > 20:
+        raise SelectionError(f"{len(groups)} key groups in one attention call; headlab supports up to 20")
+    code = torch.zeros(b, h, n_k, dtype=torch.long)
+    for i, g in enumerate(groups):
+        code |= g.long() << i
+    atoms, atom_of = torch.unique(code, return_inverse=True)
+    n_atoms = len(atoms)
+    onehot = F.one_hot(atom_of, n_atoms).float()  # [b, h, k, A]
+    v = expand_kv(call.v, h).float()
+    d = v.shape[-1]
+    v_aug = torch.cat([(v[..., None, :] * onehot[..., None]).flatten(-2), onehot], -1)
+    aug, _ = attention_with_lse(
+        call.q.float(), call.k.float(), v_aug, mask=call.mask, scale=call.scale, causal=call.causal
+    )
+    n_q = call.n_q
+    atom_out = aug[..., : n_atoms * d].reshape(b, h, n_q, n_atoms, d)
+    atom_mass = aug[..., n_atoms * d :]  # [b, h, q, A]
+    first = 0
+    for edit in edits:
+        member = [((atoms >> (first + i)) & 1).bool() for i in range(len(edit.groups))]  # [A] each
+        first += len(edit.groups)
+        mass = [(atom_mass * m).sum(-1) for m in member]
+        rest_atoms = ~torch.stack(member).any(0) if member else torch.ones(n_atoms, dtype=torch.bool)
+        per_group, rest = edit.factors(mass, (atom_mass * rest_atoms).sum(-1))
+        factor = torch.ones_like(atom_mass) * torch.as_tensor(rest, dtype=torch.float32)[..., None] * rest_atoms
+        for m, f in zip(member, per_group, strict=True):
+            factor = factor + torch.as_tensor(f, dtype=torch.float32)[..., None] * m
+        atom_mass = atom_mass * factor
+        atom_out = atom_out * factor[..., None]
+    return atom_out.sum(-2)
+
+
+def reference_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torch.Tensor:
+    """The oracle: explicit probabilities, each edit's paper rule on the rows, then probs @ V."""
+    probs = call.probs()
+    for edit in edits:
+        probs = edit.reference(probs)
+    return probs @ expand_kv(call.v, call.n_heads).float()
+
+
+class Runner:
+    """Serves the attention calls of a model inside `intervene`."""
+
+    def __init__(self, lm: LoadedModel, patches: list[Patch], engine: str) -> None:
+        if engine not in ("fused", "reference"):
+            raise SelectionError(f"engine must be 'fused' or 'reference', got {engine!r}")
+        self.lm, self.patches, self.engine = lm, patches, engine
+        self.contexts = Probe(
+            lm, Record(), stats=None, patterns=None, head_outputs=None, residuals=None, allow_long=True
+        )
+        self.calibrating = False  # True while a patch runs its own forward pass from on_pass
+
+    def on_model_call(self, module, args, kwargs) -> None:
+        self.contexts.on_model_call(module, args, kwargs)
+        if not self.calibrating:
+            for p in self.patches:
+                p.on_pass(self, kwargs)
+
+    def layer_hook(self, tower: str, layer: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            ctx = self.contexts.context(tower, hidden.shape[0], hidden.shape[1])
+            for p in self.patches:
+                if layer in p.input_layers() and p.tower == tower:
+                    p.layer_input(tower, layer, hidden, ctx)
+
+        return hook
+
+    def attend(self, module, q, k, v, mask, *, scaling=None, is_causal=None, **kwargs):
+        tower, layer = module._headlab_site
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        ctx = self.contexts.context(tower, q.shape[0], k.shape[2]).fit_keys(k.shape[2])
+        keep = mask if mask is None or mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        call = AttentionCall(module, tower, layer, q, k, v, keep, scale, causal, ctx, kwargs)
+        active = [p for p in self.patches if p.touches(tower, layer)]
+        out = None
+        for p in active:
+            out = p.replace(call)
+            if out is not None:
+                break
+        edits = [e for p in active for e in p.edits(call)]
+        if out is not None and edits:
+            raise SelectionError("an attention-replacing intervention (PINE) cannot be combined with ACT/VAR edits")
+        if out is None:
+            out = reference_attention(call, edits) if self.engine == "reference" else grouped_attention(call, edits)
+        for p in active:
+            out = p.transform(call, out)
+        probe = getattr(module, "_headlab_probe", None)
+        if probe is not None:  # a capture inside the block records the attention before the edits
+            probe.attend(module, q, k, v, mask, scaling=scaling, is_causal=is_causal, **kwargs)
+        return out.to(v.dtype).transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def intervene(lm: LoadedModel, *interventions: Intervention, engine: str = "fused") -> Iterator[Runner]:
+    """Apply `interventions` (in order) to every forward pass and `generate` step inside the block.
+
+        with hl.intervene(lm, hl.VHR(alpha=2.0), hl.VAR(p=0.6, rho=0.5)):
+            out = lm.model.generate(**inputs)
+
+    engine: "fused" (exact, no [q, k] pattern) or "reference" (explicit patterns, the oracle).
+    """
+    if not interventions:
+        raise SelectionError("intervene() needs at least one intervention")
+    patches = [i.bind(lm) for i in interventions]
+    runner = Runner(lm, patches, engine)
+    tagged: list[nn.Module] = []
+    with ExitStack() as stack:
+        stack.enter_context(switched_to_headlab(lm.model))
+        handle = lm.model.register_forward_pre_hook(runner.on_model_call, with_kwargs=True)
+        stack.callback(handle.remove)
+        for tower, modules in lm.attention_modules.items():
+            for layer, module in enumerate(modules):
+                if any(p.touches(tower, layer) for p in patches):
+                    module._headlab_site, module._headlab_runner = (tower, layer), runner
+                    tagged.append(module)
+        stack.callback(_untag, tagged)
+        for p in patches:
+            for layer in p.input_layers():
+                h = lm.layer_modules[p.tower][layer].register_forward_pre_hook(
+                    runner.layer_hook(p.tower, layer), with_kwargs=True
+                )
+                stack.callback(h.remove)
+        yield runner
+
+
+def _untag(modules: list[nn.Module]) -> None:
+    for m in modules:
+        if hasattr(m, "_headlab_runner"):
+            delattr(m, "_headlab_runner")
+        if hasattr(m, "_headlab_site") and not hasattr(m, "_headlab_probe"):
+            delattr(m, "_headlab_site")
