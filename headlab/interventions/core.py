@@ -76,12 +76,19 @@ class AttentionCall:
     def plain(self):
         """(out [b, h, q, d_v] fp32, lse [b, h, q]) of the unedited attention (computed once, fused)."""
         return attention_with_lse(
-            self.q.float(), self.k.float(), self.v.float(), mask=self.mask, scale=self.scale, causal=self.causal
+            self.q.float(),
+            self.k.float(),
+            self.v.float(),
+            mask=self.mask,
+            scale=self.scale,
+            causal=self.causal,
         )
 
     def probs(self) -> torch.Tensor:
         """The explicit [b, h, q, k] pattern (reference paths and single-row decode steps only)."""
-        return naive_attention(self.q, self.k, self.v, mask=self.mask, scale=self.scale, causal=self.causal).probs
+        return naive_attention(
+            self.q, self.k, self.v, mask=self.mask, scale=self.scale, causal=self.causal
+        ).probs
 
 
 class GroupEdit:
@@ -166,7 +173,9 @@ def grouped_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torch.
         mass = [(atom_mass * m).sum(-1) for m in member]
         rest_atoms = ~torch.stack(member).any(0) if member else torch.ones(n_atoms, dtype=torch.bool)
         per_group, rest = edit.factors(mass, (atom_mass * rest_atoms).sum(-1))
-        factor = torch.ones_like(atom_mass) * torch.as_tensor(rest, dtype=torch.float32)[..., None] * rest_atoms
+        factor = (
+            torch.ones_like(atom_mass) * torch.as_tensor(rest, dtype=torch.float32)[..., None] * rest_atoms
+        )
         for m, f in zip(member, per_group, strict=True):
             factor = factor + torch.as_tensor(f, dtype=torch.float32)[..., None] * m
         atom_mass = atom_mass * factor
@@ -195,10 +204,21 @@ class Runner:
         self.calibrating = False  # True while a patch runs its own forward pass from on_pass
 
     def on_model_call(self, module, args, kwargs) -> None:
-        self.contexts.on_model_call(module, args, kwargs)
-        if not self.calibrating:
+        if not self.calibrating:  # a patch's own passes (VHR's selection) run first, then this pass's roles
             for p in self.patches:
                 p.on_pass(self, kwargs)
+        self.contexts.on_model_call(module, args, kwargs)
+
+    def side_pass(self, **inputs):
+        """Run the model on `inputs` for a patch's own purposes (e.g. VHR's selection pass): this runner
+        serves it (patches see `runner.calibrating`), a capture open around it does not record it."""
+        self.calibrating = True
+        try:
+            self.contexts.on_model_call(self.lm.model, (), inputs)
+            with torch.no_grad():
+                return self.lm.model.forward(**inputs)  # forward(): the model-level hooks stay out
+        finally:
+            self.calibrating = False
 
     def layer_hook(self, tower: str, layer: int):
         def hook(module, args, kwargs):
@@ -225,13 +245,19 @@ class Runner:
                 break
         edits = [e for p in active for e in p.edits(call)]
         if out is not None and edits:
-            raise SelectionError("an attention-replacing intervention (PINE) cannot be combined with ACT/VAR edits")
+            raise SelectionError(
+                "an attention-replacing intervention (PINE) cannot be combined with ACT/VAR edits"
+            )
         if out is None:
-            out = reference_attention(call, edits) if self.engine == "reference" else grouped_attention(call, edits)
+            out = (
+                reference_attention(call, edits)
+                if self.engine == "reference"
+                else grouped_attention(call, edits)
+            )
         for p in active:
             out = p.transform(call, out)
         probe = getattr(module, "_headlab_probe", None)
-        if probe is not None:  # a capture inside the block records the attention before the edits
+        if probe is not None and not self.calibrating:  # a capture records the attention before the edits
             probe.attend(module, q, k, v, mask, scaling=scaling, is_causal=is_causal, **kwargs)
         return out.to(v.dtype).transpose(1, 2).contiguous(), None
 

@@ -1,0 +1,203 @@
+"""VAR: Visual Attention Redistribution (Kang et al., "See What You Are Told: Visual Attention Sink in Large
+Multimodal Models", ICLR 2025; official code MICV-yonsei/VisAttnSink, whose semantics headlab follows).
+
+1. Sink dimensions D: the hidden dimensions where the BOS token carries massive activations (given, or found
+   by `find_sink_dims`). Sink score of a token entering layer l: phi(x) = max_{d in D} |x_d| / RMS(x), RMS
+   without the learned gain, in fp32, eps 1e-6. Sinks of layer l: phi > tau (tau = 20, strict as the code),
+   all token types (BOS and text sinks too), computed on the prefill and frozen for decoding.
+2. Image-centric rows, per (layer, head, query): the row's image mass m_V >= 0.2 (`summ`) and the ratio
+   test. Code (default): visual-sink share m_{S and I} / m_V <= rho; paper: non-sink share >= rho
+   (`ratio="paper"`); they agree only at rho = 0.5. Queries: prefill rows after the last image token, and
+   each decode step's new token. The last layer is skipped; layers without sinks are untouched.
+3. Redistribution on selected rows (code convention, `p` = fraction KEPT on the sinks): every sink key
+   (visual and text) keeps p of its attention, and the freed mass (1 - p) m_S goes to the non-sink image
+   keys N in proportion to their attention: a_j += (1 - p) m_S a_j / m_N. `p_means="moved"` reads p as the
+   paper summaries do (sinks keep 1 - p). Applied exactly through group masses and outputs
+   (o' = o + (1 - p) m_S (o_N / m_N - o_S / m_S)), never the [q, k] pattern.
+
+Departure: the official code needs eager attention and batch size 1; headlab runs any batch, fused.
+Layers: the code computes sinks for layers 2..L-1 and skips the last; `layers=` overrides (tiny models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from headlab.errors import InputError, SelectionError
+from headlab.interventions.core import AttentionCall, GroupEdit, Intervention, Patch
+from headlab.loading import Family, LoadedModel
+from headlab.probe.context import BatchContext
+
+EPS = 1e-6
+_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_sizes", "mm_encoder_outputs")
+
+
+def sink_scores(hidden: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """phi(x) = max over `dims` of |x_d| / RMS(x) for hidden [..., d] (fp32)."""
+    x = hidden.float()
+    rms = x.pow(2).mean(-1, keepdim=True).add(EPS).sqrt()
+    return (x[..., list(dims)] / rms).abs().amax(-1)
+
+
+def sink_dims_from_states(states: Sequence[torch.Tensor], first: int = 0, *, top: int = 2) -> tuple[int, ...]:
+    """The `top` hidden dimensions with the largest |activation| / RMS on token `first` (BOS) of example 0,
+    averaged over the layer inputs after the first two (where massive activations live)."""
+    layers = list(states[2:-1]) or list(states[1:]) or list(states)
+    ratio = torch.stack(
+        [(h[0, first].float() / h[0, first].float().pow(2).mean().add(EPS).sqrt()).abs() for h in layers]
+    )
+    return tuple(int(d) for d in ratio.mean(0).topk(top).indices.tolist())
+
+
+@torch.no_grad()
+def find_sink_dims(lm: LoadedModel, inputs: Mapping, *, top: int = 2) -> tuple[int, ...]:
+    """Sink dimensions of `lm` from the BOS token's massive activations on `inputs` (first example)."""
+    out = lm.model(**inputs, output_hidden_states=True)
+    mask = inputs.get("attention_mask")
+    return sink_dims_from_states(
+        out.hidden_states, 0 if mask is None else int(mask[0].float().argmax()), top=top
+    )
+
+
+@dataclass(frozen=True)
+class VAR(Intervention):
+    """Redistribute attention from sink tokens to the image in image-centric rows (official-code defaults)."""
+
+    dims: Sequence[int] | None = None  # sink dimensions; None = found on the first prefill (find_sink_dims)
+    tau: float = 20.0
+    summ: float = 0.2
+    rho: float = 0.5
+    p: float = 0.6
+    p_means: str = "kept"  # "kept" (code) or "moved" (paper summaries)
+    ratio: str = "code"  # "code": visual-sink share <= rho; "paper": non-sink share >= rho
+    layers: Sequence[int] | None = None  # default 2 .. L-2 (the code's range minus the last layer)
+
+    def bind(self, lm: LoadedModel) -> Patch:
+        if lm.family is not Family.LVLM or lm.image_token_id is None:
+            raise SelectionError("VAR needs a vision-language model (image tokens to redistribute to)")
+        if self.p_means not in ("kept", "moved") or self.ratio not in ("code", "paper"):
+            raise SelectionError("VAR: p_means is 'kept' or 'moved', ratio is 'code' or 'paper'")
+        if not 0.0 <= self.p <= 1.0:
+            raise SelectionError(f"VAR: p must lie in [0, 1], got {self.p}")
+        n = lm.tower("lm").n_layers
+        layers = tuple(self.layers) if self.layers is not None else tuple(range(2, n - 1))
+        if any(not 0 <= layer < n for layer in layers):
+            raise SelectionError(f"VAR layers {layers} out of range: the language model has {n} layers")
+        return VARPatch(self, lm, layers)
+
+
+class VARPatch(Patch):
+    def __init__(self, spec: VAR, lm: LoadedModel, layers: tuple[int, ...]) -> None:
+        self.spec, self.lm, self.layers = spec, lm, layers
+        self.dims = tuple(spec.dims) if spec.dims is not None else None
+        self.sinks: dict[int, list[torch.Tensor]] = {}  # layer -> per example: bool [n_tokens] (prefill)
+        self.keep = spec.p if spec.p_means == "kept" else 1.0 - spec.p
+
+    def touches(self, tower: str, layer: int) -> bool:
+        return tower == "lm" and layer in self.layers
+
+    def input_layers(self) -> Sequence[int]:
+        return self.layers
+
+    def on_pass(self, runner, kwargs: dict) -> None:
+        """On the first prefill without given dims: find them from this input's BOS (one side pass)."""
+        if self.dims is not None:
+            return
+        inputs = {k: v for k, v in kwargs.items() if k in _INPUTS and v is not None}
+        if "input_ids" not in inputs:
+            raise InputError("VAR needs input_ids to find its sink dimensions; or pass VAR(dims=...)")
+        out = runner.side_pass(**inputs, output_hidden_states=True, use_cache=False)
+        mask = inputs.get("attention_mask")
+        first = 0 if mask is None else int(mask[0].float().argmax())
+        self.dims = sink_dims_from_states(out.hidden_states, first)
+
+    def layer_input(self, tower: str, layer: int, hidden: torch.Tensor, ctx: BatchContext) -> None:
+        if ctx.step > 0 or self.dims is None:
+            return  # decode: the prefill's sinks stay
+        phi = sink_scores(hidden, self.dims)  # [b, n]
+        valid = ctx.key_valid[:, -hidden.shape[1] :]
+        self.sinks[layer] = [(phi[b][valid[b]] > self.spec.tau).cpu() for b in range(hidden.shape[0])]
+
+    def edits(self, call: AttentionCall) -> list[GroupEdit]:
+        sinks = self.sinks.get(call.layer)
+        if sinks is None or not any(s.any() for s in sinks):
+            return []
+        return [_VAREdit(call, sinks, self)]
+
+
+def _key_groups(call: AttentionCall, sinks: list[torch.Tensor]):
+    """Bool [b, 1, n_k] groups: visual sinks, text sinks, non-sink image keys; and image-query rows."""
+    ctx = call.ctx
+    b, n_k = ctx.key_valid.shape
+    image = torch.zeros(b, n_k, dtype=torch.bool)
+    sink = torch.zeros(b, n_k, dtype=torch.bool)
+    after_image = torch.zeros(b, call.n_q, dtype=torch.bool)
+    for i, roles in enumerate(ctx.roles):
+        img_pos = roles.positions("image") if "image" in roles.present() else []
+        pos = ctx.key_pos[i]
+        real = pos >= 0
+        is_image = torch.zeros(len(roles), dtype=torch.bool)
+        is_image[list(img_pos)] = True
+        flags = torch.zeros(len(roles), dtype=torch.bool)
+        flags[: len(sinks[i])] = sinks[i][: len(roles)]
+        image[i, real] = is_image[pos[real]]
+        sink[i, real] = flags[pos[real]]
+        last_image = max(img_pos) if len(img_pos) else len(roles)
+        after_image[i] = call.query_pos[i] > last_image
+    return (sink & image)[:, None], (sink & ~image)[:, None], (image & ~sink)[:, None], after_image
+
+
+class _VAREdit(GroupEdit):
+    def __init__(self, call: AttentionCall, sinks, patch: VARPatch) -> None:
+        s_vis, s_txt, non_sink, rows = _key_groups(call, sinks)
+        self.groups = (s_vis, s_txt, non_sink)
+        self.rows = rows[:, None, :]  # [b, 1, q]
+        self.spec, self.keep = patch.spec, patch.keep
+
+    def _selected(self, m_svis, m_n):
+        m_v = m_svis + m_n
+        if self.spec.ratio == "code":
+            ratio_ok = m_svis / (m_v + EPS) <= self.spec.rho
+        else:
+            ratio_ok = m_n / m_v.clamp(min=EPS) >= self.spec.rho
+        return self.rows & (m_v >= self.spec.summ) & ratio_ok & (m_n > 0)
+
+    def factors(self, mass, rest):
+        m_svis, m_stxt, m_n = mass
+        on = self._selected(m_svis, m_n)
+        sink_f = torch.where(on, self.keep, 1.0)
+        gain = 1.0 + (1.0 - self.keep) * (m_svis + m_stxt) / m_n.clamp(min=1e-30)
+        return [sink_f, sink_f, torch.where(on, gain, 1.0)], torch.ones_like(rest)
+
+    def reference(self, probs: torch.Tensor) -> torch.Tensor:
+        """The official code's loop on explicit rows [b, h, q, k]."""
+        s_vis, s_txt, non_sink = (g[:, 0] for g in self.groups)
+        out = probs.clone()
+        b, h, n_q, _ = probs.shape
+        for i in range(b):
+            image = s_vis[i] | non_sink[i]
+            sink = s_vis[i] | s_txt[i]
+            for head in range(h):
+                for q in range(n_q):
+                    if not self.rows[i, 0, q]:
+                        continue
+                    row = probs[i, head, q]
+                    summ = row[image].sum()
+                    portion = row[s_vis[i]].sum() / (summ + EPS)
+                    share_ok = (
+                        portion <= self.spec.rho
+                        if self.spec.ratio == "code"
+                        else row[non_sink[i]].sum() / max(summ, EPS) >= self.spec.rho
+                    )
+                    mass_n = row[non_sink[i]].sum()
+                    if summ < self.spec.summ or not share_ok or mass_n <= 0:
+                        continue
+                    omega = (1.0 - self.keep) * row[sink].sum()
+                    new = row.clone()
+                    new[sink] = self.keep * row[sink]
+                    new[non_sink[i]] = row[non_sink[i]] + omega * row[non_sink[i]] / mass_n
+                    out[i, head, q] = new
+        return out

@@ -1,0 +1,199 @@
+"""VHR: Vision-aware Head Reinforcement (He et al., "Cracking the Code of Hallucination in LVLMs with
+Vision-aware Head Divergence", ACL 2025), with the VHD metric it is built on.
+
+VHD of head (l, i) at a generation step: the Euclidean distance between the head's output (before o_proj)
+at the last position with the image and without it (the image tokens removed from the sequence, not
+blanked). VHR, at the first generation step only, layer by layer inside one forward pass:
+1. VHD for every head of layer l;
+2. outlier rule: VHD := 0 where VHD > mean + std AND TA > mean + std, TA = ||head output without image||^2
+   (std over the layer's heads, population std: the paper does not say which; `unbiased_std=True` switches);
+3. select the heads with VHD strictly above the layer's median (the top half);
+4. multiply their outputs by alpha, then go on to layer l+1, whose VHD is computed on reinforced states.
+The selection is then frozen: the selected heads are scaled at every position of the prefill and at every
+decode step (KV-cache consistency, as the paper argues).
+
+headlab runs the selection as one side pass over a batch holding each example twice (with the image, and
+its text alone, left-padded, with its own position ids), before the real prefill; so the real forward
+recomputes the with-image rows under the frozen selection (one extra forward of both rows at the first
+step: the paper's extra cost is one text-only pass). Both rows are scaled alike during selection, the
+paper's unstated default that the method notes recommend (`scale_text_branch=False` scales only the
+image row). Layers: the paper's {1} plus the last 14 of 32 (LLaVA-1.5-7B), scaled to the model's depth by
+`default_layers`; pass `layers=` to choose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from headlab.errors import InputError, SelectionError
+from headlab.interventions.core import AttentionCall, Intervention, Patch, Runner
+from headlab.loading import Family, LoadedModel
+
+# what carries the image into an LVLM forward (transformers' generate() passes precomputed encoder outputs)
+_IMAGE_INPUTS = ("pixel_values", "image_sizes", "mm_encoder_outputs")
+
+
+def default_layers(n_layers: int) -> tuple[int, ...]:
+    """The paper's LLaVA-1.5 layers ({1} and the last 14 of 32) scaled to `n_layers`."""
+    early = round(n_layers / 32)
+    late = max(1, round(14 * n_layers / 32))
+    return tuple(sorted({min(early, n_layers - 1), *range(n_layers - late, n_layers)}))
+
+
+def _median(x: torch.Tensor) -> torch.Tensor:
+    """The median over the last axis (mean of the two middle values for an even count)."""
+    s = x.sort(-1).values
+    n = s.shape[-1]
+    return s[..., n // 2] if n % 2 else (s[..., n // 2 - 1] + s[..., n // 2]) / 2
+
+
+def select_heads(
+    vhd: torch.Tensor, ta: torch.Tensor, *, outliers: bool = True, unbiased_std: bool = False
+) -> torch.Tensor:
+    """VHR's per-layer selection: vhd, ta [..., heads] -> bool [..., heads] (outlier rule, then > median)."""
+    vhd = vhd.clone()
+    if outliers:
+        hot = (vhd > vhd.mean(-1, keepdim=True) + vhd.std(-1, keepdim=True, unbiased=unbiased_std)) & (
+            ta > ta.mean(-1, keepdim=True) + ta.std(-1, keepdim=True, unbiased=unbiased_std)
+        )
+        vhd = torch.where(hot, 0.0, vhd)
+    return vhd > _median(vhd)[..., None]
+
+
+@dataclass(frozen=True)
+class VHR(Intervention):
+    """Reinforce the vision-aware heads of `layers` by `alpha` (paper defaults: alpha 2, outlier rule on).
+
+    After the block, `selected` on the returned patch holds the frozen selection (layer -> [batch, heads])
+    and `vhd` the divergences it was made from."""
+
+    alpha: float = 2.0
+    layers: Sequence[int] | None = None
+    outliers: bool = True
+    unbiased_std: bool = False
+    scale_text_branch: bool = True
+
+    def bind(self, lm: LoadedModel) -> Patch:
+        if lm.family is not Family.LVLM or lm.image_token_id is None:
+            raise SelectionError("VHR needs a vision-language model (image tokens to remove)")
+        n = lm.tower("lm").n_layers
+        layers = tuple(self.layers) if self.layers is not None else default_layers(n)
+        bad = [layer for layer in layers if not 0 <= layer < n]
+        if bad:
+            raise SelectionError(f"VHR layers {bad} out of range: the language model has {n} layers")
+        return VHRPatch(self, lm, set(layers))
+
+
+class VHRPatch(Patch):
+    def __init__(self, spec: VHR, lm: LoadedModel, layers: set[int]) -> None:
+        self.spec, self.lm, self.layers = spec, lm, layers
+        self.selected: dict[int, torch.Tensor] = {}  # layer -> [batch, heads] bool, frozen
+        self.vhd: dict[int, torch.Tensor] = {}
+        self._pairs = 0  # during the side pass: examples B (rows 0..B-1 with image, B..2B-1 without)
+
+    def touches(self, tower: str, layer: int) -> bool:
+        return tower == "lm" and layer in self.layers
+
+    def on_pass(self, runner: Runner, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            return  # decode step: the selection stays frozen
+        ids = kwargs.get("input_ids")
+        extra = {k: v for k, v in kwargs.items() if k in _IMAGE_INPUTS and v is not None}
+        if ids is None or not extra:
+            raise InputError(
+                "VHR selects heads from input_ids with the image inputs (pixel_values, or the encoder "
+                "outputs generate() passes), with vs without the image"
+            )
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        rows = [r[m.bool()] for r, m in zip(ids, mask, strict=True)]
+        rows += [r[r != self.lm.image_token_id] for r in rows]
+        width = max(len(r) for r in rows)
+        pad = self.lm.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(rows), width), pad, dtype=ids.dtype)
+        attention = torch.zeros((len(rows), width), dtype=mask.dtype)
+        for i, r in enumerate(rows):  # left padding: the last position is the last column for every row
+            input_ids[i, width - len(r) :] = r
+            attention[i, width - len(r) :] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        self.selected, self.vhd, self._pairs = {}, {}, len(ids)
+        try:
+            runner.side_pass(
+                input_ids=input_ids.to(ids.device),
+                attention_mask=attention.to(ids.device),
+                position_ids=positions.to(ids.device),
+                use_cache=False,
+                **extra,
+            )
+        finally:
+            self._pairs = 0
+
+    def transform(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        b = self._pairs
+        if b:  # the selection pass: out [2B, h, q, d]
+            with_img, without = out[:b, :, -1], out[b:, :, -1]
+            vhd = (with_img - without).norm(dim=-1)  # [B, h]
+            ta = without.pow(2).sum(-1)
+            chosen = select_heads(vhd, ta, outliers=self.spec.outliers, unbiased_std=self.spec.unbiased_std)
+            self.selected[call.layer], self.vhd[call.layer] = chosen, vhd
+            rows = torch.cat([chosen, chosen if self.spec.scale_text_branch else torch.zeros_like(chosen)])
+        else:
+            chosen = self.selected.get(call.layer)
+            if chosen is None:
+                raise InputError("VHR saw no selection pass; run the model with its image inputs first")
+            if chosen.shape[0] != out.shape[0]:
+                raise InputError(
+                    f"VHR selected heads for a batch of {chosen.shape[0]} but this pass has {out.shape[0]} rows"
+                )
+            rows = chosen
+        scale = torch.where(rows, self.spec.alpha, 1.0).to(out)  # [rows, h]
+        return out * scale[:, :, None, None]
+
+
+@torch.no_grad()
+def vhr_reference(lm: LoadedModel, inputs, spec: VHR) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The oracle: VHR literally, one example at a time without padding, explicit attention patterns.
+
+    For each selected layer in order: run the example with its image and its text alone (separately), with
+    the heads chosen so far scaled, read that layer's head outputs at the last position, select. Then run the
+    example with every chosen head scaled. Returns (last-position logits [batch, vocab], layer -> [batch,
+    heads] selection)."""
+    from headlab.interventions.core import intervene
+    from headlab.interventions.heads import HeadScale, _Collector
+
+    layers = sorted(spec.layers if spec.layers is not None else default_layers(lm.tower("lm").n_layers))
+    mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
+    extra = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}
+    logits, chosen = [], {layer: [] for layer in layers}
+    for b, (ids, m) in enumerate(zip(inputs["input_ids"], mask, strict=True)):
+        with_img = ids[m.bool()][None]
+        text = with_img[with_img != lm.image_token_id][None]
+        image_inputs = {k: v[b : b + 1] for k, v in extra.items()}
+        heads: list[tuple[int, int]] = []
+        for layer in layers:
+            outs = []
+            for ids_, more, scaled in ((with_img, image_inputs, True), (text, {}, spec.scale_text_branch)):
+                collector = _Collector("lm", (layer,))
+                plan = ([HeadScale(tuple(heads), factor=spec.alpha)] if heads and scaled else []) + [
+                    collector
+                ]
+                with intervene(lm, *plan, engine="reference") as runner:
+                    lm.model(input_ids=ids_, **more)
+                outs.append(runner.patches[-1].found[layer][0, :, -1])  # [heads, d]
+            vhd = (outs[0] - outs[1]).norm(dim=-1)
+            sel = select_heads(
+                vhd, outs[1].pow(2).sum(-1), outliers=spec.outliers, unbiased_std=spec.unbiased_std
+            )
+            chosen[layer].append(sel)
+            heads += [(layer, h) for h in sel.nonzero().flatten().tolist()]
+        plan = [HeadScale(tuple(heads), factor=spec.alpha)] if heads else []
+        if plan:
+            with intervene(lm, *plan, engine="reference"):
+                logits.append(lm.model(input_ids=with_img, **image_inputs).logits[0, -1])
+        else:
+            logits.append(lm.model(input_ids=with_img, **image_inputs).logits[0, -1])
+    return torch.stack(logits), {layer: torch.stack(s) for layer, s in chosen.items()}
