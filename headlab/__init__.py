@@ -16,6 +16,7 @@ from headlab.errors import (
     StoreError,
     UnsupportedModelError,
 )
+from headlab.interventions import VAR, VHR, HeadAblation, HeadScale, intervene
 from headlab.loading import SUPPORTED, Family, LoadedModel, Tower, describe, load
 from headlab.probe import Record, Select, Stats, TokenRoles, capture, grid_roles, text_roles
 from headlab.store import Store
@@ -24,7 +25,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SUPPORTED",
+    "VAR",
+    "VHR",
     "Family",
+    "HeadAblation",
+    "HeadScale",
     "HeadlabError",
     "InputError",
     "LoadedModel",
@@ -41,6 +46,7 @@ __all__ = [
     "capture",
     "describe",
     "grid_roles",
+    "intervene",
     "load",
     "text_roles",
     "zoo",

@@ -19,6 +19,11 @@ zoo_app = typer.Typer(
     help="Models that run without a hub: tiny random models of real architectures.", no_args_is_help=True
 )
 app.add_typer(zoo_app, name="zoo")
+act_app = typer.Typer(
+    help="ACT (Yu et al., ICML 2024): calibrate hidden attention sinks, search the heads.",
+    no_args_is_help=True,
+)
+app.add_typer(act_app, name="act")
 store_app = typer.Typer(help="Inspect and check activation stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 console = Console(soft_wrap=True)  # messages are never broken mid-path
@@ -273,6 +278,92 @@ def zoo_train(
         bar.close()
     console.print(json.dumps(json.loads((path / "zoo.json").read_text())["evaluation"], indent=1))
     console.print(f"wrote the zoo model {name} to {path}")
+
+
+def _act_layers(text: str, n_layers: int) -> tuple[int, ...] | None:
+    if text == "code":
+        return None
+    if text == "all":
+        return tuple(range(n_layers))
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise HeadlabError(f"--layers takes 'code', 'all' or comma-separated layers, got {text!r}") from None
+
+
+@act_app.command("search")
+@_friendly
+def act_search(
+    model: Annotated[str, typer.Option(help="local model directory, hub id or zoo:NAME")],
+    task: Annotated[str, typer.Option(help="calibration task: colored_objects, multi_doc_qa or ioi")],
+    out: Annotated[Path, typer.Option(help="write the per-head table here (.csv or .json)")],
+    n: Annotated[int, typer.Option(help="calibration examples")] = 64,
+    seed: Annotated[int, typer.Option(help="seed of the calibration examples")] = 30_000,
+    layers: Annotated[
+        str, typer.Option(help="'code' (as the official code: not the first two, not the last), 'all' or 0,1")
+    ] = "code",
+    tau: Annotated[float, typer.Option(help="threshold on the received-attention score")] = 0.1,
+    beta: Annotated[float, typer.Option(help="share of attention a hidden sink keeps")] = 0.4,
+    eval_n: Annotated[int, typer.Option(help="held-out examples to compare plain vs ACT on (0 = skip)")] = 0,
+    eval_seed: Annotated[int, typer.Option(help="seed of the held-out examples")] = 10_000,
+    batch_size: int = 32,
+) -> None:
+    """Search the heads whose ACT calibration alone improves a task's zero-shot accuracy (keep/skip)."""
+    from tqdm import tqdm
+
+    import headlab as hl
+    from headlab.interventions import intervene
+    from headlab.interventions.act import search_heads
+    from headlab.interventions.act import task as act_task
+
+    if out.suffix not in (".csv", ".json"):
+        raise HeadlabError(f"--out must end in .csv or .json, got {out.name!r}")
+    spec = act_task(task)
+    examples = spec.examples(n, seed)
+    lm = hl.load(model)
+
+    def score(lm, examples) -> float:
+        return spec.accuracy(lm, examples, batch_size=batch_size)
+
+    bar = tqdm(total=None, desc=f"ACT head search on {task}", unit="head")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        chosen = _act_layers(layers, lm.n_layers)
+        result = search_heads(lm, examples, score, layers=chosen, tau=tau, beta=beta, progress=progress)
+    finally:
+        bar.close()
+    summary = {
+        "model": model,
+        "task": task,
+        "n": n,
+        "seed": seed,
+        "tau": tau,
+        "beta": beta,
+        "layers": list(result.layers),
+        "baseline": result.baseline,
+        "kept": [list(h) for h in result.kept],
+    }
+    console.print(
+        f"calibration accuracy without ACT {result.baseline:.4f} on {n} examples; "
+        f"{len(result.kept)} of {len(result.table)} heads kept: {list(result.kept)}"
+    )
+    if eval_n > 0:
+        held_out = spec.examples(eval_n, eval_seed)
+        plain = score(lm, held_out)
+        with intervene(lm, result.act()):
+            calibrated = score(lm, held_out)
+        summary["held_out"] = {"n": eval_n, "seed": eval_seed, "plain": plain, "act": calibrated}
+        console.print(f"held-out accuracy on {eval_n} examples: plain {plain:.4f}, ACT {calibrated:.4f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".csv":
+        result.table.to_csv(out, index=False)
+    else:
+        out.write_text(json.dumps({**summary, "heads": result.table.to_dict(orient="records")}, indent=1))
+    console.print(f"wrote {len(result.table)} heads to {out}")
 
 
 _DEMO_PROMPTS = {

@@ -211,6 +211,19 @@ def test_vhr_selection_rule_hand_computed():
 
 
 @torch.no_grad()
+@torch.no_grad()
+def test_vhr_text_branch_switch_equals_its_reference(zoo_llava):
+    inputs = _scene_inputs(zoo_llava)
+    spec = VHR(scale_text_branch=False)
+    with intervene(zoo_llava, spec) as runner:
+        fused = zoo_llava.model(**inputs).logits[:, -1]
+        selected = runner.patches[0].selected
+    reference, ref_selected = vhr_reference(zoo_llava, inputs, spec)
+    torch.testing.assert_close(fused, reference, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(selected[layer], ref_selected[layer]) for layer in selected)
+
+
+@torch.no_grad()
 def test_vhr_equals_its_reference_and_is_frozen_for_generation(zoo_llava):
     inputs = _scene_inputs(zoo_llava)
     base = zoo_llava.model(**inputs).logits[:, -1]

@@ -15,17 +15,23 @@ from headlab.interventions.core import (
     reference_attention,
 )
 from headlab.interventions.heads import HeadAblation, HeadScale, head_outputs, mean_head_outputs
+from headlab.interventions.var import VAR, find_sink_dims
+from headlab.interventions.vhr import VHR, vhr_reference
 
 __all__ = [
+    "VAR",
+    "VHR",
     "AttentionCall",
     "GroupEdit",
     "HeadAblation",
     "HeadScale",
     "Intervention",
     "Patch",
+    "find_sink_dims",
     "grouped_attention",
     "head_outputs",
     "intervene",
     "mean_head_outputs",
     "reference_attention",
+    "vhr_reference",
 ]

@@ -12,12 +12,14 @@ blanked). VHR, at the first generation step only, layer by layer inside one forw
 The selection is then frozen: the selected heads are scaled at every position of the prefill and at every
 decode step (KV-cache consistency, as the paper argues).
 
-headlab runs the selection as one side pass over a batch holding each example twice (with the image, and
-its text alone, left-padded, with its own position ids), before the real prefill; so the real forward
-recomputes the with-image rows under the frozen selection (one extra forward of both rows at the first
-step: the paper's extra cost is one text-only pass). Both rows are scaled alike during selection, the
-paper's unstated default that the method notes recommend (`scale_text_branch=False` scales only the
-image row). Layers: the paper's {1} plus the last 14 of 32 (LLaVA-1.5-7B), scaled to the model's depth by
+Both branches are scaled alike during selection (the paper does not say; the method notes recommend it as
+the default). Then the text-only branch at layer l depends on the selection below l, so the two branches
+must advance in lockstep: headlab runs one side pass over a batch holding each example twice (with the
+image, and its text alone, left-padded with its own position ids) before the real prefill, which then
+recomputes the with-image rows under the frozen selection: the first step costs about three prefills.
+With `scale_text_branch=False` (only the image branch is scaled) the text branch is independent of the
+selection: one text-only side pass records its head outputs, and the selection happens inside the real
+prefill itself, so the first step costs one prefill plus one text-only pass, the paper's stated cost. Layers: the paper's {1} plus the last 14 of 32 (LLaVA-1.5-7B), scaled to the model's depth by
 `default_layers`; pass `layers=` to choose.
 """
 
@@ -93,6 +95,9 @@ class VHRPatch(Patch):
         self.selected: dict[int, torch.Tensor] = {}  # layer -> [batch, heads] bool, frozen
         self.vhd: dict[int, torch.Tensor] = {}
         self._pairs = 0  # during the side pass: examples B (rows 0..B-1 with image, B..2B-1 without)
+        self._text_only = False  # during the text-only side pass (scale_text_branch=False)
+        self._text_last: dict[int, torch.Tensor] = {}  # layer -> [B, h, d] text-branch outputs
+        self._selecting = False  # the real prefill selects (scale_text_branch=False)
 
     def touches(self, tower: str, layer: int) -> bool:
         return tower == "lm" and layer in self.layers
@@ -111,7 +116,9 @@ class VHRPatch(Patch):
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
         rows = [r[m.bool()] for r, m in zip(ids, mask, strict=True)]
-        rows += [r[r != self.lm.image_token_id] for r in rows]
+        text_rows = [r[r != self.lm.image_token_id] for r in rows]
+        lockstep = self.spec.scale_text_branch
+        rows = rows + text_rows if lockstep else text_rows
         width = max(len(r) for r in rows)
         pad = self.lm.tokenizer.pad_token_id or 0
         input_ids = torch.full((len(rows), width), pad, dtype=ids.dtype)
@@ -120,27 +127,41 @@ class VHRPatch(Patch):
             input_ids[i, width - len(r) :] = r
             attention[i, width - len(r) :] = 1
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        self.selected, self.vhd, self._pairs = {}, {}, len(ids)
+        self.selected, self.vhd, self._text_last = {}, {}, {}
+        self._pairs, self._text_only = (len(ids), False) if lockstep else (0, True)
         try:
             runner.side_pass(
                 input_ids=input_ids.to(ids.device),
                 attention_mask=attention.to(ids.device),
                 position_ids=positions.to(ids.device),
                 use_cache=False,
-                **extra,
+                **(extra if lockstep else {}),
             )
         finally:
-            self._pairs = 0
+            self._pairs, self._text_only = 0, False
+        self._selecting = not lockstep
+
+    def _select(self, layer: int, with_img: torch.Tensor, without: torch.Tensor) -> torch.Tensor:
+        vhd = (with_img - without).norm(dim=-1)  # [B, h]
+        ta = without.pow(2).sum(-1)
+        chosen = select_heads(vhd, ta, outliers=self.spec.outliers, unbiased_std=self.spec.unbiased_std)
+        self.selected[layer], self.vhd[layer] = chosen, vhd
+        return chosen
 
     def transform(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
         b = self._pairs
-        if b:  # the selection pass: out [2B, h, q, d]
-            with_img, without = out[:b, :, -1], out[b:, :, -1]
-            vhd = (with_img - without).norm(dim=-1)  # [B, h]
-            ta = without.pow(2).sum(-1)
-            chosen = select_heads(vhd, ta, outliers=self.spec.outliers, unbiased_std=self.spec.unbiased_std)
-            self.selected[call.layer], self.vhd[call.layer] = chosen, vhd
-            rows = torch.cat([chosen, chosen if self.spec.scale_text_branch else torch.zeros_like(chosen)])
+        if self._text_only:  # text-only side pass: remember the last position, change nothing
+            self._text_last[call.layer] = out[:, :, -1]
+            return out
+        if b:  # the lockstep selection pass: out [2B, h, q, d]
+            chosen = self._select(call.layer, out[:b, :, -1], out[b:, :, -1])
+            rows = torch.cat([chosen, chosen])
+        elif self._selecting and call.step == 0:  # selection inside the real prefill
+            last = call.query_pos.argmax(-1)  # each row's last real query
+            with_img = out[torch.arange(out.shape[0]), :, last]  # [B, h, d]
+            rows = self._select(call.layer, with_img, self._text_last[call.layer])
+            if call.layer == max(self.layers):
+                self._selecting = False
         else:
             chosen = self.selected.get(call.layer)
             if chosen is None:

@@ -1,0 +1,128 @@
+"""Benchmark: the cost of each intervention against the plain forward (CPU), at n = 1024 and 4096 tokens.
+
+Model: a LLaVA-shaped random model of the real classes (the zoo's CLIP vision tower, 16 image tokens, and a
+Llama language model with 4 layers, 8 heads of dim 64, d 512), batch 1, fp32, one prefill forward; the
+plain forward is the model with torch SDPA and nothing attached. Target (issue): VHR, ACT and VAR under
+1.3x. VHR's first step needs a with- and a without-image pass by definition, so it is reported as is, in
+its two modes (branches in lockstep, ~3 prefills; text branch unscaled, prefill + text-only pass).
+VAR runs with sink dimensions found on the BOS token and tau set to the 99th percentile of this model's sink
+scores (random weights have no massive activations), so about 1% of the tokens are sinks and every layer
+redistributes.
+
+Writes benchmarks/results/interventions.{json,md}. Usage: python benchmarks/interventions.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+import headlab as hl
+from headlab.interventions import HeadScale, intervene
+from headlab.interventions.var import VAR, find_sink_dims, sink_scores
+from headlab.interventions.vhr import VHR
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def build() -> hl.LoadedModel:
+    zoo = hl.load("zoo:llava")
+    tok = zoo.processor.tokenizer
+    text = tf.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    config = tf.LlavaConfig(
+        vision_config=zoo.model.config.vision_config,
+        text_config=text,
+        image_token_index=zoo.model.config.image_token_index,
+        image_seq_length=16,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(0)
+    model = tf.LlavaForConditionalGeneration(config).eval()
+    return hl.describe(model, processor=zoo.processor)
+
+
+def inputs_of(lm: hl.LoadedModel, n: int) -> dict:
+    tok = lm.processor.tokenizer
+    words = [i for i in range(len(tok)) if i not in tok.all_special_ids]
+    g = torch.Generator().manual_seed(n)
+    body = torch.tensor(words)[torch.randint(len(words), (n - 17,), generator=g)]
+    ids = torch.cat([torch.tensor([tok.bos_token_id]), torch.full((16,), lm.image_token_id), body])[None]
+    return {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32, generator=g)}
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="n = 256 only, one repeat (smoke test)")
+    args = parser.parse_args()
+    sizes, repeats = ((256,), 1) if args.quick else ((1024, 4096), 3)
+    lm = build()
+    rows = []
+    for n in sizes:
+        inputs = inputs_of(lm, n)
+        dims = find_sink_dims(lm, inputs)
+        states = lm.model(**inputs, output_hidden_states=True).hidden_states
+        tau = float(torch.quantile(torch.cat([sink_scores(h[0], dims) for h in states[:-1]]), 0.99))
+        conditions = {
+            "plain": (),
+            "HeadScale (1 head per layer)": (HeadScale(tuple((layer, 0) for layer in range(4)), factor=0.0),),
+            "VHR (lockstep)": (VHR(),),
+            "VHR (text branch unscaled)": (VHR(scale_text_branch=False),),
+            "VAR": (VAR(dims=dims, tau=tau, layers=(0, 1, 2)),),
+        }
+        base = None
+        for name, interventions in conditions.items():
+            if interventions:
+
+                def step(interventions=interventions, inputs=inputs):
+                    with intervene(lm, *interventions):
+                        lm.model(**inputs)
+            else:
+
+                def step(inputs=inputs):
+                    lm.model(**inputs)
+
+            seconds = timed(step, repeats)
+            base = seconds if base is None else base
+            rows.append({"n": n, "condition": name, "seconds": seconds, "ratio": seconds / base})
+            print(f"n={n} {name}: {seconds:.3f} s ({seconds / base:.2f}x)", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    (RESULTS / "interventions.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    lines = ["| n | condition | seconds | vs plain |", "|---|---|---|---|"]
+    lines += [f"| {r['n']} | {r['condition']} | {r['seconds']:.3f} | {r['ratio']:.2f}x |" for r in rows]
+    (RESULTS / "interventions.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+"""ACT, the Attention Calibration Technique (Yu et al., "Unveiling and Harnessing Hidden Attention Sinks:
+Training-Free Attention Calibration", ICML 2024; official code GATECH-EIC/ACT, `models/*_modelling_aug.py`).
+
+Attention sinks are not only the first token: later tokens can also draw a large share of attention from
+every query after them ("hidden sinks"), and damping them in the right heads helps accuracy. For one head
+of one prefill call, with A [q, k] its post-softmax pattern:
+
+- received attention: a_j = mean of A[i, j] over the real queries i that can see key j (column means of
+  the causal pattern; the code's `A.sum(0) / torch.arange(N, 0, -1)`, the same statistic as Gu et al.'s
+  alpha). In a decode step (q = 1) this is the current row, as in the code.
+- sinks: S = {j : a_j > tau}; the FIRST element of S (normally token 0, the usual sink) is dropped and the
+  rest, S', are the hidden sinks that get calibrated (the code's `indices[1:]`).
+- calibration, per query row i (m_S' = sum_{j in S'} A[i, j], rest = 1 - m_S'):
+      A'[i, j] = beta * A[i, j]                               for j in S'
+      A'[i, j] = A[i, j] * (1 + (1 - beta) * m_S' / rest)     otherwise (token 0 included),
+  i.e. each hidden sink keeps beta of its attention and the freed mass goes to the other keys in
+  proportion to their attention; rows still sum to 1. Row 0 is reset to A'[0, 0] = 1.
+- defaults as shipped: tau = 0.1 (env THRES), beta = 0.4 (env BETA); calibrated heads come from an offline
+  search (`search_heads`) and only layers 2 .. n_layers - 2 are touched (the code's `signal in range(2, 31)`
+  for 32-layer Llama-2: not the first two layers and not the last).
+
+How headlab applies it: `ACT(heads=...)` binds to a `Patch` whose `edits(call)` return ONE `GroupEdit` per
+attention call, the hidden sinks S' as a key group [batch, head, k] (empty for heads that are not
+calibrated). The runtime applies it exactly from group masses and outputs (`grouped_attention`): the group
+keeps `beta` of its mass and the other keys are scaled by 1 + (1 - beta) m_S' / rest, which is the rule
+above. Detection in the fused engine never builds a [q, k] pattern: attention rows are rebuilt in query tiles
+from q, k and the row logsumexp of the unedited attention and their column sums accumulated (O(tile * k)
+memory). The reference engine (`intervene(..., engine="reference")`) detects and calibrates on explicit
+rows with the code's index operations (the oracle; it shares no code with the fused path).
+
+Departures from the official code, all deliberate:
+- any batch: every example gets its own detection and calibration (the code calibrates batch element 0
+  only, `attention_map[0]`, and is run with batch size 1); only real (non-padding) queries and keys count.
+- the number of queries that see key j comes from the attention mask actually used (causal, padding,
+  sliding window); for plain causal prefill it is the code's N - j, in a decode step 1. A chunked prefill
+  (1 < q < k, which the code's broadcast cannot handle) averages over the call's own queries.
+- rows with no attention outside S' are left unchanged (the code divides 0 by 0 there).
+- row 0 is reset only for the query at example position 0, where it is a no-op for causal attention (that
+  row sees key 0 alone, which is never calibrated). The code's literal `[0, 0] = 1` would also hit the
+  current row of a cached decode step (q = 1) and leave it summing to more than 1; headlab does not
+  reproduce that. ACT is defined for causal towers only.
+- computed in float32 (the code calibrates the half-precision pattern).
+- detection reads the model's unedited attention, also when ACT is composed after another edit.
+
+Shapes: q [batch, head, q, d], k/v [batch, kv_head, k, d] (GQA: query head h reads kv head h // group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import pandas as pd
+import torch
+
+from headlab.datasets import synthetic
+from headlab.errors import InputError, SelectionError, UnsupportedModelError
+from headlab.interventions.core import AttentionCall, GroupEdit, Intervention, Patch, intervene
+from headlab.kernels.reference import additive_mask
+from headlab.loading import LoadedModel, Tower
+
+Head = tuple[int, int]  # (layer, head)
+
+TAU = 0.1  # the shipped scripts' THRES, on the received-attention score a_j
+BETA = 0.4  # the shipped scripts' BETA: the share of attention a hidden sink keeps
+_QUERY_TILE = 128
+
+
+def code_layers(n_layers: int) -> tuple[int, ...]:
+    """The layers the official code calibrates: all but the first two and the last (2 .. n_layers - 2)."""
+    return tuple(range(2, n_layers - 1))
+
+
+def _resolve_layers(info: Tower, layers: Collection[int] | None) -> tuple[int, ...]:
+    if layers is None:
+        return code_layers(info.n_layers)
+    out = tuple(sorted({int(x) for x in layers}))
+    bad = [x for x in out if not 0 <= x < info.n_layers]
+    if bad:
+        raise SelectionError(
+            f"layers {bad} are out of range: the {info.name} tower has {info.n_layers} layers"
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- detection
+
+
+def _visible(call: AttentionCall, heads: list[int], start: int, stop: int) -> torch.Tensor:
+    """[batch or 1, heads or 1, stop - start, k] bool: query rows start..stop of the call may see key j."""
+    n_q, n_k = call.n_q, call.k.shape[2]
+    device = call.q.device
+    rows = torch.arange(start, stop, device=device)
+    keep = torch.ones(1, 1, stop - start, n_k, dtype=torch.bool, device=device)
+    if call.causal:  # bottom-right: query row r sits at key position n_k - n_q + r
+        keep = keep & (torch.arange(n_k, device=device)[None, :] <= (n_k - n_q + rows)[:, None])
+    if call.mask is not None:
+        m = call.mask.bool()
+        if m.shape[-2] != 1:
+            m = m[..., -n_q:, :][..., start:stop, :]
+        keep = keep & (m[:, heads] if m.shape[1] != 1 else m)
+    return keep
+
+
+def received_attention(
+    call: AttentionCall, heads: Sequence[int] | None = None, *, tile: int = _QUERY_TILE
+) -> torch.Tensor:
+    """a [batch, len(heads), k] fp32: the mean attention key j receives from the call's real queries that can
+    see it (0 for keys no real query sees, padding included). Fused: rows are rebuilt tile by tile as
+    exp(scale q k^T - lse) from the unedited logsumexp (`call.plain`), so memory is O(tile * k)."""
+    heads = list(range(call.n_heads)) if heads is None else list(heads)
+    batch, n_q, n_k = call.q.shape[0], call.n_q, call.k.shape[2]
+    group = call.n_heads // call.k.shape[1]
+    q = call.q[:, heads].float()  # [b, hs, q, d]
+    k = call.k[:, [h // group for h in heads]].float()  # [b, hs, k, d]: each head's kv head
+    lse = call.plain[1][:, heads].float()  # [b, hs, q]
+    real = (call.query_pos >= 0).to(q.device)  # [b, q]: padding queries do not vote
+    total = q.new_zeros(batch, len(heads), n_k)
+    seen = q.new_zeros(batch, len(heads), n_k)
+    for start in range(0, n_q, tile):
+        stop = min(n_q, start + tile)
+        keep = _visible(call, heads, start, stop) & real[:, None, start:stop, None]  # [b, hs|1, t, k]
+        scores = torch.matmul(q[:, :, start:stop], k.transpose(-1, -2)) * call.scale  # [b, hs, t, k]
+        probs = torch.where(keep, torch.exp(scores - lse[:, :, start:stop, None]), 0.0)
+        total += probs.sum(2)
+        seen += keep.sum(2)
+    valid = call.ctx.key_valid.to(q.device)[:, None, :]
+    return torch.where((seen > 0) & valid, total / seen.clamp(min=1), 0.0)
+
+
+def hidden_sinks(received: torch.Tensor, tau: float = TAU) -> torch.Tensor:
+    """S' (bool, same shape): keys with a_j > tau along the last axis, minus the first such key."""
+    sinks = received > tau
+    first = sinks & (sinks.long().cumsum(-1) == 1)
+    return sinks & ~first
+
+
+# ----------------------------------------------------------------------------------------------- the edit
+
+
+class _Calibration(GroupEdit):
+    """One call's ACT edit: group = the hidden sinks of the calibrated heads (computed on first use)."""
+
+    def __init__(self, patch: _ACTPatch, call: AttentionCall, heads: list[int]) -> None:
+        self.patch, self.call, self.heads = patch, call, heads
+
+    @cached_property
+    def groups(self) -> tuple[torch.Tensor, ...]:
+        call = self.call
+        sinks = hidden_sinks(received_attention(call, self.heads), self.patch.tau)  # [b, hs, k]
+        self.patch.tally(call, self.heads, sinks)
+        group = torch.zeros(call.q.shape[0], call.n_heads, call.k.shape[2], dtype=torch.bool)
+        group[:, self.heads] = sinks.cpu()
+        return (group,)
+
+    def factors(self, mass: list[torch.Tensor], rest: torch.Tensor):
+        beta = self.patch.beta
+        moved = rest > 0  # a row with nothing outside S' has nowhere to put the freed mass: unchanged
+        sink = torch.where(moved, beta, 1.0)
+        other = torch.where(moved, 1.0 + (1.0 - beta) * mass[0] / rest.clamp(min=1e-30), 1.0)
+        return [sink], other
+
+    def reference(self, probs: torch.Tensor) -> torch.Tensor:
+        """The code's rule on explicit rows [b, h, q, k], per example and head (independent of `groups`)."""
+        call, beta = self.call, self.patch.beta
+        received = self._explicit_received()
+        out = probs.clone()
+        key_pos, query_pos = call.ctx.key_pos, call.query_pos
+        found = torch.zeros(probs.shape[0], len(self.heads), probs.shape[-1], dtype=torch.bool)
+        for b in range(probs.shape[0]):
+            for n, h in enumerate(self.heads):
+                A = probs[b, h]  # [q, k]
+                indices = torch.nonzero(received[b, h] > self.patch.tau).flatten()
+                indices = indices[1:]  # the first sink (normally token 0) is never calibrated
+                found[b, n, indices] = True
+                available = A[:, indices].sum(1) * (1 - beta)  # [q]
+                modified = A.clone()
+                modified[:, indices] *= beta
+                others = A.clone()
+                others[:, indices] = 0
+                rest = others.sum(1, keepdim=True)
+                modified = modified + available[:, None] * others / rest
+                modified = torch.where(rest > 0, modified, A)
+                row0 = torch.nonzero(query_pos[b] == 0).flatten()
+                if len(row0):  # the code's modified_head[0, 0] = 1, at example position 0
+                    modified[row0[0], torch.nonzero(key_pos[b] == 0)[0, 0]] = 1.0
+                out[b, h] = modified
+        self.patch.tally(call, self.heads, found)
+        return out
+
+    def _explicit_received(self) -> torch.Tensor:
+        """a [b, h, k] from the explicit unedited pattern: column sums over real queries / how many see j."""
+        call = self.call
+        probs = call.probs().float()  # [b, h, q, k]
+        n_q, n_k = call.n_q, call.k.shape[2]
+        bias = additive_mask(
+            call.mask, n_q, n_k, causal=call.causal, dtype=torch.float32, device=probs.device
+        )
+        sees = torch.ones_like(probs, dtype=torch.bool) if bias is None else torch.isfinite(bias)
+        real = (call.query_pos >= 0)[:, None, :, None]  # [b, 1, q, 1]
+        sees = (sees & real).expand_as(probs)
+        counts = sees.sum(2)  # N - j for plain causal prefill (torch.arange(N, 0, -1)); 1 in a decode step
+        sums = (probs * real).sum(2)
+        valid = call.ctx.key_valid[:, None, :]
+        return torch.where((counts > 0) & valid, sums / counts.clamp(min=1), 0.0)
+
+
+class _ACTPatch(Patch):
+    def __init__(self, tower: str, by_layer: dict[int, list[int]], tau: float, beta: float) -> None:
+        self.tower, self.by_layer, self.tau, self.beta = tower, by_layer, tau, beta
+        self.hidden: dict[Head, list[int]] = {}  # (layer, head) -> [prefill examples, hidden sinks found]
+
+    def touches(self, tower: str, layer: int) -> bool:
+        return tower == self.tower and layer in self.by_layer
+
+    def edits(self, call: AttentionCall) -> list[GroupEdit]:
+        return [_Calibration(self, call, self.by_layer[call.layer])]
+
+    def tally(self, call: AttentionCall, heads: list[int], sinks: torch.Tensor) -> None:
+        """Count hidden sinks per prefill example (read by `search_heads`)."""
+        if call.step != 0:
+            return
+        per_head = sinks.sum(-1).sum(0).tolist()  # [hs]
+        for h, found in zip(heads, per_head, strict=True):
+            counts = self.hidden.setdefault((call.layer, h), [0, 0])
+            counts[0] += sinks.shape[0]
+            counts[1] += int(found)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ACT(Intervention):
+    """Calibrate the hidden attention sinks of `heads` [(layer, head), ...] (Yu et al., ICML 2024).
+
+    tau: threshold on the received-attention score a_j (absolute, as the code's THRES; not a multiple of
+    uniform). beta: the share of attention each hidden sink keeps. layers: the layers ACT may touch; None =
+    the official code's (not the first two, not the last: `code_layers`); a head outside them is an error,
+    so models with fewer than four layers need `layers=` explicitly. The head set normally comes from
+    `search_heads(...).kept`; no heads = no change. See the module docstring for the exact rule.
+
+        with hl.intervene(lm, ACT(heads=((5, 3), (7, 0)))):
+            logits = lm.model(**inputs).logits
+    """
+
+    heads: Collection[Head]
+    layers: Collection[int] | None = None
+    tau: float = TAU
+    beta: float = BETA
+    tower: str = "lm"
+
+    def __post_init__(self) -> None:
+        try:
+            heads = tuple(sorted({(int(layer), int(head)) for layer, head in self.heads}))
+        except (TypeError, ValueError):
+            raise SelectionError(f"ACT heads must be (layer, head) pairs, got {self.heads!r}") from None
+        object.__setattr__(self, "heads", heads)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted({int(x) for x in self.layers})))
+        if not self.tau >= 0:
+            raise SelectionError(f"ACT tau must be >= 0 (it thresholds a mean attention), got {self.tau}")
+        if not 0 <= self.beta <= 1:
+            raise SelectionError(f"ACT beta must lie in [0, 1] (the share a sink keeps), got {self.beta}")
+
+    def bind(self, lm: LoadedModel) -> Patch:
+        info = lm.tower(self.tower)
+        if not info.causal:
+            raise UnsupportedModelError(
+                f"ACT calibrates causal attention; the {self.tower} tower is not causal"
+            )
+        allowed = _resolve_layers(info, self.layers)
+        by_layer: dict[int, list[int]] = {}
+        for layer, head in self.heads:
+            if not (0 <= layer < info.n_layers and 0 <= head < info.n_heads):
+                raise SelectionError(
+                    f"head ({layer}, {head}) is out of range: the {self.tower} tower has {info.n_layers} "
+                    f"layers x {info.n_heads} heads"
+                )
+            if layer not in allowed:
+                raise SelectionError(
+                    f"head ({layer}, {head}) is in layer {layer}, outside the layers ACT calibrates here "
+                    f"({list(allowed)}; by default the official code's: not the first two, not the last); "
+                    f"pass layers=... to allow it, e.g. layers=range({info.n_layers})"
+                )
+            by_layer.setdefault(layer, []).append(head)
+        return _ACTPatch(self.tower, by_layer, self.tau, self.beta)
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class ChoiceTask:
+    """A zero-shot classification task scored as ACT's classification eval: the prediction is the candidate
+    label whose (last) token has the highest logit at the prompt's last position (argmax of the code's
+    log-softmax over the label logits)."""
+
+    name: str
+    generate: Callable[[int, int], list[synthetic.Example]]  # (n, seed) -> examples
+    choices: Callable[[synthetic.Example], tuple[str, ...]]  # the candidate answers, `answer` among them
+
+    def examples(self, n: int, seed: int) -> list[synthetic.Example]:
+        if n < 1:
+            raise InputError(f"need at least one {self.name} example, got n={n}")
+        return self.generate(n, seed)
+
+    def accuracy(
+        self, lm: LoadedModel, examples: Sequence[synthetic.Example], *, batch_size: int = 32
+    ) -> float:
+        return choice_accuracy(lm, examples, self.choices, batch_size=batch_size)
+
+
+_COLORS = tuple(f" {c}" for c in synthetic.COLORS)
+
+TASKS: dict[str, ChoiceTask] = {
+    t.name: t
+    for t in (
+        ChoiceTask("colored_objects", lambda n, s: synthetic.colored_objects(n, seed=s), lambda e: _COLORS),
+        ChoiceTask("multi_doc_qa", lambda n, s: synthetic.multi_doc_qa(n, k=4, seed=s), lambda e: _COLORS),
+        ChoiceTask(
+            "ioi", lambda n, s: synthetic.ioi(n, seed=s), lambda e: (f" {e.get('io')}", f" {e.get('s')}")
+        ),
+    )
+}
+
+
+def task(name: str) -> ChoiceTask:
+    if name not in TASKS:
+        raise SelectionError(f"no ACT task named {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+@torch.no_grad()
+def choice_accuracy(
+    lm: LoadedModel,
+    examples: Sequence[synthetic.Example],
+    choices: Callable[[synthetic.Example], Sequence[str]],
+    *,
+    batch_size: int = 32,
+) -> float:
+    """Share of `examples` whose answer has the highest last-position logit among `choices(example)`."""
+    tokenizer = lm.tokenizer
+    if tokenizer is None:
+        raise UnsupportedModelError(f"{lm.model_type} has no tokenizer to score text prompts with")
+    if not examples:
+        raise InputError("no examples to score")
+    ids: dict[str, int] = {}
+
+    def label_id(word: str) -> int:  # the code scores a label by its last token
+        if word not in ids:
+            tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if not tokens:
+                raise InputError(f"the label {word!r} encodes to no token")
+            ids[word] = tokens[-1]
+        return ids[word]
+
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        enc = tokenizer([e.prompt for e in batch], return_tensors="pt", padding=True)
+        logits = lm.model(**enc).logits.float()  # [b, n, vocab]
+        mask = enc["attention_mask"]
+        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # the last real token, either padding side
+        for row, ex in enumerate(batch):
+            words = list(choices(ex))
+            if ex.answer not in words:
+                raise InputError(f"the answer {ex.answer!r} is not among the choices {words}")
+            label_ids = [label_id(w) for w in words]
+            if len(set(label_ids)) != len(label_ids):
+                raise InputError(f"the choices {words} share a last token, so they cannot be told apart")
+            pick = int(logits[row, last[row], label_ids].argmax())
+            correct += words[pick] == ex.answer
+    return correct / len(examples)
+
+
+# ----------------------------------------------------------------------------------------------- search
+
+
+@dataclass(frozen=True)
+class HeadSearch:
+    """The result of `search_heads`: `table` has one row per candidate head (layer, head, accuracy with that
+    head alone calibrated, delta against `baseline`, kept, hidden_sinks = mean hidden sinks per prompt)."""
+
+    table: pd.DataFrame
+    baseline: float
+    kept: tuple[Head, ...]
+    layers: tuple[int, ...]
+    tau: float = TAU
+    beta: float = BETA
+    tower: str = "lm"
+
+    def act(self) -> ACT:
+        """ACT over the kept heads with the search's settings."""
+        return ACT(heads=self.kept, layers=self.layers, tau=self.tau, beta=self.beta, tower=self.tower)
+
+
+def search_heads(
+    lm: LoadedModel,
+    examples: Sequence,
+    score_fn: Callable[[LoadedModel, Sequence], float],
+    *,
+    layers: Collection[int] | None = None,
+    heads: Collection[int] | None = None,
+    tau: float = TAU,
+    beta: float = BETA,
+    tower: str = "lm",
+    progress: Callable[[int, int], None] | None = None,
+) -> HeadSearch:
+    """ACT's offline head search: calibrate one head at a time and keep the heads whose calibration alone
+    raises `score_fn(lm, examples)` (an accuracy on the calibration set) above the un-calibrated baseline
+    (strictly: ties are skipped), as the code's per-head CALIBRATION runs and keep/skip selection.
+
+    layers: candidate layers (None = the code's: not the first two, not the last; a model with fewer than
+    four layers needs them given, e.g. range(n_layers)). heads: head indices tried in every layer (None =
+    all). progress(done, total) is called after each head.
+    """
+    info = lm.tower(tower)
+    layer_ids = _resolve_layers(info, layers)
+    if not layer_ids:
+        raise SelectionError(
+            f"the official code's layers (not the first two, not the last) leave none of the {info.n_layers} "
+            f"layers of {lm.model_type}; pass the layers to search, e.g. layers=range({info.n_layers}) "
+            "(CLI: --layers all)"
+        )
+    head_ids = tuple(range(info.n_heads)) if heads is None else tuple(sorted({int(h) for h in heads}))
+    if any(not 0 <= h < info.n_heads for h in head_ids):
+        raise SelectionError(f"heads {list(head_ids)} are out of range: layers have {info.n_heads} heads")
+    if not len(examples):
+        raise InputError("the calibration set is empty")
+    candidates = [(layer, head) for layer in layer_ids for head in head_ids]
+    baseline = float(score_fn(lm, examples))
+    rows = []
+    for done, (layer, head) in enumerate(candidates, 1):
+        act = ACT(heads=((layer, head),), layers=layer_ids, tau=tau, beta=beta, tower=tower)
+        with intervene(lm, act) as runner:
+            accuracy = float(score_fn(lm, examples))
+        prompts, found = runner.patches[0].hidden.get((layer, head), (0, 0))
+        rows.append(
+            {
+                "layer": layer,
+                "head": head,
+                "accuracy": accuracy,
+                "delta": accuracy - baseline,
+                "kept": accuracy > baseline,
+                "hidden_sinks": found / prompts if prompts else float("nan"),
+            }
+        )
+        if progress is not None:
+            progress(done, len(candidates))
+    table = pd.DataFrame(rows, columns=["layer", "head", "accuracy", "delta", "kept", "hidden_sinks"])
+    kept = tuple((int(r.layer), int(r.head)) for r in table.itertuples() if r.kept)
+    return HeadSearch(
+        table=table, baseline=baseline, kept=kept, layers=layer_ids, tau=tau, beta=beta, tower=tower
+    )
