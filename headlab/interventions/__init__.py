@@ -5,6 +5,7 @@ frozen dataclasses with their papers' defaults, applied exactly through the head
         out = lm.model.generate(**inputs)
 """
 
+from headlab.interventions.act import ACT, HeadSearch, search_heads
 from headlab.interventions.core import (
     AttentionCall,
     GroupEdit,
@@ -19,12 +20,14 @@ from headlab.interventions.var import VAR, find_sink_dims
 from headlab.interventions.vhr import VHR, vhr_reference
 
 __all__ = [
+    "ACT",
     "VAR",
     "VHR",
     "AttentionCall",
     "GroupEdit",
     "HeadAblation",
     "HeadScale",
+    "HeadSearch",
     "Intervention",
     "Patch",
     "find_sink_dims",
@@ -33,5 +36,6 @@ __all__ = [
     "intervene",
     "mean_head_outputs",
     "reference_attention",
+    "search_heads",
     "vhr_reference",
 ]

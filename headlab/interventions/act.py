@@ -167,7 +167,9 @@ class _Calibration(GroupEdit):
         received = self._explicit_received()
         out = probs.clone()
         key_pos, query_pos = call.ctx.key_pos, call.query_pos
-        found = torch.zeros(probs.shape[0], len(self.heads), probs.shape[-1], dtype=torch.bool)
+        found = torch.zeros(
+            probs.shape[0], len(self.heads), probs.shape[-1], dtype=torch.bool, device=probs.device
+        )
         for b in range(probs.shape[0]):
             for n, h in enumerate(self.heads):
                 A = probs[b, h]  # [q, k]
@@ -182,9 +184,9 @@ class _Calibration(GroupEdit):
                 rest = others.sum(1, keepdim=True)
                 modified = modified + available[:, None] * others / rest
                 modified = torch.where(rest > 0, modified, A)
-                row0 = torch.nonzero(query_pos[b] == 0).flatten()
-                if len(row0):  # the code's modified_head[0, 0] = 1, at example position 0
-                    modified[row0[0], torch.nonzero(key_pos[b] == 0)[0, 0]] = 1.0
+                row0 = torch.nonzero(query_pos[b] == 0).flatten().tolist()
+                if row0:  # the code's modified_head[0, 0] = 1, at example position 0
+                    modified[row0[0], int(torch.nonzero(key_pos[b] == 0)[0, 0])] = 1.0
                 out[b, h] = modified
         self.patch.tally(call, self.heads, found)
         return out
@@ -198,11 +200,11 @@ class _Calibration(GroupEdit):
             call.mask, n_q, n_k, causal=call.causal, dtype=torch.float32, device=probs.device
         )
         sees = torch.ones_like(probs, dtype=torch.bool) if bias is None else torch.isfinite(bias)
-        real = (call.query_pos >= 0)[:, None, :, None]  # [b, 1, q, 1]
+        real = (call.query_pos >= 0).to(probs.device)[:, None, :, None]  # [b, 1, q, 1]
         sees = (sees & real).expand_as(probs)
         counts = sees.sum(2)  # N - j for plain causal prefill (torch.arange(N, 0, -1)); 1 in a decode step
         sums = (probs * real).sum(2)
-        valid = call.ctx.key_valid[:, None, :]
+        valid = call.ctx.key_valid.to(probs.device)[:, None, :]
         return torch.where((counts > 0) & valid, sums / counts.clamp(min=1), 0.0)
 
 

@@ -146,12 +146,13 @@ class Intervention:
 def grouped_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torch.Tensor:
     """Attention with `edits` applied in order, exactly, from atom masses and outputs: [b, h, q, d_v] fp32."""
     b, h, n_k = call.q.shape[0], call.n_heads, call.k.shape[2]
-    groups = [g.expand(b, h, n_k) for e in edits for g in e.groups]
+    device = call.q.device
+    groups = [g.to(device).expand(b, h, n_k) for e in edits for g in e.groups]
     if not groups:
         return call.plain[0]
     if len(groups) > 20:
         raise SelectionError(f"{len(groups)} key groups in one attention call; headlab supports up to 20")
-    code = torch.zeros(b, h, n_k, dtype=torch.long)
+    code = torch.zeros(b, h, n_k, dtype=torch.long, device=device)
     for i, g in enumerate(groups):
         code |= g.long() << i
     atoms, atom_of = torch.unique(code, return_inverse=True)
@@ -181,6 +182,10 @@ def grouped_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torch.
         atom_mass = atom_mass * factor
         atom_out = atom_out * factor[..., None]
     return atom_out.sum(-2)
+
+
+def _as(value, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float32, device=like.device).expand(like.shape[:-1])
 
 
 def reference_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torch.Tensor:

@@ -163,7 +163,7 @@ class _VAREdit(GroupEdit):
             ratio_ok = m_svis / (m_v + EPS) <= self.spec.rho
         else:
             ratio_ok = m_n / m_v.clamp(min=EPS) >= self.spec.rho
-        return self.rows & (m_v >= self.spec.summ) & ratio_ok & (m_n > 0)
+        return self.rows.to(m_n.device) & (m_v >= self.spec.summ) & ratio_ok & (m_n > 0)
 
     def factors(self, mass, rest):
         m_svis, m_stxt, m_n = mass
