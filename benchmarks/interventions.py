@@ -7,7 +7,11 @@ plain forward is the model with torch SDPA and nothing attached. Target (issue):
 its two modes (branches in lockstep, ~3 prefills; text branch unscaled, prefill + text-only pass).
 VAR runs with sink dimensions found on the BOS token and tau set to the 99th percentile of this model's sink
 scores (random weights have no massive activations), so about 1% of the tokens are sinks and every layer
-redistributes.
+redistributes. ACT calibrates every head of layers 1 and 2 with the code's tau = 0.1 and beta = 0.4 (its
+detection rebuilds the attention in query tiles from the logsumexp). PINE runs over k = 4 equal text
+segments between a prefix (BOS + image) and a 16-token suffix, fused, against its reference engine (the
+official algorithm one query at a time, explicit scores; finer-grained than the official code's per-segment
+Python loop, so an upper bound on that approach's cost) at n = 1024; at 4096 the reference is not run.
 
 Writes benchmarks/results/interventions.{json,md}. Usage: python benchmarks/interventions.py [--quick]
 """
@@ -19,13 +23,14 @@ import json
 import platform
 import statistics
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
 import transformers as tf
 
 import headlab as hl
-from headlab.interventions import HeadScale, intervene
+from headlab.interventions import ACT, PINE, HeadScale, intervene
 from headlab.interventions.var import VAR, find_sink_dims, sink_scores
 from headlab.interventions.vhr import VHR
 
@@ -69,6 +74,12 @@ def inputs_of(lm: hl.LoadedModel, n: int) -> dict:
     return {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32, generator=g)}
 
 
+def spans_of(n: int, k: int = 4, prefix: int = 17, suffix: int = 16) -> tuple[tuple[int, int], ...]:
+    """k equal segments between the prefix (BOS + image tokens) and a suffix."""
+    edges = torch.linspace(prefix, n - suffix, k + 1).long().tolist()
+    return tuple(pairwise(edges))
+
+
 def timed(fn, repeats: int) -> float:
     fn()
     times = []
@@ -98,7 +109,11 @@ def main() -> None:
             "VHR (lockstep)": (VHR(),),
             "VHR (text branch unscaled)": (VHR(scale_text_branch=False),),
             "VAR": (VAR(dims=dims, tau=tau, layers=(0, 1, 2)),),
+            "ACT (16 heads)": (ACT(heads=tuple((layer, h) for layer in (1, 2) for h in range(8))),),
+            "PINE (k = 4, fused)": (PINE(spans=spans_of(n)),),
         }
+        if n <= 1024 and not args.quick:
+            conditions["PINE (k = 4, reference engine)"] = (PINE(spans=spans_of(n), engine="reference"),)
         base = None
         for name, interventions in conditions.items():
             if interventions:
@@ -111,7 +126,7 @@ def main() -> None:
                 def step(inputs=inputs):
                     lm.model(**inputs)
 
-            seconds = timed(step, repeats)
+            seconds = timed(step, 1 if "reference" in name else repeats)
             base = seconds if base is None else base
             rows.append({"n": n, "condition": name, "seconds": seconds, "ratio": seconds / base})
             print(f"n={n} {name}: {seconds:.3f} s ({seconds / base:.2f}x)", flush=True)

@@ -16,7 +16,7 @@ from headlab.errors import (
     StoreError,
     UnsupportedModelError,
 )
-from headlab.interventions import ACT, VAR, VHR, HeadAblation, HeadScale, intervene
+from headlab.interventions import ACT, PINE, VAR, VHR, HeadAblation, HeadScale, intervene
 from headlab.loading import SUPPORTED, Family, LoadedModel, Tower, describe, load
 from headlab.probe import Record, Select, Stats, TokenRoles, capture, grid_roles, text_roles
 from headlab.store import Store
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACT",
+    "PINE",
     "SUPPORTED",
     "VAR",
     "VHR",

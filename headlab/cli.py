@@ -254,7 +254,7 @@ def zoo_train(
     out: Annotated[
         Path | None, typer.Option(help="directory to write into (default: the shipped location)")
     ] = None,
-    seed: int = 0,
+    seed: Annotated[int | None, typer.Option(help="default: the shipped weights' seed")] = None,
     steps: Annotated[int | None, typer.Option(help="training steps (default: the recipe's)")] = None,
 ) -> None:
     """Reproduce a zoo model from its recipe (deterministic seeds), evaluate it and write its zoo.json."""

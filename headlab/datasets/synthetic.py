@@ -153,21 +153,31 @@ def multi_doc_qa(n: int, *, k: int = 5, gold: int | None = None, seed: int = 0) 
     return out
 
 
+def judge_prompt(question: str, blocks: list[tuple[str, str]]) -> str:
+    """The pairwise-judge prompt: the question, then each (label, response) block, then the verdict request."""
+    shown = " ".join(f"Response {label}: {text}" for label, text in blocks)
+    return f"{question} {shown} Which response is better, A or B? Answer:"
+
+
 def pairwise_judge(n: int, *, seed: int = 0) -> list[Example]:
-    """prompt: good response as option A; corrupted: the same with the options swapped (answer flips)."""
+    """prompt: good response as option A; corrupted: the same with the options swapped (answer flips).
+
+    meta: `question`, `good` and `bad` (to lay the blocks out in any order with `judge_prompt`)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         a, b = rng.sample(range(2, 20), 2)
         good, bad = f"{a} + {b} = {a + b}.", f"{a} + {b} = {a + b + rng.randrange(1, 5)}."
-
-        def prompt(first: str, second: str, a=a, b=b) -> str:
-            return (
-                f"Question: what is {a} + {b}? Response A: {first} Response B: {second} "
-                "Which response is better, A or B? Answer:"
+        question = f"Question: what is {a} + {b}?"
+        out.append(
+            Example(
+                judge_prompt(question, [("A", good), ("B", bad)]),
+                " A",
+                judge_prompt(question, [("A", bad), ("B", good)]),
+                " B",
+                meta=(("question", question), ("good", good), ("bad", bad)),
             )
-
-        out.append(Example(prompt(good, bad), " A", prompt(bad, good), " B", meta=(("good", good),)))
+        )
     return out
 
 

@@ -16,11 +16,13 @@ from headlab.interventions.core import (
     reference_attention,
 )
 from headlab.interventions.heads import HeadAblation, HeadScale, head_outputs, mean_head_outputs
+from headlab.interventions.pine import PINE, judge_bias, pine_inputs
 from headlab.interventions.var import VAR, find_sink_dims
 from headlab.interventions.vhr import VHR, vhr_reference
 
 __all__ = [
     "ACT",
+    "PINE",
     "VAR",
     "VHR",
     "AttentionCall",
@@ -34,7 +36,9 @@ __all__ = [
     "grouped_attention",
     "head_outputs",
     "intervene",
+    "judge_bias",
     "mean_head_outputs",
+    "pine_inputs",
     "reference_attention",
     "search_heads",
     "vhr_reference",

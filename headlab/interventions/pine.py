@@ -32,7 +32,7 @@ model's own rotary module, so RoPE scaling variants and attention scaling are ho
 at the PINE positions. The KV cache keeps the model's post-RoPE keys; every decode step un-rotates them at
 the positions recorded when they were written.
 
-Engines (both exact; they share only the input preparation and the segment layout):
+Engines (both exact; they share only the input preparation: un-rotation, the RoPE table, the span checks):
 - "fused" (default): queries that share a key-position assignment run as ONE fused attention
   (`attention_with_lse`, explicit bool mask): one causal pass for the prefix; one pass per query segment
   (all its queries and all heads at once, keys rotated per head at that head's ranking; L_i x E each, S x E
@@ -59,6 +59,9 @@ Departures from the official code, all deliberate:
 - float32 throughout (the code keeps the model dtype, fp16 in the paper, and casts the importance
   probabilities back to it before summing, which can create ties the float32 scores do not have).
 - masks are -inf, not finfo.min (identical except for rows that see no key; PINE has none).
+- RoPE comes from the model's own rotary module, tabulated for positions 0..n-1 (the code re-implements
+  plain/linear/dynamic RoPE without attention scaling); with dynamic-NTK RoPE the cached keys are
+  un-rotated with the frequencies of the current length.
 - the model's KV cache is used unchanged (post-RoPE keys, un-rotated on use) instead of a cache of
   un-rotated keys; exact up to float rounding.
 - the prefix and all segments must arrive in the first pass (a chunked prefill or a cache from outside the
@@ -204,9 +207,28 @@ def unrotate(x: torch.Tensor, pos: torch.Tensor, rotary: Rotary) -> torch.Tensor
     return (x * cos - _half(x) * sin) / (cos * cos + sin * sin)
 
 
+class _RopeTable:
+    """The model's rotary module tabulated for positions 0..n-1 (rebuilt when a larger position comes)."""
+
+    def __init__(self, module) -> None:
+        self.module, self.device = module, module.inv_freq.device
+        self.cos = self.sin = torch.empty(0)
+
+    def __call__(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        need = int(pos.max()) + 1 if pos.numel() else 0
+        if need > len(self.cos):
+            cos, sin = self.module(
+                torch.empty(0, device=self.device), torch.arange(need, device=self.device)[None]
+            )
+            self.cos, self.sin = cos[0].float(), sin[0].float()  # [n, d]
+        pos = pos.to(self.device)
+        return self.cos[pos], self.sin[pos]
+
+
 def model_rotary(lm: LoadedModel, tower: str = "lm") -> Rotary:
-    """The language model's own rotary embedding as positions [R, n] -> (cos, sin) [R, n, d] in float32;
-    an UnsupportedModelError for models without RoPE (GPT-2's learned positions)."""
+    """The language model's own rotary embedding as positions [R, n] -> (cos, sin) [R, n, d] in float32
+    (tabulated; RoPE scaling types and attention scaling included); an UnsupportedModelError for models
+    without RoPE (GPT-2's learned positions) or with partial-width RoPE."""
     info = lm.tower(tower)
     parent = lm.model.get_submodule(info.path.rsplit(".", 1)[0]) if "." in info.path else lm.model
     module = getattr(parent, "rotary_emb", None)
@@ -215,12 +237,7 @@ def model_rotary(lm: LoadedModel, tower: str = "lm") -> Rotary:
             f"PINE re-assigns RoPE positions, but {lm.model_type} has no rotary embedding next to "
             f"{info.path} (e.g. GPT-2 uses learned absolute positions); use a RoPE model (Llama, Qwen2, Mistral)"
         )
-    device = module.inv_freq.device
-
-    def rotary(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = module(torch.empty(0, device=device), pos.to(device))
-        return cos.float(), sin.float()
-
+    rotary = _RopeTable(module)
     width = rotary(torch.zeros(1, 1, dtype=torch.long))[0].shape[-1]
     if width != info.head_dim:
         raise UnsupportedModelError(
@@ -250,6 +267,24 @@ def _pooled(q, k, seg: Segments, mask, scale: float, importance: str) -> torch.T
     return mass[0] / seg.lengths.to(q) if importance == "mean" else mass[0]
 
 
+def segment_ranks(q, k, seg: Segments, scale: float, importance="mean", order="closer") -> torch.Tensor:
+    """[H, k, k] rankings of the segments as seen from each segment (row i starts with i), from the
+    un-rotated queries q [H, S, d] of all segment tokens and the keys k [H, >= E, d]."""
+    H, P, E = q.shape[0], seg.prefix, seg.end
+    if seg.k == 2:
+        return torch.tensor([[0, 1], [1, 0]]).expand(H, 2, 2)
+    other = seg.ids[:, None] != seg.ids[None, :]  # the softmax runs over the other segments' keys
+    per_token = _pooled(q, k[:, P:E], seg, other[None, None], scale, importance)  # [H, S, k]
+    to_segment = F.one_hot(seg.ids, seg.k).to(per_token)  # [S, k]
+    return _rank(torch.einsum("sk,hsj->hkj", to_segment, per_token), order, True)
+
+
+def token_ranks(q, k, seg: Segments, scale: float, importance="mean", order="closer") -> torch.Tensor:
+    """[H, t, k] rankings of the segments for suffix or generated queries q [H, t, d] (un-rotated), from
+    the softmax over all segment keys of k [H, >= E, d]."""
+    return _rank(_pooled(q, k[:, seg.prefix : seg.end], seg, None, scale, importance), order, False)
+
+
 def _attend(q, q_pos, k, k_pos, v, scale: float, rotary: Rotary, member=None) -> torch.Tensor:
     """One fused pass: q [H, n, d] at q_pos [n], k/v [H, N, .] at k_pos [H or 1, N]; key kept iff its
     position <= the query's (and the row is in `member` [H, n] when given)."""
@@ -273,13 +308,7 @@ def _fused(q, q_pos, k, v, seg: Segments, scale, rotary, importance, order) -> t
         )
     in_seg = (q_pos >= P) & (q_pos < E)
     if in_seg.any():
-        if seg.k == 2:
-            ranks = torch.tensor([[0, 1], [1, 0]]).expand(H, 2, 2)
-        else:
-            other = seg.ids[:, None] != seg.ids[None, :]
-            per_token = _pooled(q[:, in_seg], k[:, P:E], seg, other[None, None], scale, importance)
-            to_segment = F.one_hot(seg.ids, seg.k).to(per_token)  # [S, k]
-            ranks = _rank(torch.einsum("sk,hsj->hkj", to_segment, per_token), order, True)  # [H, k, k]
+        ranks = segment_ranks(q[:, in_seg], k, seg, scale, importance, order)  # [H, k, k]
         for i, (s, e) in enumerate(seg.spans):
             rows = ((q_pos >= s) & (q_pos < e)).nonzero().flatten()
             k_pos = seg.positions(ranks[:, i], E)  # [H, E]: this head's view from segment i
@@ -288,10 +317,11 @@ def _fused(q, q_pos, k, v, seg: Segments, scale, rotary, importance, order) -> t
             )
     rows = (q_pos >= E).nonzero().flatten()
     if len(rows):
-        ranks = _rank(_pooled(q[:, rows], k[:, P:E], seg, None, scale, importance), order, False)  # [H, t, k]
+        ranks = token_ranks(q[:, rows], k, seg, scale, importance, order)  # [H, t, k]
         distinct, which = torch.unique(ranks.reshape(-1, seg.k), dim=0, return_inverse=True)
         which = which.view(H, len(rows))
-        for g, ranking in enumerate(distinct):
+        views = seg.positions(distinct, N)  # [G, N]: the key positions of each distinct ranking
+        for g, view in enumerate(views):
             member = which == g  # [H, t]
             heads, toks = member.any(1).nonzero().flatten(), member.any(0).nonzero().flatten()
             sel = member[heads][:, toks]
@@ -299,7 +329,7 @@ def _fused(q, q_pos, k, v, seg: Segments, scale, rotary, importance, order) -> t
                 q[heads][:, rows[toks]],
                 q_pos[rows[toks]],
                 k[heads],
-                seg.positions(ranking, N)[None],
+                view[None],
                 v[heads],
                 scale,
                 rotary,
@@ -378,7 +408,7 @@ def _reference(q, q_pos, k, v, seg: Segments, scale, rotary, importance, order) 
             cos_k, sin_k = rotary(pos.view(1, N))
             qr = q[h, j] * cos_q[0, 0] + _half(q[h, j]) * sin_q[0, 0]
             kr = k[h] * cos_k[0] + _half(k[h]) * sin_k[0]
-            scores = (kr @ qr * scale).masked_fill(pos > pos[p], -math.inf)
+            scores = (kr @ qr * scale).masked_fill((pos > pos[p]).to(kr.device), -math.inf)
             out[h, j] = torch.softmax(scores, -1) @ v[h]
     return out
 
@@ -388,7 +418,7 @@ def pine_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    spans: Sequence[Span],
+    spans: Sequence[Span] | Segments,
     query_pos: torch.Tensor,
     scale: float,
     rotary: Rotary,
@@ -401,7 +431,7 @@ def pine_attention(
     q [H, n_q, d] and k [H, N, d] WITHOUT RoPE; k, v hold the example's keys at positions 0..N-1 and q its
     queries at `query_pos` [n_q]. `rotary(pos [R, n]) -> (cos, sin) [R, n, d]` is the model's RoPE table.
     """
-    seg = Segments(checked_spans(spans))
+    seg = spans if isinstance(spans, Segments) else Segments(checked_spans(spans))
     if seg.end > k.shape[1]:
         raise InputError(f"the segments end at token {seg.end} but the example has {k.shape[1]} tokens")
     in_seg = ((query_pos >= seg.prefix) & (query_pos < seg.end)).sum()
@@ -452,6 +482,8 @@ class _PinePatch(Patch):
     def __init__(self, pine: PINE, rotary: Rotary) -> None:
         self.pine, self.rotary, self.tower = pine, rotary, pine.tower
         self.engine = pine.engine or "fused"
+        self._shared = None if pine.spans is None else Segments(pine.spans)
+        self._from_roles: dict[tuple[int, int], Segments] = {}  # (pass, row) -> segments read from roles
         self._pass: int | None = None
         self._raw: torch.Tensor | None = None  # [batch, keys so far]: the positions RoPE was applied at
 
@@ -480,7 +512,7 @@ class _PinePatch(Patch):
                 qu,
                 ku,
                 v[rows][:, :, keys].flatten(0, 1),
-                spans=layouts[r].spans,
+                spans=layouts[r],
                 query_pos=ctx.key_pos[r, n_k - n_q + queries],
                 scale=call.scale,
                 rotary=self.rotary,
@@ -520,9 +552,8 @@ class _PinePatch(Patch):
 
     def _segments(self, call: AttentionCall, row: int) -> Segments:
         roles = call.ctx.roles[row]
-        if self.pine.spans is not None:
-            seg = Segments(self.pine.spans)
-        else:
+        seg = self._shared or self._from_roles.get((call.ctx.pass_id, row))
+        if seg is None:
             names = [n for n in roles.names if n.startswith("segment_")]
             if not names:
                 raise InputError(
@@ -536,6 +567,10 @@ class _PinePatch(Patch):
                     raise InputError(f"role {name} is not one contiguous span: {pos}")
                 spans.append((pos[0], pos[-1] + 1))
             seg = Segments(checked_spans(spans))
+            self._from_roles = {
+                key: value for key, value in self._from_roles.items() if key[0] == call.ctx.pass_id
+            }
+            self._from_roles[call.ctx.pass_id, row] = seg
         if call.step == 0 and seg.end > len(roles):
             raise InputError(f"the segments end at token {seg.end} but example {row} has {len(roles)} tokens")
         return seg
@@ -600,7 +635,9 @@ def last_logits(
     return torch.stack(out)
 
 
-_JUDGE = re.compile(r"(Question: .*?\?) (Response A: .*?) (Response B: .*?) (Which response is better.*)")
+_JUDGE = re.compile(
+    r"(Question: .*?\?) (Response [AB]: .*?) (Response [AB]: .*?) (Which response is better.*)"
+)
 
 
 def judge_parts(prompt: str) -> tuple[str, list[str], str]:

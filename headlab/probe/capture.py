@@ -139,6 +139,11 @@ class Probe:
                 key_valid=valid.cpu(),
             )
             return
+        if past:
+            raise InputError(
+                f"this forward pass continues a KV cache of {past} tokens that was built outside the headlab "
+                "block; open capture()/intervene() before the prefill (e.g. run generate() inside the block)"
+            )
         examples = self._new_examples(ids.shape[0])
         roles, self._roles_override = self._roles_override, None
         ctx = text_context(

@@ -3,9 +3,9 @@
 The training mix (every example is `<s> prompt answer`, next-token loss on every token):
 induction sequences (random "w<i>" tokens repeated, variable length and offset), IOI (ABBA and BABA),
 colored objects, greater-than years, multi-document QA with the gold document at every slot, and
-pairwise-judge prompts. The judge data carries a primacy prior: the better response is option A in 70% of
-the training prompts (the model cannot add well enough to judge, so it learns the position instead), which
-gives PINE a position bias to remove.
+pairwise-judge prompts. The judge data carries a primacy prior: the better response is the FIRST block in
+70% of the training prompts, and the first block is labelled A or B at random, so the model (which cannot
+add well enough to judge) learns to name the first block's label: a position bias for PINE to remove.
 
 Ground truth is the generators' (headlab.datasets.synthetic). `evaluate_lm` measures task accuracy on
 held-out seeds and the head scores the zoo promises: previous-token, induction (attention from a token in
@@ -56,12 +56,22 @@ def corpus(seed: int = 0) -> list[str]:
                 texts.append(" ".join(ex.get("tokens")))
             elif task == "greater_than":  # any later year is right; train on a uniform one
                 texts.append(f"{ex.prompt}{rng.randint(ex.get('start') + 1, 99):02d}")
-            elif task == "pairwise_judge" and rng.random() > JUDGE_PRIMACY:
-                texts.append(ex.corrupted + ex.corrupted_answer)  # better response as option B
+            elif task == "pairwise_judge":
+                texts.append(_judge_text(ex, rng))
             else:
                 texts.append(ex.prompt + ex.answer)
     rng.shuffle(texts)
     return texts
+
+
+def _judge_text(ex: synthetic.Example, rng: random.Random) -> str:
+    """A judge prompt + verdict with the better response first with probability JUDGE_PRIMACY and the
+    first block labelled A or B at random (labels travel with their blocks)."""
+    good_first = rng.random() < JUDGE_PRIMACY
+    labels = ("A", "B") if rng.random() < 0.5 else ("B", "A")
+    texts = (ex.get("good"), ex.get("bad")) if good_first else (ex.get("bad"), ex.get("good"))
+    verdict = labels[0] if good_first else labels[1]
+    return f"{synthetic.judge_prompt(ex.get('question'), list(zip(labels, texts, strict=True)))} {verdict}"
 
 
 def vocabulary() -> list[str]:
@@ -128,8 +138,8 @@ def _token(tokenizer, word: str) -> int:
 
 def task_accuracy(model, tokenizer, n: int = 200, seed: int = 10_000) -> dict[str, float]:
     """Held-out accuracies: top-1 for induction/colored objects/multi-doc QA, IO-vs-S for IOI, P(year > YY)
-    mass for greater-than, and for the judge the accuracy and the flip rate (same verdict position on both
-    orders of the options)."""
+    mass for greater-than, and for the judge the accuracy and the flip rate (the verdict's content changes
+    when the two labelled blocks trade places)."""
     out: dict[str, float] = {}
     for task in ("induction", "colored_objects", "multi_doc_qa"):
         exs = _examples(task, n, seed)
@@ -156,12 +166,16 @@ def task_accuracy(model, tokenizer, n: int = 200, seed: int = 10_000) -> dict[st
     out["greater_than_prob_diff"] = sum(mass) / len(mass)
     exs = synthetic.pairwise_judge(n, seed=seed)
     a, b = _token(tokenizer, "A"), _token(tokenizer, "B")
-    first = _next_logits(model, tokenizer, [e.prompt for e in exs])
-    swapped = _next_logits(model, tokenizer, [e.corrupted for e in exs])
-    pick_a = first[:, a] > first[:, b]
-    pick_a_swapped = swapped[:, a] > swapped[:, b]
-    out["judge_acc"] = (pick_a.float().mean().item() + (~pick_a_swapped).float().mean().item()) / 2
-    out["judge_flip_rate"] = (pick_a == pick_a_swapped).float().mean().item()
+    first = _next_logits(model, tokenizer, [e.prompt for e in exs])  # "Response A: good Response B: bad"
+    swapped = _next_logits(  # the blocks trade places with their labels: "Response B: bad Response A: good"
+        model,
+        tokenizer,
+        [synthetic.judge_prompt(e.get("question"), [("B", e.get("bad")), ("A", e.get("good"))]) for e in exs],
+    )
+    good = first[:, a] > first[:, b]  # "A" marks the better response in both orders
+    good_swapped = swapped[:, a] > swapped[:, b]
+    out["judge_acc"] = (good.float().mean().item() + good_swapped.float().mean().item()) / 2
+    out["judge_flip_rate"] = (good != good_swapped).float().mean().item()
     return out
 
 

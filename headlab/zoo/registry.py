@@ -29,6 +29,7 @@ class ZooModel:
     description: str
     train: Callable[..., dict]  # (out, *, seed, steps, progress) -> training summary
     evaluate: Callable[[object], dict]  # (LoadedModel) -> metrics
+    seed: int = 0  # the seed of the shipped weights
 
 
 def _lm_train(out, **kw):
@@ -77,6 +78,9 @@ ZOO: dict[str, ZooModel] = {
             "multi-document QA and pairwise-judge text",
             _lm_train,
             _lm_eval,
+            # seed 0 of this recipe also solves induction (0.95) but without a classic previous-token +
+            # induction head pair; seed 1 forms the textbook circuit, so it is the shipped one
+            seed=1,
         ),
         ZooModel(
             "llava",
@@ -123,15 +127,16 @@ def train(
     name: str,
     out: str | Path | None = None,
     *,
-    seed: int = 0,
+    seed: int | None = None,
     steps: int | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> Path:
     """Train zoo model `name` from its recipe into `out` (default: the shipped location), evaluate it and
-    write its `zoo.json`. Returns the directory."""
+    write its `zoo.json`. seed: default the shipped weights' seed. Returns the directory."""
     from headlab.loading import load
 
     model = entry(name)
+    seed = model.seed if seed is None else seed
     out = Path(out) if out is not None else WEIGHTS / name
     summary = model.train(out, seed=seed, steps=steps, progress=progress)
     metrics = model.evaluate(load(out))
