@@ -71,7 +71,9 @@ def test_grouped_edit_hand_computed():
 
 
 @pytest.mark.parametrize("n_kv", [4, 2])
-def test_grouped_edits_compose_and_equal_the_explicit_reference(n_kv):
+@pytest.mark.parametrize("share", [0.0, 1.0])  # both exact paths: one augmented fused call / rebuilt rows
+def test_grouped_edits_compose_and_equal_the_explicit_reference(n_kv, share, monkeypatch):
+    monkeypatch.setattr("headlab.interventions.core._EXPLICIT_SHARE", share)
     g = torch.Generator().manual_seed(0)
     b, h, n, d = 2, 4, 9, 8
     q, k, v = (torch.randn(b, x, n, d, generator=g) for x in (h, n_kv, n_kv))
@@ -294,7 +296,9 @@ def test_var_rule_hand_computed():
 
 
 @torch.no_grad()
-def test_var_fused_equals_reference_on_the_zoo_llava_and_in_generate(zoo_llava):
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_var_fused_equals_reference_on_the_zoo_llava_and_in_generate(zoo_llava, share, monkeypatch):
+    monkeypatch.setattr("headlab.interventions.core._EXPLICIT_SHARE", share)
     inputs = _scene_inputs(zoo_llava)
     base = zoo_llava.model(**inputs).logits[:, -1]
     # the tiny model has no massive activations (sink scores ~2.7 against tau = 20): with the paper's tau

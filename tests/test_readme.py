@@ -45,3 +45,18 @@ def test_store_example_runs(model_dirs, tmp_path, monkeypatch):
         scope,
     )
     assert scope["store"].committed("with_image") == {101, 102}
+
+
+def test_intervention_and_zoo_examples_run():
+    block = next(b for b in _blocks() if "hl.intervene" in b)
+    setup = (
+        "import headlab as hl\nfrom headlab.datasets import scenes\n"
+        "lm = hl.load('zoo:llava')\n"
+        "inputs = lm.processor(text=['USER: <image>\\nIs there an apple in the image? ASSISTANT:'], "
+        "images=[scenes.render(scenes.make_scenes(1)[0])], return_tensors='pt')\n"
+    )
+    scope: dict = {}
+    exec(compile(setup + block, "README interventions example", "exec"), scope)
+    assert scope["out"].shape[1] > scope["inputs"]["input_ids"].shape[1]
+    zoo = next(b for b in _blocks() if 'hl.load("zoo:lm")' in b)
+    exec(compile(zoo, "README zoo example", "exec"), {})

@@ -143,8 +143,20 @@ class Intervention:
         raise NotImplementedError
 
 
+_EXPLICIT_SHARE = 0.25  # grouped keys up to this share of all keys: their probabilities are rebuilt
+_TILE = 256  # query rows per explicit tile
+
+
 def grouped_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torch.Tensor:
-    """Attention with `edits` applied in order, exactly, from atom masses and outputs: [b, h, q, d_v] fp32."""
+    """Attention with `edits` applied in order, exactly, from atom masses and outputs: [b, h, q, d_v] fp32.
+
+    Atoms are the key sets with the same membership in every edit's groups; atom 0 holds the keys in no
+    group. Two exact ways to get each atom's mass and output, picked by the share of grouped keys:
+    - few grouped keys (sinks, an image span; the usual case): the plain fused attention gives the output
+      and the row logsumexp; the grouped keys' probabilities are rebuilt from it in query tiles (O(tile x
+      grouped) memory) and atom 0 is the remainder (mass 1 - the others, output o - the others);
+    - otherwise: ONE fused attention over values augmented with each atom's masked V and one-hot columns.
+    """
     b, h, n_k = call.q.shape[0], call.n_heads, call.k.shape[2]
     device = call.q.device
     groups = [g.to(device).expand(b, h, n_k) for e in edits for g in e.groups]
@@ -155,33 +167,71 @@ def grouped_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torch.
     code = torch.zeros(b, h, n_k, dtype=torch.long, device=device)
     for i, g in enumerate(groups):
         code |= g.long() << i
-    atoms, atom_of = torch.unique(code, return_inverse=True)
-    n_atoms = len(atoms)
-    onehot = F.one_hot(atom_of, n_atoms).float()  # [b, h, k, A]
-    v = expand_kv(call.v, h).float()
-    d = v.shape[-1]
-    v_aug = torch.cat([(v[..., None, :] * onehot[..., None]).flatten(-2), onehot], -1)
-    aug, _ = attention_with_lse(
-        call.q.float(), call.k.float(), v_aug, mask=call.mask, scale=call.scale, causal=call.causal
-    )
-    n_q = call.n_q
-    atom_out = aug[..., : n_atoms * d].reshape(b, h, n_q, n_atoms, d)
-    atom_mass = aug[..., n_atoms * d :]  # [b, h, q, A]
+    atoms, atom_of = torch.unique(torch.cat([code.new_zeros(1), code.flatten()]), return_inverse=True)
+    atom_of = atom_of[1:].view(b, h, n_k)  # atoms[0] == 0: the keys in no group
+    grouped = (code != 0).flatten(0, 1).any(0).nonzero().flatten()  # key indices in any group
+    if len(grouped) <= _EXPLICIT_SHARE * n_k:
+        atom_mass, atom_out = _atoms_from_rows(call, grouped, atom_of[..., grouped], len(atoms))
+    else:
+        atom_mass, atom_out = _atoms_fused(call, atom_of, len(atoms))
     first = 0
     for edit in edits:
         member = [((atoms >> (first + i)) & 1).bool() for i in range(len(edit.groups))]  # [A] each
         first += len(edit.groups)
         mass = [(atom_mass * m).sum(-1) for m in member]
-        rest_atoms = ~torch.stack(member).any(0) if member else torch.ones(n_atoms, dtype=torch.bool)
+        rest_atoms = ~torch.stack(member).any(0)
         per_group, rest = edit.factors(mass, (atom_mass * rest_atoms).sum(-1))
-        factor = (
-            torch.ones_like(atom_mass) * torch.as_tensor(rest, dtype=torch.float32)[..., None] * rest_atoms
-        )
+        factor = _as(rest, atom_mass)[..., None] * rest_atoms
         for m, f in zip(member, per_group, strict=True):
-            factor = factor + torch.as_tensor(f, dtype=torch.float32)[..., None] * m
+            factor = factor + _as(f, atom_mass)[..., None] * m
         atom_mass = atom_mass * factor
         atom_out = atom_out * factor[..., None]
     return atom_out.sum(-2)
+
+
+def _atoms_fused(call: AttentionCall, atom_of: torch.Tensor, n_atoms: int):
+    onehot = F.one_hot(atom_of, n_atoms).float()  # [b, h, k, A]
+    v = expand_kv(call.v, call.n_heads).float()
+    d = v.shape[-1]
+    v_aug = torch.cat([(v[..., None, :] * onehot[..., None]).flatten(-2), onehot], -1)
+    aug, _ = attention_with_lse(
+        call.q.float(), call.k.float(), v_aug, mask=call.mask, scale=call.scale, causal=call.causal
+    )
+    b, h, n_q = aug.shape[:3]
+    return aug[..., n_atoms * d :], aug[..., : n_atoms * d].reshape(b, h, n_q, n_atoms, d)
+
+
+def _atoms_from_rows(call: AttentionCall, keys: torch.Tensor, atom_of: torch.Tensor, n_atoms: int):
+    """Atom masses [b, h, q, A] and outputs [b, h, q, A, d] with the grouped `keys`' probabilities rebuilt
+    from the plain attention's logsumexp; atom 0 is what the plain row has left."""
+    out, lse = call.plain
+    h, n_q, n_k = call.n_heads, call.n_q, call.k.shape[2]
+    k = expand_kv(call.k, h)[:, :, keys].float()
+    v = expand_kv(call.v, h)[:, :, keys].float()
+    onehot = F.one_hot(atom_of, n_atoms).float()
+    onehot[..., 0] = 0.0  # atom 0 comes from the remainder
+    mask = call.mask
+    if mask is not None and mask.shape[-2] not in (1, n_q):
+        mask = mask[..., -n_q:, :]
+    q_pos = torch.arange(n_k - n_q, n_k, device=keys.device)
+    b = out.shape[0]
+    mass = out.new_zeros(b, h, n_q, n_atoms)
+    outs = out.new_zeros(b, h, n_q, n_atoms, out.shape[-1])
+    finite = torch.isfinite(lse)
+    for t0 in range(0, n_q, _TILE):
+        t1 = min(n_q, t0 + _TILE)
+        scores = call.q[:, :, t0:t1].float() @ k.transpose(-1, -2) * call.scale  # [b, h, t, g]
+        allowed = finite[:, :, t0:t1, None].expand_as(scores)
+        if mask is not None:
+            allowed = allowed & (mask[..., keys] if mask.shape[-2] == 1 else mask[..., t0:t1, :][..., keys])
+        if call.causal:
+            allowed = allowed & (keys[None, :] <= q_pos[t0:t1, None])
+        probs = torch.where(allowed, torch.exp(scores - lse[:, :, t0:t1, None].float()), 0.0)
+        mass[:, :, t0:t1] = probs @ onehot
+        outs[:, :, t0:t1] = torch.einsum("bhtg,bhga,bhgd->bhtad", probs, onehot, v)
+    mass[..., 0] = finite.float() - mass.sum(-1)
+    outs[..., 0, :] = out - outs.sum(-2)
+    return mass, outs
 
 
 def _as(value, like: torch.Tensor) -> torch.Tensor:
