@@ -24,8 +24,16 @@ import transformers as tf
 
 from headlab.datasets import scenes
 from headlab.datasets.pope import PopeQuestion, score_pope
-from headlab.zoo.random_models import IMAGE_SIZE, PATCH_SIZE, _image_processor
-from headlab.zoo.training import Progress, Schedule, fit, length_buckets, pad_batch, seed_everything
+from headlab.zoo.random_models import IMAGE_SIZE, PATCH_SIZE, llava_processor
+from headlab.zoo.training import (
+    Progress,
+    Schedule,
+    fit,
+    length_buckets,
+    llama_config,
+    pad_batch,
+    seed_everything,
+)
 from headlab.zoo.vocab import IMAGE, word_tokenizer
 
 N_SCENES = 4000
@@ -66,18 +74,7 @@ def build_model(tokenizer) -> tf.LlavaForConditionalGeneration:
         patch_size=PATCH_SIZE,
         projection_dim=64,
     )
-    text = tf.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text = llama_config(tokenizer, max_positions=128)
     config = tf.LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -91,14 +88,7 @@ def build_model(tokenizer) -> tf.LlavaForConditionalGeneration:
 
 
 def build_processor(tokenizer) -> tf.LlavaProcessor:
-    return tf.LlavaProcessor(
-        image_processor=_image_processor(),
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        image_token=IMAGE,
-    )
+    return llava_processor(tokenizer)
 
 
 def encode(tokenizer, prompt: str, answer: str = "") -> tuple[list[int], list[int]]:

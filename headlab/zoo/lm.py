@@ -22,7 +22,7 @@ import torch
 import transformers as tf
 
 from headlab.datasets import synthetic
-from headlab.zoo.training import Progress, Schedule, fit, pad_batch, seed_everything
+from headlab.zoo.training import Progress, Schedule, fit, llama_config, pad_batch, seed_everything
 from headlab.zoo.vocab import word_tokenizer
 
 TASK_COUNTS = {
@@ -82,20 +82,7 @@ def vocabulary() -> list[str]:
 
 
 def build_model(tokenizer) -> tf.LlamaForCausalLM:
-    config = tf.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    config = llama_config(tokenizer, max_positions=256, rope_theta=10000.0, tie_word_embeddings=False)
     return tf.LlamaForCausalLM(config)
 
 

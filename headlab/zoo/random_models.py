@@ -130,6 +130,18 @@ def _image_processor() -> tf.CLIPImageProcessorPil:
     )
 
 
+def llava_processor(tokenizer) -> tf.LlavaProcessor:
+    """The LLaVA processor of the tiny models: 32 x 32 images, 8-pixel patches, CLS dropped (16 tokens)."""
+    return tf.LlavaProcessor(
+        image_processor=_image_processor(),
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=IMAGE,
+    )
+
+
 def _llava(path: Path) -> None:
     tokenizer = _train_tokenizer(300, add_bos=True)
     text = _decoder_config(tf.LlamaConfig, tokenizer)
@@ -144,14 +156,7 @@ def _llava(path: Path) -> None:
         vision_feature_layer=-2,
     )
     tf.LlavaForConditionalGeneration(config).save_pretrained(path)
-    processor = tf.LlavaProcessor(
-        image_processor=_image_processor(),
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        image_token=IMAGE,
-    )
+    processor = llava_processor(tokenizer)
     processor.save_pretrained(path)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import transformers as tf
 from torch import nn
 
 
@@ -100,3 +101,29 @@ def pad_batch(rows: list[list[int]], labels: list[list[int]], pad_id: int) -> di
         lab[i, : len(la)] = torch.tensor(la)
         mask[i, : len(r)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
+def llama_config(
+    tokenizer,
+    *,
+    max_positions: int,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int = 256,
+    **extra,
+) -> tf.LlamaConfig:
+    """A small Llama config over `tokenizer` (multi-head attention: as many KV heads as query heads)."""
+    return tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
