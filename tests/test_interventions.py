@@ -354,3 +354,17 @@ def test_capture_inside_intervene_records_and_keeps_the_edit(zoo_lm):
             again = zoo_lm.model(**inputs).logits
     torch.testing.assert_close(again, ablated, atol=1e-5, rtol=0)
     assert set(rec.head_stats.layer) == {0, 1}
+
+
+def test_overhead_benchmark_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "interventions.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("VHR (lockstep)", "VAR", "ACT", "PINE (k = 4, fused)"):
+        assert f"n=256 {name}" in done.stdout
