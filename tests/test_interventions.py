@@ -124,6 +124,18 @@ def _scene_inputs(lm, questions=("apple", "car", "tree")):
     )
 
 
+def _greedy_scores(lm, inputs, steps: int = 3):
+    """The per-step logits of a greedy `generate` of exactly `steps` tokens (KV cache on)."""
+    return lm.model.generate(
+        **inputs,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    ).scores
+
+
 def _o_proj_edit(lm, layer, edit):
     """Edit the o_proj input of `layer` by hand (the independent oracle for head-level interventions)."""
     attn = lm.attention_modules["lm"][layer]
@@ -233,25 +245,11 @@ def test_vhr_equals_its_reference_and_is_frozen_for_generation(zoo_llava):
         fused = zoo_llava.model(**inputs).logits[:, -1]
         selected = runner.patches[0].selected
         generated = zoo_llava.model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-        scores = zoo_llava.model.generate(
-            **inputs,
-            max_new_tokens=3,
-            min_new_tokens=3,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-        ).scores
+        scores = _greedy_scores(zoo_llava, inputs)
     frozen = tuple((layer, h) for layer, s in selected.items() for h in s[0].nonzero().flatten().tolist())
     one = {k: v[:1] for k, v in inputs.items()}
     with intervene(zoo_llava, HeadScale(frozen, factor=2.0)):  # example 0's heads, fixed at every step
-        fixed = zoo_llava.model.generate(
-            **one,
-            max_new_tokens=3,
-            min_new_tokens=3,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-        ).scores
+        fixed = _greedy_scores(zoo_llava, one)
     for step_scores, fixed_scores in zip(scores, fixed, strict=True):
         torch.testing.assert_close(step_scores[0], fixed_scores[0], atol=1e-4, rtol=1e-4)
     reference, ref_selected = vhr_reference(zoo_llava, inputs, VHR())
@@ -317,14 +315,7 @@ def test_var_fused_equals_reference_on_the_zoo_llava_and_in_generate(zoo_llava, 
     scores = {}
     for engine in ("fused", "reference"):  # composed with VHR, in generate with a KV cache
         with intervene(zoo_llava, VHR(), VAR(tau=2.0, layers=(0, 1)), engine=engine):
-            scores[engine] = zoo_llava.model.generate(
-                **inputs,
-                max_new_tokens=3,
-                min_new_tokens=3,
-                do_sample=False,
-                output_scores=True,
-                return_dict_in_generate=True,
-            ).scores
+            scores[engine] = _greedy_scores(zoo_llava, inputs)
     for a, b in zip(scores["fused"], scores["reference"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
