@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from headlab.errors import SelectionError
+from headlab.errors import SelectionError, UnsupportedModelError
 from headlab.kernels.augmented import attention_with_lse
 from headlab.kernels.reference import expand_kv, naive_attention
 from headlab.loading import LoadedModel
@@ -287,6 +287,8 @@ class Runner:
 
     def attend(self, module, q, k, v, mask, *, scaling=None, is_causal=None, **kwargs):
         tower, layer = module._headlab_site
+        if kwargs.get("softcap") is not None:
+            raise UnsupportedModelError("interventions on soft-capped attention need the kernels issue's path")
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         ctx = self.contexts.context(tower, q.shape[0], k.shape[2]).fit_keys(k.shape[2])
