@@ -11,6 +11,8 @@ Layout:
                              -> arrays.zarr/attn/<tower>/L<layer>: [token, head + kv_head, d_head + 1],
                              q | lse then k | 0 (token rows start:stop; see write._pack_qk)
         rows_index.parquet   example, condition, tower, step, layer, head, query, start, length -> rows/values
+    results/<name>.parquet   an analysis result (tidy table keyed by layer and head), written atomically,
+    results/<name>.json      with its parameters (`save_result` / `result`); a rerun replaces it
 
 Reads are lazy: the small index tables are read once (and refreshed when new shards appear), and a
 pattern read touches only the few Zarr chunks of that example's rows of that head. Nothing is ever
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -49,6 +52,7 @@ from headlab.store.write import write_arrays, write_tables
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+RESULTS = "results"
 TABLES = ("examples", "head_stats", "residuals", "z_index", "attn_index", "rows_index")
 REQUIRED_COLUMNS = {
     "examples": {"example", "condition", "tower", "n_tokens", "roles", "meta"},
@@ -463,6 +467,41 @@ class Store:
             "runs": len(self.manifest.get("runs", [])),
             "bytes": size,
         }
+
+    # ----- analysis results ------------------------------------------------------------------------------
+    def save_result(self, name: str, frame: pd.DataFrame, params: dict | None = None) -> Path:
+        """Store an analysis result as results/<name>.parquet (+ <name>.json with `params`), atomically;
+        an existing result of that name is replaced."""
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
+            raise StoreError(f"result name {name!r}: use lowercase letters, digits, '_', '-' and '.'")
+        folder = self.root / RESULTS
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".{name}.{uuid.uuid4().hex}.tmp"
+        frame.to_parquet(tmp, index=False)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / f"{name}.parquet")
+        write_json_atomic(folder / f"{name}.json", {"name": name, "rows": len(frame), "params": params or {}})
+        return folder / f"{name}.parquet"
+
+    def results(self) -> list[str]:
+        """Names of the stored analysis results."""
+        folder = self.root / RESULTS
+        return sorted(p.stem for p in folder.glob("*.parquet")) if folder.is_dir() else []
+
+    def result(self, name: str) -> pd.DataFrame:
+        """A stored analysis result (its parameters are in `result_params(name)`)."""
+        path = self.root / RESULTS / f"{name}.parquet"
+        if not path.is_file():
+            raise StoreError(
+                f"no result {name!r} in {self.root}; stored: {self.results() or 'none'} "
+                f"(run `headlab analyze ... {self.root}`)"
+            )
+        return pd.read_parquet(path)
+
+    def result_params(self, name: str) -> dict:
+        path = self.root / RESULTS / f"{name}.json"
+        return json.loads(path.read_text())["params"] if path.is_file() else {}
 
     def _repr_html_(self) -> str:
         rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in self.info().items())
