@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from headlab.errors import HeadlabError
+from headlab.errors import HeadlabError, InputError
 
 app = typer.Typer(help="headlab: capture, analyse and intervene on attention heads.", no_args_is_help=True)
 zoo_app = typer.Typer(
@@ -213,6 +213,48 @@ def store_info(store: Annotated[Path, typer.Argument(help="store directory")]) -
 
     for key, value in Store.open(store).info().items():
         console.print(f"{key:>15}: {value}")
+
+
+def _option_value(text: str):
+    """CLI option values: JSON where it parses (numbers, true/false, lists), else the string itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@app.command()
+@_friendly
+def analyze(
+    name: Annotated[str, typer.Argument(help="the analysis; `headlab analyze list` lists them")],
+    store: Annotated[Path | None, typer.Argument(help="store directory (its result is saved there)")] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", "-o", help="KEY=VALUE, repeatable (e.g. -o task=ioi)")
+    ] = None,
+    csv: Annotated[Path | None, typer.Option(help="also write the result as CSV")] = None,
+) -> None:
+    """Run an analysis on a store and save its result into the store (results/NAME.parquet)."""
+    from headlab.analyses.registry import _collect, run_analysis
+    from headlab.store import Store
+
+    if name == "list":
+        for entry in _collect().values():
+            opts = ", ".join(f"{k}={d!r}" for k, (d, _) in entry.options.items())
+            console.print(f"[bold]{entry.name}[/bold]: {entry.description} ({opts})")
+        return
+    if store is None:
+        raise InputError(f"headlab analyze {name} needs the store directory: headlab analyze {name} STORE")
+    options = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--option expects KEY=VALUE, got {item!r}")
+        options[key.strip()] = _option_value(value)
+    frame = run_analysis(name, Store.open(store), **options)
+    console.print(frame.head(20).to_string(index=False))
+    if csv is not None:
+        frame.to_csv(csv, index=False)
+    console.print(f"saved the {name} result ({len(frame)} rows) in {store / 'results'}")
 
 
 @zoo_app.command("random")

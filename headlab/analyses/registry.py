@@ -22,7 +22,7 @@ class Analysis:
 
 
 # modules that contribute `ANALYSES`; each is imported on first use
-MODULES: tuple[str, ...] = ()
+MODULES: tuple[str, ...] = ("vhd",)
 
 ANALYSES: dict[str, Analysis] = {}
 

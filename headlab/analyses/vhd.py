@@ -1,0 +1,150 @@
+"""VHD: vision-aware head divergence per head, and token-level T-VHD (He et al., ACL 2025), from a store.
+
+For each example captured under two conditions, with the image (`with_condition`, default "with_image") and
+with the image tokens removed from the sequence (`without_condition`, default "no_image"), and each layer:
+VHD_{l,h} = || A_{l,h}(with image) - A_{l,h}(without) ||_2, where A is the head's output before o_proj at the
+last position (the position predicting the next token), and TA_{l,h} = || A_{l,h}(without) ||^2 (VHR's
+outlier rule uses it). `vhr_selected` marks the heads VHR would reinforce for that example (outlier rule,
+strictly above the layer's median), computed here WITHOUT the layer-by-layer reinforcement (a diagnostic,
+not the intervention; `headlab.interventions.VHR` does the real thing).
+
+T-VHD of an example = sum over layers of the sum of the k largest VHDs in that layer (Eq. 5); the paper does
+not state k: headlab's default is half the heads (the size of VHR's selection), `top_k` changes it.
+
+`capture_vhd_conditions` fills a store with exactly what this needs (head outputs at the last position,
+every layer, both conditions) from prompts and images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from headlab.analyses.registry import Analysis
+from headlab.errors import InputError, StoreError
+from headlab.interventions.vhr import select_heads
+from headlab.loading import Family, LoadedModel
+from headlab.store import Store
+
+
+def vhd_per_example(
+    store: Store, *, with_condition: str = "with_image", without_condition: str = "no_image"
+) -> pd.DataFrame:
+    """Tidy (example, layer, head, vhd, ta, vhr_selected) for every example stored under both conditions."""
+    frames = []
+    layer = 0
+    while True:  # every layer with stored head outputs
+        try:
+            idx_w, z_w = store.head_outputs(layer, condition=with_condition, position="last")
+            idx_o, z_o = store.head_outputs(layer, condition=without_condition, position="last")
+        except StoreError:
+            raise StoreError(
+                "VHD needs head outputs at the last position under both conditions; fill the store with "
+                "headlab.analyses.vhd.capture_vhd_conditions(lm, store, prompts, images)"
+            ) from None
+        if not len(idx_w) or not len(idx_o):
+            break
+        both = sorted(set(idx_w.example) & set(idx_o.example))
+        row_w = {e: i for i, e in enumerate(idx_w.example)}
+        row_o = {e: i for i, e in enumerate(idx_o.example)}
+        a = torch.from_numpy(z_w[[row_w[e] for e in both]]).float()  # [examples, heads, d]
+        b = torch.from_numpy(z_o[[row_o[e] for e in both]]).float()
+        vhd = (a - b).norm(dim=-1)  # [examples, heads]
+        ta = b.pow(2).sum(-1)
+        chosen = select_heads(vhd, ta)
+        heads = vhd.shape[1]
+        frames.append(
+            pd.DataFrame(
+                {
+                    "example": np.repeat(both, heads),
+                    "layer": layer,
+                    "head": np.tile(np.arange(heads), len(both)),
+                    "vhd": vhd.flatten().numpy(),
+                    "ta": ta.flatten().numpy(),
+                    "vhr_selected": chosen.flatten().numpy(),
+                }
+            )
+        )
+        layer += 1
+    if not frames:
+        raise StoreError(
+            f"no head outputs under both {with_condition!r} and {without_condition!r}; stored conditions: "
+            f"{store.conditions()}"
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def vhd_per_head(store: Store, **conditions) -> pd.DataFrame:
+    """(layer, head, vhd, vhd_std, ta, selected_share, n): VHD averaged over the examples."""
+    frame = vhd_per_example(store, **conditions)
+    grouped = frame.groupby(["layer", "head"])
+    return pd.DataFrame(
+        {
+            "vhd": grouped.vhd.mean(),
+            "vhd_std": grouped.vhd.std(ddof=0),
+            "ta": grouped.ta.mean(),
+            "selected_share": grouped.vhr_selected.mean(),
+            "n": grouped.size(),
+        }
+    ).reset_index()
+
+
+def token_vhd(store: Store, *, top_k: int | None = None, **conditions) -> pd.DataFrame:
+    """(example, t_vhd): sum over layers of the top-k VHDs of each layer (k default: half the heads)."""
+    frame = vhd_per_example(store, **conditions)
+    k = top_k or max(1, frame["head"].nunique() // 2)
+    top = frame.sort_values("vhd", ascending=False).groupby(["example", "layer"]).head(k)
+    return top.groupby("example").vhd.sum().rename("t_vhd").reset_index()
+
+
+@torch.no_grad()
+def capture_vhd_conditions(
+    lm: LoadedModel,
+    store: Store,
+    prompts: Sequence[str],
+    images: Sequence,
+    *,
+    examples: Sequence[int] | None = None,
+    with_condition: str = "with_image",
+    without_condition: str = "no_image",
+) -> None:
+    """Capture each (prompt, image) with the image and with its image placeholder removed (text only), head
+    outputs at the last position of every language-model layer, into `store` under the two conditions."""
+    import headlab as hl
+
+    if lm.family is not Family.LVLM:
+        raise InputError("VHD compares a vision-language model with and without its image")
+    if len(prompts) != len(images):
+        raise InputError(f"got {len(prompts)} prompts but {len(images)} images")
+    ids = list(examples) if examples is not None else list(range(len(prompts)))
+    select = hl.Select(queries=[-1])
+    placeholder = getattr(lm.processor, "image_token", "<image>")
+    for prompt, image, example in zip(prompts, images, ids, strict=True):
+        with_inputs = lm.processor(text=[prompt], images=[image], return_tensors="pt")
+        text_only = lm.processor.tokenizer([prompt.replace(placeholder, "")], return_tensors="pt")
+        for condition, inputs in ((with_condition, with_inputs), (without_condition, text_only)):
+            with hl.capture(lm, stats=None, head_outputs=select) as rec:
+                lm.model(**dict(inputs))
+            store.append(rec, examples=[example], condition=condition, meta=[{"prompt": prompt}])
+
+
+def _run_vhd(store: Store, options: dict) -> pd.DataFrame:
+    return vhd_per_head(
+        store, with_condition=options["with_condition"], without_condition=options["without_condition"]
+    )
+
+
+ANALYSES = {
+    "vhd": Analysis(
+        "vhd",
+        "vision-aware head divergence per head (with vs without image, head outputs at the last position)",
+        _run_vhd,
+        {
+            "with_condition": ("with_image", "condition holding the with-image captures"),
+            "without_condition": ("no_image", "condition holding the text-only captures"),
+        },
+    )
+}

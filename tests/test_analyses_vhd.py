@@ -1,0 +1,71 @@
+"""VHD from a store equals the divergence the VHR intervention computes at run time; T-VHD sums the top-k;
+`headlab analyze vhd STORE` saves the result into the store; bad input gets a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import headlab as hl
+from headlab.analyses import run_analysis
+from headlab.analyses.vhd import capture_vhd_conditions, token_vhd, vhd_per_example, vhd_per_head
+from headlab.cli import app
+from headlab.datasets import scenes
+from headlab.interventions import VHR, intervene
+from headlab.zoo import llava as llava_recipe
+
+QUESTIONS = ("apple", "car", "tree")
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory):
+    lm = hl.load("zoo:llava")
+    store = hl.Store.create(tmp_path_factory.mktemp("vhd") / "store", lm)
+    made = scenes.make_scenes(len(QUESTIONS), prior=0.5, seed=2)
+    prompts = [llava_recipe.conversation(scenes.question(o)) for o in QUESTIONS]
+    images = [scenes.render(s) for s in made]
+    capture_vhd_conditions(lm, store, prompts, images)
+    return lm, store, prompts, images
+
+
+@torch.no_grad()
+def test_store_vhd_equals_the_runtime_divergence_of_vhr(filled):
+    lm, store, prompts, images = filled
+    frame = vhd_per_example(store)
+    for example, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
+        inputs = lm.processor(text=[prompt], images=[image], return_tensors="pt")
+        with intervene(lm, VHR()) as runner:
+            lm.model(**inputs)
+        runtime = runner.patches[0].vhd[0][0]  # layer 0: no reinforcement below it yet
+        stored = frame[(frame.example == example) & (frame.layer == 0)].sort_values("head").vhd
+        torch.testing.assert_close(
+            torch.tensor(stored.to_numpy()).float(), runtime.float(), atol=1e-4, rtol=1e-4
+        )
+
+
+def test_per_head_and_token_vhd(filled):
+    _, store, _, _ = filled
+    per_example = vhd_per_example(store)
+    per_head = vhd_per_head(store)
+    assert len(per_head) == 2 * 4 and set(per_head.n) == {len(QUESTIONS)}
+    manual = per_example.groupby(["layer", "head"]).vhd.mean().to_numpy()
+    torch.testing.assert_close(torch.from_numpy(per_head.vhd.to_numpy()), torch.from_numpy(manual))
+    t = token_vhd(store, top_k=1)  # top-1 per layer: the largest VHD of each layer, summed
+    want = per_example.groupby(["example", "layer"]).vhd.max().groupby("example").sum()
+    torch.testing.assert_close(torch.from_numpy(t.t_vhd.to_numpy()), torch.from_numpy(want.to_numpy()))
+
+
+def test_analyze_cli_saves_the_result(filled):
+    _, store, _, _ = filled
+    runner = CliRunner()
+    done = runner.invoke(app, ["analyze", "vhd", str(store.root)])
+    assert done.exit_code == 0, done.output
+    assert "vhd" in store.results()
+    assert len(store.result("vhd")) == 8 and store.result_params("vhd")["with_condition"] == "with_image"
+    listed = runner.invoke(app, ["analyze", "list"])
+    assert listed.exit_code == 0 and "vhd" in listed.output
+    bad = runner.invoke(app, ["analyze", "vhd", str(store.root), "-o", "nope=1"])
+    assert bad.exit_code == 2 and "has no option" in bad.output
+    with pytest.raises(hl.StoreError, match="no head outputs under both"):
+        run_analysis("vhd", store, with_condition="vhr")
