@@ -57,6 +57,7 @@ import torch
 from headlab.datasets import synthetic
 from headlab.errors import InputError, SelectionError, UnsupportedModelError
 from headlab.interventions.core import AttentionCall, GroupEdit, Intervention, Patch, intervene
+from headlab.kernels.augmented import attention_with_lse
 from headlab.kernels.reference import additive_mask
 from headlab.loading import LoadedModel, Tower
 
@@ -107,9 +108,16 @@ def received_attention(
     call: AttentionCall, heads: Sequence[int] | None = None, *, tile: int = _QUERY_TILE
 ) -> torch.Tensor:
     """a [batch, len(heads), k] fp32: the mean attention key j receives from the call's real queries that can
-    see it (0 for keys no real query sees, padding included). Fused: rows are rebuilt tile by tile as
-    exp(scale q k^T - lse) from the unedited logsumexp (`call.plain`), so memory is O(tile * k)."""
+    see it (0 for keys no real query sees, padding included), from the unedited logsumexp (`call.plain`).
+
+    Prefill (as many queries as keys): the column sums come from ONE transposed fused attention: keys act as
+    queries and queries as keys, with an extra coordinate carrying -lse_i / scale, so its scores are
+    s_ij - lse_i = log A[i, j] and its logsumexp over i is log sum_i A[i, j] (sequences reversed so that the
+    transposed causal mask is the ordinary one). Otherwise (decode steps, chunked prefill): rows rebuilt
+    tile by tile as exp(scale q k^T - lse), O(tile * k) memory."""
     heads = list(range(call.n_heads)) if heads is None else list(heads)
+    if call.n_q == call.k.shape[2]:
+        return _received_transposed(call, heads)
     batch, n_q, n_k = call.q.shape[0], call.n_q, call.k.shape[2]
     group = call.n_heads // call.k.shape[1]
     q = call.q[:, heads].float()  # [b, hs, q, d]
@@ -126,6 +134,43 @@ def received_attention(
         total += probs.sum(2)
         seen += keep.sum(2)
     valid = call.ctx.key_valid.to(q.device)[:, None, :]
+    return torch.where((seen > 0) & valid, total / seen.clamp(min=1), 0.0)
+
+
+def _received_transposed(call: AttentionCall, heads: list[int]) -> torch.Tensor:
+    n = call.n_q
+    group = call.n_heads // call.k.shape[1]
+    q = call.q[:, heads].float()
+    k = call.k[:, [h // group for h in heads]].float()
+    lse = call.plain[1][:, heads].float()
+    device = q.device
+    real = (call.query_pos >= 0).to(device)[:, None, :]  # [b, 1, i]: padding queries do not vote
+    lse = torch.where(real & torch.isfinite(lse), lse, 0.0)
+    as_queries = torch.cat([k, torch.ones_like(k[..., :1])], -1)  # key j asks ...
+    as_keys = torch.cat([q, (-lse / call.scale)[..., None]], -1)  # ... every query i: s_ij - lse_i
+    order = torch.arange(n, device=device)
+    if call.mask is None:
+        keep = None if bool(real.all()) else real[:, :, None, :]  # [b, 1, j, i]
+        votes = real.float()
+        seen = votes.flip(-1).cumsum(-1).flip(-1) if call.causal else votes.sum(-1, keepdim=True)
+        seen = seen.expand(-1, len(heads), n)
+    else:
+        m = call.mask.bool()
+        m = m[..., -n:, :] if m.shape[-2] not in (1, n) else m.expand(*m.shape[:-2], n, n)
+        m = m[:, heads] if m.shape[1] != 1 else m
+        keep = m.transpose(-1, -2) & real[:, :, None, :]  # [b, hs|1, j, i]
+        causal = (order[None, :] >= order[:, None]) if call.causal else torch.ones(n, n, dtype=torch.bool)
+        seen = (keep & causal.to(device)).sum(-1).float().expand(-1, len(heads), n)
+    _, col_lse = attention_with_lse(
+        as_queries.flip(2),
+        as_keys.flip(2),
+        torch.ones_like(as_keys[..., :1]).flip(2),
+        mask=None if keep is None else keep.flip([2, 3]),
+        scale=call.scale,
+        causal=call.causal,  # reversed, "i >= j" is the ordinary lower-triangular mask
+    )
+    total = torch.exp(col_lse.flip(2))  # [b, hs, j]; keys nobody sees: exp(-inf) = 0
+    valid = call.ctx.key_valid.to(device)[:, None, :]
     return torch.where((seen > 0) & valid, total / seen.clamp(min=1), 0.0)
 
 
