@@ -22,7 +22,7 @@ class Analysis:
 
 
 # modules that contribute `ANALYSES`; each is imported on first use
-MODULES: tuple[str, ...] = ("vhd", "sinks", "position", "importance")
+MODULES: tuple[str, ...] = ("vhd", "sinks", "position", "importance", "circuits")
 
 ANALYSES: dict[str, Analysis] = {}
 

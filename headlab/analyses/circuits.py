@@ -1,0 +1,669 @@
+"""Circuit discovery on attention heads: activation, attribution and path patching, and circuit overlap.
+
+Every method compares a clean and a corrupted prompt of the same length (`PatchingData`) through one metric,
+the logit difference at the last real token:
+
+    LD = logit(correct answer) - logit(counterfactual answer), averaged over the batch.
+
+Tasks (`PAIR_TASKS`, from headlab.datasets.synthetic):
+- `ioi`: clean = the IOI prompt ("When A and B went to the store, B gave a drink to" -> A); corrupted =
+  Merullo et al.'s flipped prompt, the subject's second mention replaced by the IO ("..., A gave a drink
+  to" -> B); correct = IO, counterfactual = S. (The dataset's ABC variant does not suit this metric: a model
+  that only avoids the repeated subject keeps IO above S there; on the zoo LM LD(ABC) 11.9 > LD(clean) 9.2.)
+- `colored_objects`: corrupted = the same scene asking about another object; correct = the asked color,
+  counterfactual = the other object's color (the corrupted prompt's answer).
+- `induction` (built here, `induction_pairs`): clean = "t1..tL t1..tj-1" (answer tj); corrupted = the same
+  prompt with the query token's first occurrence t(j-1) swapped, in the first copy, with another first-copy
+  token t(m) (m not in {j-1, j}); an induction circuit now continues with the token after t(j-1)'s new place,
+  the counterfactual answer. The swap changes what the previous-token heads write at the key positions
+  (which key is preceded by the query token), not the answer's value token, so both halves of the induction
+  circuit (previous-token heads via K-composition, induction heads) carry the clean-vs-corrupted change.
+
+A head's output z is its softmax(QK^T)V slice before o_proj, [batch, n, d_head] per head; all cached
+tensors here are at the tensor positions of one padded batch, and clean and corrupted batches must
+tokenize to the same shape and mask (checked), so position i of one run is position i of the other.
+
+Scores (all normalised so that 1 = the whole clean-vs-corrupted LD change, 0 = none):
+- denoising: run corrupted, patch in the clean value: (LD_patched - LD_corr) / (LD_clean - LD_corr);
+- noising: run clean, patch in the corrupted value: (LD_patched - LD_clean) / (LD_corr - LD_clean).
+Positions "all" patch every query position; "last" only the last real token (elsewhere the run's own
+value is written back, an exact identity).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from headlab.analyses.registry import Analysis, store_model
+from headlab.datasets import synthetic
+from headlab.errors import InputError, SelectionError, UnsupportedModelError
+from headlab.interventions.core import AttentionCall, Intervention, Patch, intervene
+from headlab.kernels.augmented import attention_with_lse
+from headlab.kernels.reference import expand_kv
+from headlab.loading import LoadedModel
+
+Head = tuple[int, int]  # (layer, head)
+Pair = tuple[str, str, str, str]  # (clean prompt, corrupted prompt, correct answer, counterfactual answer)
+DIRECTIONS = ("denoising", "noising")
+POSITIONS = ("all", "last")
+COMPONENTS = ("q", "k", "v", "qkv")
+TOWER = "lm"
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def induction_pairs(
+    n: int, *, length: tuple[int, int] = (8, 16), prefix: tuple[int, int] = (0, 4), seed: int = 0
+) -> list[Pair]:
+    """Clean/corrupted induction prompts (see the module docstring: the query token's first occurrence
+    swapped with another first-copy token); answers: the clean continuation and the one after the swap."""
+    rng = random.Random(seed + 1)
+    pairs = []
+    for ex in synthetic.induction(n, length=length, prefix=prefix, seed=seed):
+        size, lead = ex.get("first_copy"), ex.get("start")
+        clean = ex.prompt.split()
+        j = len(clean) - lead - size  # the answer is t_j; the prompt ends with the query token t_(j-1)
+        m = rng.choice([i for i in range(size - 1) if i not in (j - 1, j)])
+        corrupted = list(clean)
+        a, b = lead + j - 1, lead + m
+        corrupted[a], corrupted[b] = corrupted[b], corrupted[a]
+        pairs.append((" ".join(clean), " ".join(corrupted), ex.answer, corrupted[b + 1]))
+    return pairs
+
+
+def _ioi_pairs(n: int, seed: int) -> list[Pair]:
+    pairs = []
+    for e in synthetic.ioi(n, seed=seed):
+        io, s = e.get("io"), e.get("s")
+        flipped = e.prompt.replace(f", {s} gave", f", {io} gave")  # S2 -> IO: the answer becomes S
+        if flipped == e.prompt:
+            raise InputError(f"cannot find the subject's second mention in the IOI prompt {e.prompt!r}")
+        pairs.append((e.prompt, flipped, e.answer, f" {s}"))
+    return pairs
+
+
+def _colored_pairs(n: int, seed: int) -> list[Pair]:
+    exs = synthetic.colored_objects(n, seed=seed)
+    return [(e.prompt, e.corrupted, e.answer, e.corrupted_answer) for e in exs]
+
+
+PAIR_TASKS: dict[str, Callable[[int, int], list[Pair]]] = {
+    "ioi": _ioi_pairs,
+    "colored_objects": _colored_pairs,
+    "induction": lambda n, seed: induction_pairs(n, seed=seed),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PatchingData:
+    """A tokenized clean/corrupted batch: inputs {input_ids, attention_mask} [b, n] of identical shape and
+    mask; `correct`, `wrong` [b] answer token ids; `last` [b] the index of each row's last real token."""
+
+    task: str
+    clean: dict
+    corrupted: dict
+    correct: torch.Tensor
+    wrong: torch.Tensor
+    last: torch.Tensor
+
+
+def _answer_id(tokenizer, word: str) -> int:
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise InputError(f"the answer {word!r} tokenizes to nothing")
+    return ids[0]  # the next-token target is the answer's first token
+
+
+def patching_data(lm: LoadedModel, task: str, n: int = 32, seed: int = 0) -> PatchingData:
+    """`n` clean/corrupted pairs of `task` (a key of PAIR_TASKS), tokenized for `lm`."""
+    if task not in PAIR_TASKS:
+        raise SelectionError(f"no patching task named {task!r}; choose one of {sorted(PAIR_TASKS)}")
+    if n < 1:
+        raise InputError(f"need at least one {task} example, got n={n}")
+    pairs = PAIR_TASKS[task](n, seed)
+    tok = lm.tokenizer
+    clean = dict(tok([p[0] for p in pairs], return_tensors="pt", padding=True))
+    corrupted = dict(tok([p[1] for p in pairs], return_tensors="pt", padding=True))
+    if clean["input_ids"].shape != corrupted["input_ids"].shape or not torch.equal(
+        clean["attention_mask"], corrupted["attention_mask"]
+    ):
+        raise InputError(
+            f"{task}: clean and corrupted prompts tokenize to different lengths; patching needs minimal "
+            "pairs of the same length (one token per changed word)"
+        )
+    correct = torch.tensor([_answer_id(tok, p[2]) for p in pairs])
+    wrong = torch.tensor([_answer_id(tok, p[3]) for p in pairs])
+    if bool((correct == wrong).any()):
+        raise InputError(f"{task}: some pairs have the same correct and counterfactual answer token")
+    mask = clean["attention_mask"]
+    last = (mask * torch.arange(mask.shape[1])).argmax(1)  # the last real token, whichever side pads
+    return PatchingData(task=task, clean=clean, corrupted=corrupted, correct=correct, wrong=wrong, last=last)
+
+
+def logit_diff(logits: torch.Tensor, data: PatchingData) -> torch.Tensor:
+    """Mean over the batch of logit(correct) - logit(counterfactual) at the last real token (a scalar)."""
+    rows = torch.arange(logits.shape[0])
+    final = logits[rows, data.last]  # [b, vocab]
+    return (final[rows, data.correct] - final[rows, data.wrong]).mean()
+
+
+def normalised(patched: float, clean: float, corrupted: float, direction: str) -> float:
+    """The patching score: denoising (patched - corrupted) / (clean - corrupted); noising
+    (patched - clean) / (corrupted - clean). 1 = the patch moves the metric the whole way."""
+    if direction not in DIRECTIONS:
+        raise SelectionError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if abs(clean - corrupted) < 1e-6:
+        raise InputError(
+            f"clean and corrupted logit differences coincide ({clean:.4g}); the task gives the model no "
+            "signal to patch"
+        )
+    if direction == "denoising":
+        return (patched - corrupted) / (clean - corrupted)
+    return (patched - clean) / (corrupted - clean)
+
+
+# ---------------------------------------------------------------------------------------------- patches
+
+
+@dataclass(frozen=True)
+class _Bound(Intervention):
+    patch: Patch
+
+    def bind(self, lm: LoadedModel) -> Patch:
+        return self.patch
+
+
+class _Record(Patch):
+    """Records each layer's head outputs z [b, h, n, d] and, with `qkv`, q and per-head k, v [b, h, n, d]."""
+
+    def __init__(self, qkv: bool = False) -> None:
+        self.qkv, self.z, self.q, self.k, self.v = qkv, {}, {}, {}, {}
+
+    def transform(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        self.z[call.layer] = out.detach().float()
+        if self.qkv:
+            self.q[call.layer] = call.q.detach()
+            self.k[call.layer] = expand_kv(call.k, call.n_heads).detach()
+            self.v[call.layer] = expand_kv(call.v, call.n_heads).detach()
+        return out
+
+
+class _SetHeads(Patch):
+    """Writes given outputs {(layer, head): z [b, n, d]} in place of those heads' outputs."""
+
+    def __init__(self, values: Mapping[Head, torch.Tensor]) -> None:
+        self.values = values
+
+    def touches(self, tower: str, layer: int) -> bool:
+        return tower == TOWER and any(lay == layer for lay, _ in self.values)
+
+    def transform(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        for (layer, head), z in self.values.items():
+            if layer == call.layer:
+                out[:, head] = z.to(out)
+        return out
+
+
+class _Leaves(Patch):
+    """Adds a zero leaf [b, h, n, d] that requires grad to every layer's head outputs: its gradient is
+    dMetric/dz for every head from one backward pass."""
+
+    def __init__(self) -> None:
+        self.leaves: dict[int, torch.Tensor] = {}
+
+    def transform(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        leaf = torch.zeros_like(out, requires_grad=True)
+        self.leaves[call.layer] = leaf
+        return out + leaf
+
+
+class _Receiver(Patch):
+    """Recomputes one head's attention with some of its q, k, v [b, n, d] taken from elsewhere (the
+    sender-patched run); the layer's other heads are computed as usual."""
+
+    def __init__(self, head: Head, given: Mapping[str, torch.Tensor]) -> None:
+        self.head, self.given = head, given
+
+    def touches(self, tower: str, layer: int) -> bool:
+        return tower == TOWER and layer == self.head[0]
+
+    def replace(self, call: AttentionCall) -> torch.Tensor:
+        h = self.head[1]
+        mine = {"q": call.q[:, h], "k": expand_kv(call.k, call.n_heads)[:, h]}
+        mine["v"] = expand_kv(call.v, call.n_heads)[:, h]
+        q, k, v = (self.given.get(c, mine[c])[:, None].float() for c in "qkv")  # [b, 1, n, d]
+        out = call.plain[0].clone()  # [b, h, n, d] fp32
+        out[:, h] = attention_with_lse(q, k, v, mask=call.mask, scale=call.scale, causal=call.causal)[0][:, 0]
+        return out
+
+
+@contextmanager
+def _frozen_mlps(lm: LoadedModel, outputs: Mapping[int, torch.Tensor]) -> Iterator[None]:
+    """Inside the block the MLPs of the given layers return the cached `outputs[layer]` [b, n, d_model]."""
+    handles = []
+    try:
+        for layer, value in outputs.items():
+            handles.append(_mlp(lm, layer).register_forward_hook(lambda m, a, o, v=value: v.to(o)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _mlp(lm: LoadedModel, layer: int) -> torch.nn.Module:
+    module = getattr(lm.layer_modules[TOWER][layer], "mlp", None)
+    if module is None:
+        raise UnsupportedModelError(
+            f"path patching freezes MLPs through the decoder layer's `mlp` module; {lm.model_type} has none"
+        )
+    return module
+
+
+def _forward(lm: LoadedModel, inputs: Mapping, *patches: Patch, grad: bool = False) -> torch.Tensor:
+    """Logits [b, n, vocab] with `patches` applied; a no-op patch keeps every layer on headlab's attention
+    so that patched and baseline runs share numerics."""
+    with torch.set_grad_enabled(grad), intervene(lm, _Bound(Patch()), *map(_Bound, patches)):
+        return lm.model(**inputs).logits
+
+
+def _cache(lm: LoadedModel, inputs: Mapping, *, qkv: bool = False, mlps: bool = False):
+    """(logits, _Record, {layer: MLP output}) of an unpatched run."""
+    record, found, handles = _Record(qkv), {}, []
+    if mlps:
+        for layer in range(lm.tower(TOWER).n_layers):
+            hook = lambda m, a, o, layer=layer: found.__setitem__(layer, o.detach())  # noqa: E731
+            handles.append(_mlp(lm, layer).register_forward_hook(hook))
+    try:
+        logits = _forward(lm, inputs, record)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, record, found
+
+
+def _all_heads(lm: LoadedModel, heads: Iterable[Head] | None) -> list[Head]:
+    info = lm.tower(TOWER)
+    every = [(layer, head) for layer in range(info.n_layers) for head in range(info.n_heads)]
+    if heads is None:
+        return every
+    heads = [tuple(h) for h in heads]
+    bad = [h for h in heads if h not in every]
+    if bad:
+        raise SelectionError(f"heads {bad} are out of range: {info.n_layers} layers x {info.n_heads} heads")
+    return heads
+
+
+def _at(source: torch.Tensor, own: torch.Tensor, last: torch.Tensor, positions: str) -> torch.Tensor:
+    """`source` [b, n, d] at the patched positions, the run's `own` values elsewhere."""
+    if positions == "all":
+        return source
+    if positions != "last":
+        raise SelectionError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    out, rows = own.clone(), torch.arange(own.shape[0])
+    out[rows, last] = source[rows, last]
+    return out
+
+
+# --------------------------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True, kw_only=True)
+class Baselines:
+    """Unpatched runs: logit differences and recorded head outputs of the clean and corrupted batches."""
+
+    clean_ld: float
+    corrupted_ld: float
+    clean: _Record
+    corrupted: _Record
+    clean_mlps: dict
+
+
+def baselines(lm: LoadedModel, data: PatchingData, *, qkv: bool = False) -> Baselines:
+    clean_logits, clean, mlps = _cache(lm, data.clean, qkv=qkv, mlps=qkv)
+    corrupted_logits, corrupted, _ = _cache(lm, data.corrupted)
+    return Baselines(
+        clean_ld=logit_diff(clean_logits, data).item(),
+        corrupted_ld=logit_diff(corrupted_logits, data).item(),
+        clean=clean,
+        corrupted=corrupted,
+        clean_mlps=mlps,
+    )
+
+
+def _runs(data: PatchingData, base: Baselines, direction: str):
+    """(inputs to run, the run's own record, the record patched in) for a direction."""
+    if direction == "denoising":
+        return data.corrupted, base.corrupted, base.clean
+    if direction == "noising":
+        return data.clean, base.clean, base.corrupted
+    raise SelectionError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+
+
+def activation_patching(
+    lm: LoadedModel,
+    data: PatchingData,
+    *,
+    heads: Iterable[Head] | None = None,
+    directions: Sequence[str] = DIRECTIONS,
+    positions: Sequence[str] = ("all",),
+) -> pd.DataFrame:
+    """Patch each head's output alone (resample patching from the other run, at the same positions).
+
+    Returns one row per (layer, head, direction, positions): `patched_ld` and the normalised `score`,
+    with the baselines `clean_ld` and `corrupted_ld`."""
+    base, rows = baselines(lm, data), []
+    for direction in directions:
+        inputs, own, other = _runs(data, base, direction)
+        for pos in positions:
+            for layer, head in _all_heads(lm, heads):
+                z = _at(other.z[layer][:, head], own.z[layer][:, head], data.last, pos)
+                patched = logit_diff(_forward(lm, inputs, _SetHeads({(layer, head): z})), data).item()
+                score = normalised(patched, base.clean_ld, base.corrupted_ld, direction)
+                rows.append((layer, head, direction, pos, patched, score))
+    frame = pd.DataFrame(rows, columns=["layer", "head", "direction", "positions", "patched_ld", "score"])
+    return frame.assign(clean_ld=base.clean_ld, corrupted_ld=base.corrupted_ld)
+
+
+def attribution_patching(
+    lm: LoadedModel,
+    data: PatchingData,
+    *,
+    directions: Sequence[str] = DIRECTIONS,
+    positions: Sequence[str] = ("all",),
+) -> pd.DataFrame:
+    """First-order activation patching of every head from one forward and one backward pass per direction.
+
+    Denoising: gradient on the corrupted run, estimate dLD_h = sum_{b, positions, d} (z_clean - z_corr) *
+    dLD/dz |corr (LD is the batch mean, so this is the mean effect); noising swaps the roles (gradient on
+    the clean run, z_corr - z_clean). `score` is the estimate normalised as the activation-patching score."""
+    base, rows = baselines(lm, data), []
+    real = data.clean["attention_mask"].bool()  # [b, n]
+    at_last = torch.zeros_like(real)
+    at_last[torch.arange(len(real)), data.last] = True
+    for direction in directions:
+        inputs, own, other = _runs(data, base, direction)
+        own_ld = base.corrupted_ld if direction == "denoising" else base.clean_ld
+        leaves = _Leaves()
+        metric = logit_diff(_forward(lm, inputs, leaves, grad=True), data)
+        layers = sorted(leaves.leaves)
+        grads = torch.autograd.grad(metric, [leaves.leaves[layer] for layer in layers])  # no param grads
+        for layer, grad in zip(layers, grads, strict=True):
+            effect = ((other.z[layer] - own.z[layer]) * grad.float()).sum(-1)  # [b, h, n]
+            for pos in positions:
+                keep = {"all": real, "last": at_last}.get(pos)
+                if keep is None:
+                    raise SelectionError(f"positions must be one of {POSITIONS}, got {pos!r}")
+                per_head = (effect * keep[:, None]).sum((0, 2))  # [h]
+                for head, estimate in enumerate(per_head.tolist()):
+                    score = normalised(own_ld + estimate, base.clean_ld, base.corrupted_ld, direction)
+                    rows.append((layer, head, direction, pos, estimate, score))
+    frame = pd.DataFrame(rows, columns=["layer", "head", "direction", "positions", "estimate", "score"])
+    return frame.assign(clean_ld=base.clean_ld, corrupted_ld=base.corrupted_ld)
+
+
+def path_patching(
+    lm: LoadedModel,
+    data: PatchingData,
+    *,
+    senders: Iterable[Head] | None = None,
+    components: Sequence[str] = ("q", "k", "v"),
+    positions: str = "all",
+) -> pd.DataFrame:
+    """Sender -> receiver path patching (noising, after Wang et al. and Merullo et al.'s path_patching).
+
+    For each sender head s (layer ls):
+    1. sender run: the clean input with s's output replaced by its corrupted output (at `positions`),
+       every other head of layers >= ls frozen at its clean output and every MLP of layers >= ls frozen
+       at its clean output, so the residual stream entering a later layer is clean + s's corrupted-minus-
+       clean write (via o_proj). Each later head's q, k, v are recorded from this run. The logits of this
+       run give the direct path s -> residual -> unembedding (receiver "logits").
+    2. for each receiver head r in a later layer and each component c (q, k, v or qkv): the clean input
+       again, with r's attention recomputed from the recorded c (the rest of r's q/k/v and every other
+       head clean); everything after r (later layers, MLPs, logits) is recomputed as usual.
+    So path s -> r.c is: s's output -> o_proj -> residual stream -> r's c projection (RoPE included).
+    `score` = noising (LD_patched - LD_clean) / (LD_corr - LD_clean): the share of the clean-vs-corrupted
+    change carried by that path. Rows: sender `layer`, `head`, `receiver` ("L1H0" or "logits"),
+    `receiver_layer` / `receiver_head` (missing for logits), `component`, `patched_ld`, `score`."""
+    bad = [c for c in components if c not in COMPONENTS]
+    if bad:
+        raise SelectionError(f"components must be among {COMPONENTS}, got {bad}")
+    base, rows = baselines(lm, data, qkv=True), []
+    info = lm.tower(TOWER)
+    for ls, hs in _all_heads(lm, senders):
+        frozen = {
+            (layer, head): base.clean.z[layer][:, head]
+            for layer in range(ls, info.n_layers)
+            for head in range(info.n_heads)
+        }
+        own = base.clean.z[ls][:, hs]
+        frozen[ls, hs] = _at(base.corrupted.z[ls][:, hs], own, data.last, positions)
+        record = _Record(qkv=True)
+        mlps = {layer: base.clean_mlps[layer] for layer in range(ls, info.n_layers)}
+        with _frozen_mlps(lm, mlps):
+            direct = logit_diff(_forward(lm, data.clean, _SetHeads(frozen), record), data).item()
+        rows.append((ls, hs, "logits", pd.NA, pd.NA, "resid", direct))
+        for lr in range(ls + 1, info.n_layers):
+            for hr in range(info.n_heads):
+                for c in components:
+                    parts = "qkv" if c == "qkv" else c
+                    given = {p: getattr(record, p)[lr][:, hr] for p in parts}
+                    patched = _forward(lm, data.clean, _Receiver((lr, hr), given))
+                    rows.append((ls, hs, f"L{lr}H{hr}", lr, hr, c, logit_diff(patched, data).item()))
+    columns = ["layer", "head", "receiver", "receiver_layer", "receiver_head", "component", "patched_ld"]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame["score"] = [normalised(m, base.clean_ld, base.corrupted_ld, "noising") for m in frame.patched_ld]
+    return frame.assign(clean_ld=base.clean_ld, corrupted_ld=base.corrupted_ld)
+
+
+# --------------------------------------------------------------------------------------------- circuits
+
+
+def _head_scores(scores: pd.DataFrame | Mapping[Head, float], column: str) -> dict[Head, float]:
+    if isinstance(scores, Mapping):
+        return {tuple(h): float(s) for h, s in scores.items()}
+    if column not in scores:
+        raise SelectionError(f"the scores have no column {column!r}; they have {list(scores.columns)}")
+    best = scores.groupby(["layer", "head"])[column].max()
+    return {(int(layer), int(head)): float(s) for (layer, head), s in best.items()}
+
+
+def extract_circuit(
+    scores: pd.DataFrame | Mapping[Head, float],
+    threshold: float | None = None,
+    *,
+    top: int | None = None,
+    column: str = "score",
+) -> frozenset[Head]:
+    """The heads whose score reaches `threshold` (score >= threshold), or the `top` highest-scoring heads
+    (Merullo et al. keep the top 2% per path-patching stage); exactly one of the two. A frame may hold
+    several rows per head (directions, positions): a head's score is its largest `column` value."""
+    if (threshold is None) == (top is None):
+        raise SelectionError("extract_circuit needs exactly one of threshold= or top=")
+    per_head = _head_scores(scores, column)
+    if threshold is not None:
+        return frozenset(h for h, s in per_head.items() if s >= threshold)
+    if top < 0:
+        raise SelectionError(f"top must be >= 0, got {top}")
+    return frozenset(sorted(per_head, key=lambda h: (-per_head[h], h))[:top])
+
+
+@dataclass(frozen=True, kw_only=True)
+class Overlap:
+    """Overlap of two circuits: `coefficient` = |A & B| / min(|A|, |B|) (Merullo et al.'s 78% = 25/32 is
+    this, as both circuits have 32 heads), `iou` = |A & B| / |A | B|; NaN where the denominator is 0."""
+
+    shared: int
+    size_a: int
+    size_b: int
+    union: int
+    coefficient: float
+    iou: float
+
+
+def overlap(a: Iterable[Head], b: Iterable[Head]) -> Overlap:
+    a, b = set(a), set(b)
+    shared, union, smaller = len(a & b), len(a | b), min(len(a), len(b))
+    return Overlap(
+        shared=shared,
+        size_a=len(a),
+        size_b=len(b),
+        union=union,
+        coefficient=shared / smaller if smaller else float("nan"),
+        iou=shared / union if union else float("nan"),
+    )
+
+
+METHODS = {"activation": activation_patching, "attribution": attribution_patching}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CircuitOverlap:
+    """Per-head scores on two tasks (`scores`: layer, head, score_a, score_b, in_a, in_b), the circuits
+    and their overlap."""
+
+    scores: pd.DataFrame
+    circuit_a: frozenset[Head]
+    circuit_b: frozenset[Head]
+    overlap: Overlap
+
+
+def circuit_overlap(
+    lm: LoadedModel,
+    task_a: str,
+    task_b: str,
+    *,
+    n: int = 32,
+    seed: int = 0,
+    threshold: float = 0.1,
+    method: str = "activation",
+    direction: str = "denoising",
+    positions: str = "all",
+) -> CircuitOverlap:
+    """Patch every head on both tasks with `method` in one `direction`, keep the heads scoring >=
+    `threshold` on each task as its circuit, and compare the circuits."""
+    if method not in METHODS:
+        raise SelectionError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    frames = []
+    for task in (task_a, task_b):
+        data = patching_data(lm, task, n, seed)
+        frame = METHODS[method](lm, data, directions=(direction,), positions=(positions,))
+        frames.append(frame.set_index(["layer", "head"])["score"])
+    both = pd.concat(frames, axis=1, keys=["score_a", "score_b"]).reset_index()
+    circuit_a = extract_circuit(both, threshold, column="score_a")
+    circuit_b = extract_circuit(both, threshold, column="score_b")
+    heads = list(zip(both["layer"], both["head"], strict=True))
+    both["in_a"] = [h in circuit_a for h in heads]
+    both["in_b"] = [h in circuit_b for h in heads]
+    return CircuitOverlap(
+        scores=both, circuit_a=circuit_a, circuit_b=circuit_b, overlap=overlap(circuit_a, circuit_b)
+    )
+
+
+# --------------------------------------------------------------------------------------------- analyses
+
+
+def _split(value: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in str(value).split(",") if p.strip())
+    bad = [p for p in parts if p not in allowed]
+    if bad or not parts:
+        raise SelectionError(f"{what} must be a comma-separated list of {list(allowed)}, got {value!r}")
+    return parts
+
+
+_DATA_OPTIONS = {
+    "task": ("ioi", f"clean/corrupted task: one of {sorted(PAIR_TASKS)}"),
+    "n": (32, "number of prompt pairs"),
+    "seed": (0, "generator seed"),
+}
+_PATCH_OPTIONS = {
+    **_DATA_OPTIONS,
+    "directions": ("denoising,noising", "comma-separated: denoising, noising"),
+    "positions": ("all", "comma-separated: all (every query position), last (last token only)"),
+}
+
+
+def _patching_run(method):
+    def run(store, options: dict) -> pd.DataFrame:
+        lm = store_model(store)
+        data = patching_data(lm, options["task"], int(options["n"]), int(options["seed"]))
+        frame = method(
+            lm,
+            data,
+            directions=_split(options["directions"], DIRECTIONS, "directions"),
+            positions=_split(options["positions"], POSITIONS, "positions"),
+        )
+        return frame.assign(task=options["task"])
+
+    return run
+
+
+def _run_path(store, options: dict) -> pd.DataFrame:
+    lm = store_model(store)
+    data = patching_data(lm, options["task"], int(options["n"]), int(options["seed"]))
+    (positions,) = _split(options["positions"], POSITIONS, "positions (one)")
+    components = _split(options["components"], COMPONENTS, "components")
+    return path_patching(lm, data, components=components, positions=positions).assign(task=options["task"])
+
+
+def _run_overlap(store, options: dict) -> pd.DataFrame:
+    result = circuit_overlap(
+        store_model(store),
+        options["task_a"],
+        options["task_b"],
+        n=int(options["n"]),
+        seed=int(options["seed"]),
+        threshold=float(options["threshold"]),
+        method=options["method"],
+        direction=options["direction"],
+    )
+    o = result.overlap
+    return result.scores.assign(
+        task_a=options["task_a"], task_b=options["task_b"], overlap_coefficient=o.coefficient, iou=o.iou
+    )
+
+
+ANALYSES: dict[str, Analysis] = {
+    "activation-patching": Analysis(
+        "activation-patching",
+        "per-head activation patching (denoising and noising) of the logit difference on clean/corrupted pairs",
+        _patching_run(activation_patching),
+        _PATCH_OPTIONS,
+    ),
+    "attribution-patching": Analysis(
+        "attribution-patching",
+        "per-head attribution patching: first-order estimate of activation patching from one backward pass",
+        _patching_run(attribution_patching),
+        _PATCH_OPTIONS,
+    ),
+    "path-patching": Analysis(
+        "path-patching",
+        "sender -> receiver (q/k/v) and sender -> logits path patching, noising score",
+        _run_path,
+        {
+            **_DATA_OPTIONS,
+            "positions": ("all", "sender positions patched: all or last"),
+            "components": ("q,k,v", "receiver inputs, comma-separated: q, k, v, qkv"),
+        },
+    ),
+    "circuit-overlap": Analysis(
+        "circuit-overlap",
+        "circuits (heads with patching score >= threshold) on two tasks and their overlap coefficient and IoU",
+        _run_overlap,
+        {
+            "task_a": ("ioi", f"first task: one of {sorted(PAIR_TASKS)}"),
+            "task_b": ("colored_objects", "second task"),
+            "n": (32, "number of prompt pairs per task"),
+            "seed": (0, "generator seed"),
+            "threshold": (0.1, "minimum normalised score of a circuit head"),
+            "method": ("activation", "activation or attribution"),
+            "direction": ("denoising", "denoising or noising"),
+        },
+    ),
+}
