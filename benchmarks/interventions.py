@@ -83,7 +83,9 @@ def timed(fn, repeats: int) -> float:
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="n = 256 only, one repeat, nothing written (smoke test)")
+    parser.add_argument(
+        "--quick", action="store_true", help="n = 256 only, one repeat, nothing written (smoke test)"
+    )
     args = parser.parse_args()
     sizes, repeats = ((256,), 1) if args.quick else ((1024, 4096), 3)
     lm = build()

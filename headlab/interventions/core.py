@@ -288,7 +288,9 @@ class Runner:
     def attend(self, module, q, k, v, mask, *, scaling=None, is_causal=None, **kwargs):
         tower, layer = module._headlab_site
         if kwargs.get("softcap") is not None:
-            raise UnsupportedModelError("interventions on soft-capped attention need the kernels issue's path")
+            raise UnsupportedModelError(
+                "interventions on soft-capped attention need the kernels issue's path"
+            )
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         ctx = self.contexts.context(tower, q.shape[0], k.shape[2]).fit_keys(k.shape[2])
