@@ -60,3 +60,18 @@ def test_intervention_and_zoo_examples_run():
     assert scope["out"].shape[1] > scope["inputs"]["input_ids"].shape[1]
     zoo = next(b for b in _blocks() if 'hl.load("zoo:lm")' in b)
     exec(compile(zoo, "README zoo example", "exec"), {})
+
+
+def test_analysis_example_runs(tmp_path):
+    block = next(b for b in _blocks() if "run_analysis" in b)
+    setup = (
+        "import torch\nimport headlab as hl\n"
+        "lm = hl.load('zoo:lm')\n"
+        f"store = hl.Store.create({str(tmp_path / 'store')!r}, lm)\n"
+        "with torch.no_grad(), hl.capture(lm) as rec:\n"
+        "    lm.model(**lm.tokenizer(['w1 w2 w3 w1 w2 w3'], return_tensors='pt'))\n"
+        "store.append(rec)\n"
+    )
+    scope: dict = {}
+    exec(compile(setup + block, "README analyses example", "exec"), scope)
+    assert len(scope["frame"]) == 8 and scope["store"].results() == ["sinks"]
