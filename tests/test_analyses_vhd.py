@@ -50,10 +50,10 @@ def test_per_head_and_token_vhd(filled):
     per_head = vhd_per_head(store)
     assert len(per_head) == 2 * 4 and set(per_head.n) == {len(QUESTIONS)}
     manual = per_example.groupby(["layer", "head"]).vhd.mean().to_numpy()
-    torch.testing.assert_close(torch.from_numpy(per_head.vhd.to_numpy()), torch.from_numpy(manual))
+    torch.testing.assert_close(torch.tensor(per_head.vhd.to_numpy()), torch.tensor(manual))
     t = token_vhd(store, top_k=1)  # top-1 per layer: the largest VHD of each layer, summed
     want = per_example.groupby(["example", "layer"]).vhd.max().groupby("example").sum()
-    torch.testing.assert_close(torch.from_numpy(t.t_vhd.to_numpy()), torch.from_numpy(want.to_numpy()))
+    torch.testing.assert_close(torch.tensor(t.t_vhd.to_numpy()), torch.tensor(want.to_numpy()))
 
 
 def test_analyze_cli_saves_the_result(filled):

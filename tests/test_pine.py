@@ -19,9 +19,6 @@ from headlab.interventions import intervene
 from headlab.interventions.pine import (
     PINE,
     Segments,
-    judge_bias,
-    judge_flip_rate,
-    judge_parts,
     model_rotary,
     pine_attention,
     pine_inputs,
@@ -31,6 +28,7 @@ from headlab.interventions.pine import (
     token_ranks,
     unrotate,
 )
+from headlab.interventions.pine_eval import judge_bias, judge_flip_rate, judge_parts
 from headlab.probe.roles import text_roles
 
 TOL = 1e-4

@@ -207,9 +207,9 @@ def lost_in_the_middle(
     seed: int = 10_000,
     methods: Sequence[str] = METHODS,
 ) -> pd.DataFrame:
-    """Accuracy by gold position on synthetic multi-document QA (pine.multi_doc_accuracy), plain and with
+    """Accuracy by gold position on synthetic multi-document QA (pine_eval.multi_doc_accuracy), plain and with
     PINE. Columns: method, gold (0-based slot), accuracy, n, k."""
-    from headlab.interventions.pine import multi_doc_accuracy
+    from headlab.interventions.pine_eval import multi_doc_accuracy
 
     rows = []
     for method in _checked_methods(methods):
@@ -244,9 +244,9 @@ def judge_position_bias(
     swap: str = "blocks",
     methods: Sequence[str] = METHODS,
 ) -> pd.DataFrame:
-    """The pairwise-judge flip rate (pine.judge_bias: verdict changes when the options swap), plain and
+    """The pairwise-judge flip rate (pine_eval.judge_bias: verdict changes when the options swap), plain and
     with PINE. Columns: method, swap, flip_rate, accuracy, margin_shift, n."""
-    from headlab.interventions.pine import judge_bias
+    from headlab.interventions.pine_eval import judge_bias
 
     rows = []
     for method in _checked_methods(methods):

@@ -16,7 +16,8 @@ from headlab.interventions.core import (
     reference_attention,
 )
 from headlab.interventions.heads import HeadAblation, HeadScale, head_outputs, mean_head_outputs
-from headlab.interventions.pine import PINE, judge_bias, pine_inputs
+from headlab.interventions.pine import PINE, pine_inputs
+from headlab.interventions.pine_eval import judge_bias
 from headlab.interventions.var import VAR, find_sink_dims
 from headlab.interventions.vhr import VHR, vhr_reference
 
