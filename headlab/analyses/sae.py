@@ -218,31 +218,12 @@ class SaeResult:
 
 
 def sae_head_scores(
-    lm: LoadedModel,
-    positives: Sequence[str],
-    negatives: Sequence[str],
-    *,
-    width: int = WIDTH,
-    steps: int = STEPS,
-    l1: float = L1,
-    train_examples: int = TRAIN_EXAMPLES,
-    seed: int = 0,
-    tower: str = "lm",
+    lm: LoadedModel, positives: Sequence[str], negatives: Sequence[str], **settings
 ) -> pd.DataFrame:
     """DataFrame(tower, layer, head, unique, fraction, n_pos, n_neg, score) for every head of `tower`:
-    `score` is the softmax over heads of `unique` (codes seen only on positives). See `sae_circuit` for
-    the codes and the SAE as well."""
-    return sae_circuit(
-        lm,
-        positives,
-        negatives,
-        width=width,
-        steps=steps,
-        l1=l1,
-        train_examples=train_examples,
-        seed=seed,
-        tower=tower,
-    ).frame
+    `score` is the softmax over heads of `unique` (codes seen only on positives). `settings` as
+    `sae_circuit` (width, steps, l1, train_examples, seed, tower), which also returns the codes and the SAE."""
+    return sae_circuit(lm, positives, negatives, **settings).frame
 
 
 def sae_circuit(
