@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 import headlab as hl
 from headlab.analyses import importance as imp
+from headlab.analyses import pruning
 from headlab.store import Store
 
 CIRCUIT = {(0, 0), (0, 2), (1, 0)}  # the zoo LM's previous-token heads and induction head
@@ -123,23 +124,23 @@ def test_mean_and_resample_ablation(zoo_lm):
 
 
 def test_grid_removal_by_hand(zoo_vit):
-    removed = imp.grid_removal(zoo_vit, 65, "local", 1.0)
+    removed = pruning.grid_removal(zoo_vit, 65, "local", 1.0)
     assert not removed[0].any() and not removed[:, 0].any()  # CLS is exempt
     assert removed[1].nonzero().flatten().tolist() == [1, 2, 9]  # patch (0,0): itself, (0,1), (1,0)
-    glob = imp.grid_removal(zoo_vit, 65, "global", 1.0)
+    glob = pruning.grid_removal(zoo_vit, 65, "global", 1.0)
     assert (removed ^ glob)[1:, 1:].all() and not (removed & glob).any()
     with pytest.raises(hl.SelectionError, match="native image size"):
-        imp.grid_removal(zoo_vit, 50, "local", 1.0)
+        pruning.grid_removal(zoo_vit, 50, "local", 1.0)
 
 
-@pytest.mark.parametrize("part", imp.PARTS)
+@pytest.mark.parametrize("part", pruning.PARTS)
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_partial_pruning_fused_equals_reference(zoo_vit, part, renormalize):
     x = imp.task_data(zoo_vit, n=3, seed=1).inputs
     out = []
     with torch.no_grad():
         for reference in (False, True):
-            spec = imp.PartialPruning(1, 1, part, 1.5, renormalize, reference)
+            spec = pruning.PartialPruning(1, 1, part, 1.5, renormalize, reference)
             with hl.intervene(zoo_vit, spec):
                 out.append(zoo_vit.model(**x).logits)
         plain = zoo_vit.model(**x).logits
@@ -149,7 +150,7 @@ def test_partial_pruning_fused_equals_reference(zoo_vit, part, renormalize):
 
 def test_vit_partial_pruning_local_and_global_differ(zoo_vit):
     data = imp.task_data(zoo_vit, n=16, seed=0)
-    frame = imp.partial_pruning(zoo_vit, data, heads=[(0, 0), (1, 1)], radius=2.0, batch_size=16)
+    frame = pruning.partial_pruning(zoo_vit, data, heads=[(0, 0), (1, 1)], radius=2.0, batch_size=16)
     print(frame[["layer", "head", "part", "loss_increase", "logit_shift", "removed_mass"]])
     for _, group in frame.groupby(["layer", "head"]):
         by = group.set_index("part")
@@ -158,7 +159,7 @@ def test_vit_partial_pruning_local_and_global_differ(zoo_vit):
         assert by.removed_mass["head"] == 1.0
     lm_like = imp.TaskData("lm", {}, torch.zeros(1))
     with pytest.raises(hl.UnsupportedModelError, match="ViT"):
-        imp.partial_pruning(zoo_vit, lm_like)
+        pruning.partial_pruning(zoo_vit, lm_like)
 
 
 def test_analyses_entries_run_on_a_store(zoo_lm, tmp_path):
@@ -167,4 +168,5 @@ def test_analyses_entries_run_on_a_store(zoo_lm, tmp_path):
     options = {key: default for key, (default, _help) in entry.options.items()}
     frame = entry.run(store, {**options, "n": 8})
     assert {"layer", "head", "importance", "rank"} <= set(frame.columns) and len(frame) == 8
-    assert set(imp.ANALYSES) == {"importance-gradient", "importance-ablation", "vit-partial-pruning"}
+    assert set(imp.ANALYSES) == {"importance-gradient", "importance-ablation"}
+    assert set(pruning.ANALYSES) == {"vit-partial-pruning"}

@@ -22,7 +22,7 @@ class Analysis:
 
 
 # modules that contribute `ANALYSES`; each is imported on first use
-MODULES: tuple[str, ...] = ("vhd", "sinks", "position", "importance", "circuits", "sae", "atlas")
+MODULES: tuple[str, ...] = ("vhd", "sinks", "position", "importance", "pruning", "circuits", "sae", "atlas")
 
 ANALYSES: dict[str, Analysis] = {}
 
