@@ -7,7 +7,7 @@ PIP = $(PY) -m pip install --disable-pip-version-check -q $(if $(CONSTRAINTS),-c
 # CPU-only machines pin torch to the local 2.13.0 CPU wheel; GPU users: `make install CONSTRAINTS=`.
 CONSTRAINTS ?= constraints/cpu.txt
 
-.PHONY: demo test install install-dev lint format bench clean
+.PHONY: demo test install install-dev browser-deps lint format bench clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "headlab needs $(PYTHON) on PATH (or run: make PYTHON=python3 ...)"; exit 1; }
@@ -24,10 +24,17 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# the dashboard's browser test needs Debian's headless Chromium and its driver (skipped without them)
+browser-deps:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium chromium-driver; \
+		else echo "note: install chromium and chromium-driver (as root) to run the dashboard browser test"; fi; \
+	fi
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/headlab demo
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev browser-deps
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-dev
