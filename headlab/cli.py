@@ -24,6 +24,8 @@ act_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(act_app, name="act")
+report_app = typer.Typer(help="Benchmark reports (HTML + JSON + Markdown).", no_args_is_help=True)
+app.add_typer(report_app, name="report")
 store_app = typer.Typer(help="Inspect and check activation stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 console = Console(soft_wrap=True)  # messages are never broken mid-path
@@ -257,6 +259,20 @@ def analyze(
     console.print(f"saved the {name} result ({len(frame)} rows) in {store / 'results'}")
 
 
+@app.command()
+@_friendly
+def dash(
+    store: Annotated[Path, typer.Argument(help="store directory")],
+    port: Annotated[int, typer.Option(help="port to serve on")] = 8050,
+    host: Annotated[str, typer.Option(help="address to bind (127.0.0.1: this machine only)")] = "127.0.0.1",
+    model: Annotated[bool, typer.Option(help="load the model for token strings, patch grids")] = True,
+) -> None:
+    """Browse a store's heads in the browser: heat maps, conditions, A - B, click a head for its attention."""
+    from headlab.dashboards.app import serve
+
+    serve(store, host=host, port=port, model=model)
+
+
 @zoo_app.command("random")
 @_friendly
 def zoo_random(
@@ -406,6 +422,73 @@ def act_search(
     else:
         out.write_text(json.dumps({**summary, "heads": result.table.to_dict(orient="records")}, indent=1))
     console.print(f"wrote {len(result.table)} heads to {out}")
+
+
+@report_app.command("pope")
+@_friendly
+def report_pope(
+    out: Annotated[Path, typer.Option(help="report folder (answers.jsonl, report.json/.md/.html)")],
+    model: Annotated[str, typer.Option(help="local model directory, hub id or zoo:NAME")] = "zoo:llava",
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(help="POPE question file (repeat per split; default: synthetic files in OUT/data)"),
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="image folder (default: an images/ folder beside each file)")
+    ] = None,
+    interventions: Annotated[str, typer.Option(help="conditions: a subset of none,vhr,var")] = "none,vhr,var",
+    n: Annotated[int | None, typer.Option(help="first N questions per split (default: all)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="greedy tokens generated per answer")] = 4,
+    var_tau: Annotated[float, typer.Option(help="VAR's sink threshold tau (paper: 20)")] = 20.0,
+    vhd_images: Annotated[int, typer.Option(help="images for the per-head VHD heat map (0 = none)")] = 4,
+) -> None:
+    """POPE accuracy / precision / recall / F1 / yes-ratio per split and intervention, resumable."""
+    from tqdm import tqdm
+
+    from headlab.reports.pope import parse_conditions, pope_report
+
+    bars = []
+
+    def progress(desc: str, total: int):
+        bar = tqdm(total=total, desc=desc, unit="question")
+        bars.append(bar)
+
+        def tick() -> None:
+            bar.update(1)
+            if bar.n >= bar.total:
+                bar.close()
+
+        return tick
+
+    try:
+        result = pope_report(
+            out,
+            model=model,
+            data=data or (),
+            images=images,
+            conditions=parse_conditions(interventions),
+            n=n,
+            max_new_tokens=max_new_tokens,
+            var_tau=var_tau,
+            vhd_images=vhd_images,
+            progress=progress,
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    run = result.run
+    console.print(
+        f"{run.done} answered, {run.skipped} already in {out / 'answers.jsonl'} ({run.seconds:.1f} s)"
+    )
+    for name, split in result.report["splits"].items():
+        accs = ", ".join(f"{c} {m['accuracy']:.3f}" for c, m in split["metrics"].items())
+        bad = len(split["malformed_lines"]) + len(split["missing_images"])
+        console.print(f"  {name}: accuracy {accs}" + (f" ({bad} skipped: see the report)" if bad else ""))
+    if run.interrupted:
+        console.print("[bold]interrupted[/]: every answer so far is kept; rerun the same command to resume")
+    console.print(f"report: {result.html}")
+    if run.interrupted:
+        raise typer.Exit(130)
 
 
 _DEMO_PROMPTS = {

@@ -1,0 +1,163 @@
+"""`headlab report pope`: end-to-end on the zoo LLaVA and the synthetic POPE files, resume, interruption,
+problem counting, HTML escaping, and the paired bootstrap on hand cases."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from headlab.cli import app
+from headlab.datasets.pope import PopeQuestion, load_pope, score_pope
+from headlab.reports import pope as pope_report
+from headlab.reports.html import Page
+
+runner = CliRunner()
+
+
+def _answers(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pope") / "report"
+    result = runner.invoke(app, ["report", "pope", "--out", str(out), "--n", "6", "--vhd-images", "2"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_defaults_end_to_end(default_run):
+    out, output = default_run
+    for name in ("report.json", "report.md", "report.html", "answers.jsonl"):
+        assert (out / name).is_file()
+    assert f"report: {out / 'report.html'}" in output.replace("\n", "")
+    report = json.loads((out / "report.json").read_text())
+    lines = _answers(out / "answers.jsonl")
+    assert len(lines) == 3 * 3 * 6  # conditions x splits x questions
+    assert set(report["splits"]) == {"pope_random", "pope_popular", "pope_adversarial"}
+    for split, entry in report["splits"].items():
+        questions = load_pope(out / "data" / f"{split}.json").questions[:6]
+        for condition in ("none", "vhr", "var"):
+            answers = {
+                r["question_id"]: r["answer"]
+                for r in lines
+                if (r["condition"], r["split"]) == (condition, split)
+            }
+            direct = score_pope(questions, answers)
+            got = entry["metrics"][condition]
+            for key in ("n", "accuracy", "precision", "recall", "f1", "yes_ratio", "unanswered"):
+                assert got[key] == getattr(direct, key)
+            assert got["n"] == 6
+        for condition in ("vhr", "var"):
+            d = entry["vs_none"][condition]
+            assert d["accuracy"]["ci_low"] <= d["accuracy"]["delta"] <= d["accuracy"]["ci_high"]
+    assert "layers=(0, 1)" in report["conditions"]["var"]  # the 2-layer zoo model: said in the report
+    assert len(report["vhd_per_head"]) == 2 * 4  # layers x heads of the zoo LLaVA
+    html = (out / "report.html").read_text()
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=\"?https?:", html)  # self-contained
+    assert html.count("Plotly.newPlot") == 4  # a bar chart per split and the VHD heat map
+
+
+def test_rerun_resumes_and_reproduces(default_run):
+    out, _ = default_run
+    before = (out / "answers.jsonl").read_text()
+    report = json.loads((out / "report.json").read_text())
+    result = runner.invoke(app, ["report", "pope", "--out", str(out), "--n", "6", "--vhd-images", "2"])
+    assert result.exit_code == 0, result.output
+    assert "0 answered, 54 already" in result.output
+    assert (out / "answers.jsonl").read_text() == before
+    assert json.loads((out / "report.json").read_text()) == report
+
+
+def test_problems_escaping_and_interrupt(default_run, tmp_path, monkeypatch):
+    src, _ = default_run
+    images = tmp_path / "images"
+    shutil.copytree(src / "data" / "images", images)
+    rows = [json.loads(line) for line in (src / "data" / "pope_random.json").read_text().splitlines()[:3]]
+    rows[0]["text"] = "<script>alert(1)</script> Is there a car?"
+    rows.append({"question_id": 999, "image": "nowhere.png", "text": "Is there a cat?", "label": "no"})
+    lines = [json.dumps(r) for r in rows] + ["{not json"]
+    data = tmp_path / "mine.json"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    args = ["report", "pope", "--out", str(out), "--data", str(data), "--images", str(images)]
+    args += ["--interventions", "vhr", "--vhd-images", "0"]
+
+    real, calls = pope_report.generate_answer, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pope_report, "generate_answer", flaky)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert len(_answers(out / "answers.jsonl")) == 2  # what was done is kept
+    assert json.loads((out / "report.json").read_text())["interrupted"] is True
+
+    monkeypatch.setattr(pope_report, "generate_answer", real)
+    with open(out / "answers.jsonl", "a") as f:
+        f.write("garbage\n")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "4 answered, 2 already" in result.output  # 3 questions x (none, vhr), 2 done before
+    report = json.loads((out / "report.json").read_text())
+    entry = report["splits"]["mine"]
+    assert len(entry["malformed_lines"]) == 1 and len(entry["missing_images"]) == 1
+    assert "nowhere.png" in entry["missing_images"][0]
+    assert len(report["problems"]["answers_file"]) == 1
+    assert entry["metrics"]["none"]["n"] == 3 and not report["interrupted"]
+    html = (out / "report.html").read_text()
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "nowhere.png" in (out / "report.md").read_text()
+
+
+def test_bootstrap_identical_answers_gives_zero_ci():
+    labels = ["yes", "no", "yes", "no", "no"]
+    answers = ["yes", "yes", "no", "no", "no"]
+    d = pope_report.paired_bootstrap(labels, answers, answers)
+    for m in ("accuracy", "f1"):
+        assert (d[m]["delta"], d[m]["ci_low"], d[m]["ci_high"]) == (0.0, 0.0, 0.0)
+
+
+def test_bootstrap_all_fixed_and_deterministic():
+    labels = ["yes", "no"] * 10
+    wrong = ["no" if v == "yes" else "yes" for v in labels]
+    d = pope_report.paired_bootstrap(labels, wrong, labels)
+    assert d["accuracy"]["delta"] == 1.0 and d["accuracy"]["ci_low"] == 1.0 == d["accuracy"]["ci_high"]
+    mixed = labels[:10] + wrong[10:]
+    assert pope_report.paired_bootstrap(labels, mixed, labels) == pope_report.paired_bootstrap(
+        labels, mixed, labels
+    )
+    a = pope_report.paired_bootstrap(labels, mixed, labels)["accuracy"]
+    assert a["delta"] == 0.5 and 0.0 < a["ci_low"] < 0.5 < a["ci_high"] <= 1.0
+
+
+def test_flipped_and_conditions():
+    qs = [
+        PopeQuestion(1, "a.png", "Is there a cat?", "no"),
+        PopeQuestion(2, "b.png", "Is there a dog?", "yes"),
+    ]
+    flips = pope_report.flipped(qs, {1: "Yes", 2: "Yes"}, {1: "No", 2: "Yes"})
+    assert flips == [
+        {"question_id": 1, "image": "a.png", "question": "Is there a cat?", "label": "no"}
+        | {"before": "Yes", "after": "No", "now_correct": True}
+    ]
+    assert pope_report.parse_conditions("var,vhr") == ["none", "var", "vhr"]
+    with pytest.raises(pope_report.InputError, match="subset of none,vhr,var"):
+        pope_report.parse_conditions("none,act")
+    assert pope_report.condition_interventions("var", 32)[0][0].layers is None
+
+
+def test_page_escapes_text():
+    page = Page("<b>t</b>")
+    page.table(["<q>"], [["<script>x</script>", 0.5, 3]])
+    text = page.render()
+    assert "<script>x</script>" not in text and "&lt;q&gt;" in text and "0.5000" in text
