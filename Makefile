@@ -33,6 +33,7 @@ browser-deps:
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/headlab demo
+	$(VENV)/bin/headlab report pope --out out/demo/report --interventions none,vhr,var
 
 test: $(VENV)/.installed-dev browser-deps
 	$(PY) -m pytest -q
