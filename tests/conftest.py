@@ -3,6 +3,8 @@ saved with a local tokenizer/processor and loaded back through `headlab.load` (n
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -79,3 +81,18 @@ def eager_attentions(lm: hl.LoadedModel, inputs) -> tuple[torch.Tensor, ...]:
             return lm.model(**inputs, output_attentions=True).attentions
     finally:
         lm.model.set_attn_implementation("sdpa")
+
+
+def chromium_driver():
+    """A headless Chromium (Debian's chromium + chromium-driver) driven by selenium; skips without them."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("needs chromium and chromedriver (apt-get install -y chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1800"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=options)

@@ -5,7 +5,6 @@ Chromium session that clicks a head and saves a screenshot (skipped when chromiu
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import chromium_driver
 from typer.testing import CliRunner
 
 import headlab as hl
@@ -139,27 +139,13 @@ def test_empty_store_page_and_bad_path(lm, tmp_path):
     assert "Traceback" not in result.output
 
 
-def _browser():
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("needs chromium and chromedriver (apt-get install -y chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1800"):
-        options.add_argument(arg)
-    return webdriver.Chrome(service=Service(driver), options=options)
-
-
 def test_browser_click_a_head(data, store, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     from werkzeug.serving import make_server
 
-    browser = _browser()
+    browser = chromium_driver()
     server = make_server("127.0.0.1", 0, make_app(store, data.layout).server, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
