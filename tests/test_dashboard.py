@@ -18,7 +18,14 @@ from typer.testing import CliRunner
 
 import headlab as hl
 from headlab.cli import app as cli_app
-from headlab.dashboards.app import build_layout, heatmap_figure, make_app, pattern_outputs
+from headlab.dashboards.app import (
+    build_layout,
+    circuit_figure,
+    heatmap_figure,
+    make_app,
+    pattern_outputs,
+    position_figure,
+)
 from headlab.dashboards.data import BrowserData, Source, layout_from_model
 
 PROMPTS = {
@@ -175,3 +182,53 @@ def test_browser_click_a_head(data, store, tmp_path):
         browser.quit()
         server.shutdown()
         thread.join(timeout=5)
+
+
+def test_circuit_and_position_views(lm, tmp_path):
+    store = hl.Store.create(tmp_path / "s", lm)
+    with torch.no_grad(), hl.capture(lm) as rec:
+        lm.model(**lm.tokenizer(["w1 w2 w1 w2"], return_tensors="pt"))
+    store.append(rec, examples=[0])
+    assert circuit_figure(BrowserData(store)) is None and position_figure(BrowserData(store)) is None
+    heads = [(la, h) for la in range(lm.n_layers) for h in range(lm.n_heads)]
+    store.save_result(
+        "activation-patching",
+        pd.DataFrame(
+            [
+                {"layer": la, "head": h, "direction": d, "positions": "all", "score": la + h / 10}
+                for la, h in heads
+                for d in ("denoising", "noising")
+            ]
+        ),
+    )
+    store.save_result(
+        "circuit-overlap",
+        pd.DataFrame(
+            [
+                {
+                    "layer": la,
+                    "head": h,
+                    "score_a": 0.1 * h,
+                    "score_b": 0.2 * la,
+                    "in_a": h > 1,
+                    "in_b": la > 0,
+                }
+                for la, h in heads
+            ]
+        ).assign(task_a="ioi", task_b="induction", overlap_coefficient=0.5, iou=1 / 3),
+    )
+    store.save_result(
+        "slot-profile",
+        pd.DataFrame(
+            [{"layer": la, "head": h, "k": 3, "slot_0": 0.5, "slot_1": 0.2, "slot_2": 0.3} for la, h in heads]
+        ),
+    )
+    data = BrowserData(store)
+    circuits = circuit_figure(data)
+    assert len(circuits.data) == 4  # two patching directions + both overlap tasks
+    assert "coefficient 0.50, IoU 0.33" in circuits.layout.title.text
+    assert list(circuits.data[0].x)[:2] == ["L0H0", "L0H1"]
+    position = position_figure(data)
+    assert len(position.data) == len(heads) and list(position.data[0].y) == [0.5, 0.2, 0.3]
+    ids = {c.id for c in build_layout(data).children if getattr(c, "id", None)}
+    assert {"circuits", "position"} <= ids

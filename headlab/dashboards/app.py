@@ -180,6 +180,69 @@ def atlas_figure(data: BrowserData) -> go.Figure | None:
     return fig
 
 
+def _head_labels(frame) -> list[str]:
+    return [f"L{layer}H{head}" for layer, head in zip(frame.layer, frame["head"], strict=True)]
+
+
+def circuit_figure(data: BrowserData) -> go.Figure | None:
+    """Per-head circuit scores from the stored patching results (bars per direction / task) and, for a
+    `circuit-overlap` result, both tasks' scores with the overlap coefficient and IoU in the title; None
+    when the store holds none of them."""
+    results = set(data.store.results())
+    fig, title = go.Figure(), []
+    for name in ("activation-patching", "attribution-patching"):
+        if name not in results:
+            continue
+        frame = data.store.result(name)
+        keys = [c for c in ("direction", "positions") if c in frame]
+        for key, part in frame.groupby(keys) if keys else [((), frame)]:
+            label = " ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
+            fig.add_trace(go.Bar(x=_head_labels(part), y=part.score, name=f"{name} {label}".strip()))
+        title.append(name)
+    if "circuit-overlap" in results:
+        frame = data.store.result("circuit-overlap")
+        task_a = str(frame.task_a.iloc[0]) if "task_a" in frame else "a"
+        task_b = str(frame.task_b.iloc[0]) if "task_b" in frame else "b"
+        for column, task in (("score_a", task_a), ("score_b", task_b)):
+            fig.add_trace(go.Bar(x=_head_labels(frame), y=frame[column], name=f"overlap: {task}"))
+        title.append(
+            f"circuit overlap {task_a} vs {task_b}: coefficient {float(frame.overlap_coefficient.iloc[0]):.2f}, "
+            f"IoU {float(frame.iou.iloc[0]):.2f}"
+        )
+    if not title:
+        return None
+    fig.update_layout(title="; ".join(title), barmode="group", height=380, yaxis_title="score")
+    return fig
+
+
+def position_figure(data: BrowserData) -> go.Figure | None:
+    """Position-bias curves from a stored `slot-profile` result: each head's attention share per segment
+    slot (one line per head), or None."""
+    if "slot-profile" not in data.store.results():
+        return None
+    frame = data.store.result("slot-profile")
+    slots = sorted((c for c in frame.columns if c.startswith("slot_")), key=lambda c: int(c.split("_")[1]))
+    fig = go.Figure()
+    for _, row in frame.iterrows():
+        values = [row[c] for c in slots]
+        keep = [(i, v) for i, v in enumerate(values) if v == v]  # NaN: a slot this k does not have
+        fig.add_trace(
+            go.Scatter(
+                x=[i for i, _ in keep],
+                y=[v for _, v in keep],
+                mode="lines+markers",
+                name=f"L{int(row.layer)}H{int(row['head'])}",
+            )
+        )
+    fig.update_layout(
+        title="position bias: attention share per segment slot",
+        xaxis_title="slot",
+        yaxis_title="share of segment attention",
+        height=380,
+    )
+    return fig
+
+
 def _dropdown(id_: str, options: list, value, **kwargs) -> html.Div:
     return html.Div(
         [
@@ -234,6 +297,11 @@ def build_layout(data: BrowserData) -> html.Div:
         ]
     )
     atlas = atlas_figure(data)
+    extra = [
+        dcc.Graph(id=name, figure=fig)
+        for name, fig in (("circuits", circuit_figure(data)), ("position", position_figure(data)))
+        if fig is not None
+    ]
     return html.Div(
         [
             html.H2("headlab head browser"),
@@ -241,6 +309,7 @@ def build_layout(data: BrowserData) -> html.Div:
             controls,
             dcc.Graph(id="heatmap"),
             *([dcc.Graph(id="atlas", figure=atlas)] if atlas is not None else []),
+            *extra,
             pattern_controls,
             html.P(id="status"),
             html.Div(id="tokens", style={"lineHeight": "1.8", "fontFamily": "monospace"}),
