@@ -491,6 +491,226 @@ def report_pope(
         raise typer.Exit(130)
 
 
+def _lvlm_progress(bars: list):
+    from tqdm import tqdm
+
+    def progress(desc: str, total: int):
+        bar = tqdm(total=total, desc=desc, unit="question")
+        bars.append(bar)
+
+        def tick() -> None:
+            bar.update(1)
+            if bar.n >= bar.total:
+                bar.close()
+
+        return tick
+
+    return progress
+
+
+@report_app.command("mme")
+@_friendly
+def report_mme(
+    out: Annotated[Path, typer.Option(help="report folder (answers.jsonl, results/, report.json/.md/.html)")],
+    model: Annotated[str, typer.Option(help="local model directory, hub id or zoo:NAME")] = "zoo:llava",
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="MME question file <subtask>.txt (repeat per subtask; default: synthetic in OUT/data)"
+        ),
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="image folder (default: an images/ folder beside each file)")
+    ] = None,
+    interventions: Annotated[str, typer.Option(help="conditions: a subset of none,vhr,var")] = "none,vhr,var",
+    n: Annotated[int | None, typer.Option(help="first N images per subtask (default: all)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="greedy tokens generated per answer")] = 4,
+    var_tau: Annotated[float, typer.Option(help="VAR's sink threshold tau (paper: 20)")] = 20.0,
+) -> None:
+    """MME hallucination subset: acc / acc+ / score per subtask and intervention, resumable."""
+    from headlab.reports.lvlm import mme_report
+    from headlab.reports.pope import parse_conditions
+
+    bars: list = []
+    try:
+        result = mme_report(
+            out,
+            model=model,
+            data=data or (),
+            images=images,
+            conditions=parse_conditions(interventions),
+            n=n,
+            max_new_tokens=max_new_tokens,
+            var_tau=var_tau,
+            progress=_lvlm_progress(bars),
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    run = result.run
+    console.print(
+        f"{run.done} answered, {run.skipped} already in {out / 'answers.jsonl'} ({run.seconds:.1f} s)"
+    )
+    for name, sub in result.report["subtasks"].items():
+        scores = ", ".join(f"{c} {m['score']:.1f}" for c, m in sub["metrics"].items())
+        bad = len(sub["malformed_lines"]) + len(sub["missing_images"])
+        console.print(f"  {name}: score {scores}" + (f" ({bad} skipped: see the report)" if bad else ""))
+    if run.interrupted:
+        console.print("[bold]interrupted[/]: every answer so far is kept; rerun the same command to resume")
+    console.print(f"report: {result.html}")
+    if run.interrupted:
+        raise typer.Exit(130)
+
+
+def _lm_report_progress(unit: str):
+    """A reports-style progress callback (description, total) -> tick, and the bars it opened."""
+    from tqdm import tqdm
+
+    bars = []
+
+    def progress(desc: str, total: int):
+        bar = tqdm(total=total, desc=desc, unit=unit)
+        bars.append(bar)
+
+        def tick() -> None:
+            bar.update(1)
+            if bar.n >= bar.total:
+                bar.close()
+
+        return tick
+
+    return progress, bars
+
+
+@report_app.command("sinks")
+@_friendly
+def report_sinks(
+    out: Annotated[Path, typer.Option(help="report folder (store/, report.json/.md/.html)")],
+    model: Annotated[str, typer.Option(help="local model directory, hub id or zoo:NAME")] = "zoo:lm",
+    data: Annotated[
+        Path | None,
+        typer.Option(help="prompts (JSON Lines; default: synthetic induction, IOI and multi-doc QA)"),
+    ] = None,
+    n: Annotated[
+        int | None, typer.Option(help="prompts per synthetic task (default 8), or the first N of --data")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="prompts per forward pass")] = 8,
+) -> None:
+    """Attention sinks: per-head alpha_0, Sink metric, hidden sinks, massive activations; resumable."""
+    from headlab.reports.lm import sinks_report
+
+    progress, bars = _lm_report_progress("ex")
+    try:
+        result = sinks_report(out, model=model, data=data, n=n, batch_size=batch_size, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    run, rep = result.run, result.report
+    m = rep["sink_metric"]
+    console.print(f"{run.done} captured, {run.skipped} already in {out / 'store'}, {len(run.failed)} failed")
+    console.print(
+        f"  Sink metric {m['percent']:.2f}% (eps {m['epsilon']}), {len(rep['sink_heads'])} sink heads, "
+        f"{rep['hidden_sinks']['n_hits']} hidden-sink hits, "
+        f"{rep['massive_activations']['n']} massive activations"
+    )
+    if run.interrupted:
+        console.print("[bold]interrupted[/]: every captured batch is kept; rerun the same command to resume")
+    console.print(f"report: {result.html}")
+    if run.interrupted:
+        raise typer.Exit(130)
+
+
+@report_app.command("position-bias")
+@_friendly
+def report_position_bias(
+    out: Annotated[Path, typer.Option(help="report folder (position_cache.json, report.json/.md/.html)")],
+    model: Annotated[str, typer.Option(help="local model directory, hub id or zoo:NAME")] = "zoo:lm",
+    n: Annotated[int, typer.Option(help="examples per gold position and judge examples")] = 50,
+    k: Annotated[int, typer.Option(help="documents per multi-document QA prompt")] = 4,
+    seed: Annotated[int, typer.Option(help="seed of the synthetic tasks")] = 10_000,
+) -> None:
+    """Position bias plain vs PINE: lost-in-the-middle curve and pairwise-judge flip rate; cached."""
+    from headlab.reports.lm import position_report
+
+    progress, bars = _lm_report_progress("part")
+    try:
+        result = position_report(out, model=model, n=n, k=k, seed=seed, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    rep = result.report
+    console.print(f"{result.run.computed} parts computed, {result.run.cached} from the cache")
+    if rep["pine_unavailable"]:
+        console.print(f"  PINE unavailable: {rep['pine_unavailable']}")
+    for method, j in rep["judge"].items():
+        curve = ", ".join(f"{r['accuracy']:.2f}" for r in rep["lost_in_the_middle"][method])
+        console.print(
+            f"  {method}: accuracy by gold position [{curve}]; judge flip rate {j['flip_rate']:.3f}, "
+            f"accuracy {j['accuracy']:.3f}"
+        )
+    console.print(f"report: {result.html}")
+
+
+@report_app.command("amber")
+@_friendly
+def report_amber(
+    out: Annotated[Path, typer.Option(help="report folder (answers.jsonl, report.json/.md/.html)")],
+    model: Annotated[str, typer.Option(help="local model directory, hub id or zoo:NAME")] = "zoo:llava",
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="AMBER data folder: annotations.json, relation.json, safe_words.txt, query/query_*.json "
+            "(default: synthetic in OUT/data)"
+        ),
+    ] = None,
+    images: Annotated[Path | None, typer.Option(help="image folder (default: DATA/image)")] = None,
+    interventions: Annotated[str, typer.Option(help="conditions: a subset of none,vhr,var")] = "none,vhr,var",
+    n: Annotated[int | None, typer.Option(help="first N queries of each kind (default: all)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="greedy tokens per yes/no answer")] = 4,
+    gen_tokens: Annotated[int, typer.Option(help="greedy tokens per description")] = 16,
+    var_tau: Annotated[float, typer.Option(help="VAR's sink threshold tau (paper: 20)")] = 20.0,
+) -> None:
+    """AMBER: CHAIR / Cover / Hal / Cog, discriminative accuracy / F1 and the AMBER score, resumable."""
+    from headlab.reports.lvlm import amber_report
+    from headlab.reports.pope import parse_conditions
+
+    bars: list = []
+    try:
+        result = amber_report(
+            out,
+            model=model,
+            data=data,
+            images=images,
+            conditions=parse_conditions(interventions),
+            n=n,
+            max_new_tokens=max_new_tokens,
+            gen_tokens=gen_tokens,
+            var_tau=var_tau,
+            progress=_lvlm_progress(bars),
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    run = result.run
+    console.print(
+        f"{run.done} answered, {run.skipped} already in {out / 'answers.jsonl'} ({run.seconds:.1f} s)"
+    )
+    for c, m in result.report["metrics"].items():
+        amber = m["amber_score"]
+        console.print(
+            f"  {c}: CHAIR {m['chair']:.3f}, Cover {m['cover']:.3f}, Hal {m['hal']:.3f}, Cog {m['cog']:.3f}"
+            + (f", AMBER score {amber:.3f}" if amber is not None else "")
+        )
+    bad = sum(len(p) for p in result.report["problems"].values())
+    if bad:
+        console.print(f"  {bad} problems: see the report")
+    if run.interrupted:
+        console.print("[bold]interrupted[/]: every answer so far is kept; rerun the same command to resume")
+    console.print(f"report: {result.html}")
+    if run.interrupted:
+        raise typer.Exit(130)
+
+
 _DEMO_PROMPTS = {
     "lm": [
         "When Mary and John went to the store, John gave a drink to",
