@@ -711,6 +711,57 @@ def report_amber(
         raise typer.Exit(130)
 
 
+@report_app.command("chair")
+@_friendly
+def report_chair(
+    out: Annotated[Path, typer.Option(help="report folder (answers.jsonl, report.json/.md/.html)")],
+    model: Annotated[str, typer.Option(help="local model directory, hub id or zoo:NAME")] = "zoo:llava",
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="CHAIR folder: synonyms.txt, truth.json, images.json (default: synthetic in OUT/data)"
+        ),
+    ] = None,
+    images: Annotated[Path | None, typer.Option(help="image folder (default: DATA/images)")] = None,
+    interventions: Annotated[str, typer.Option(help="conditions: a subset of none,vhr,var")] = "none,vhr,var",
+    n: Annotated[int | None, typer.Option(help="first N images (default: all)")] = None,
+    gen_tokens: Annotated[int, typer.Option(help="greedy tokens per description")] = 16,
+    var_tau: Annotated[float, typer.Option(help="VAR's sink threshold tau (paper: 20)")] = 20.0,
+) -> None:
+    """CHAIR on generated descriptions: CHAIR_s, CHAIR_i, recall, length per condition, resumable."""
+    from headlab.reports.chair import chair_report
+    from headlab.reports.pope import parse_conditions
+
+    bars: list = []
+    try:
+        result = chair_report(
+            out,
+            model=model,
+            data=data,
+            images=images,
+            conditions=parse_conditions(interventions),
+            n=n,
+            gen_tokens=gen_tokens,
+            var_tau=var_tau,
+            progress=_lvlm_progress(bars),
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    run = result.run
+    console.print(
+        f"{run.done} answered, {run.skipped} already in {out / 'answers.jsonl'} ({run.seconds:.1f} s)"
+    )
+    for c, m in result.report["metrics"].items():
+        console.print(
+            f"  {c}: CHAIR_s {m['chair_s']:.3f}, CHAIR_i {m['chair_i']:.3f}, recall {m['recall']:.3f}"
+        )
+    if run.interrupted:
+        console.print("interrupted: the answers so far are kept; run the same command again to resume")
+        raise typer.Exit(130)
+    console.print(f"report: {result.html}")
+
+
 _DEMO_PROMPTS = {
     "lm": [
         "When Mary and John went to the store, John gave a drink to",
