@@ -59,7 +59,10 @@ def test_defaults_end_to_end(default_run):
     assert len(report["vhd_per_head"]) == 2 * 4  # layers x heads of the zoo LLaVA
     html = (out / "report.html").read_text()
     assert not re.search(r"<(script|link|img)[^>]+(src|href)=\"?https?:", html)  # self-contained
-    assert html.count("Plotly.newPlot") == 4  # a bar chart per split and the VHD heat map
+    assert html.count("Plotly.newPlot") == 6  # a bar chart per split, image attention, visual sinks, VHD
+    maps = report["attention_maps"]
+    assert len(maps["image_mass"]) == 8 and len(maps["visual_sinks"]["phi"]) == 2  # 2 layers x 4 heads
+    assert all(len(row) == 16 for row in maps["visual_sinks"]["phi"])  # the 4 x 4 image tokens
 
 
 def test_rerun_resumes_and_reproduces(default_run):

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import torch
 
 from headlab.datasets.pope import PopeFile, PopeQuestion, load_pope, parse_answer, score_pope
 from headlab.errors import HeadlabError, InputError
@@ -399,6 +401,29 @@ def render_html(report: Mapping, vhd=None) -> str:
         fig.update_layout(barmode="group", title=f"{name}", yaxis_range=[0, 1], height=340)
         page.heading(f"Split {name}")
         page.figure(fig)
+    maps = report.get("attention_maps") or {}
+    if maps.get("image_mass"):
+        frame = pd.DataFrame(maps["image_mass"]).pivot(index="layer", columns="head", values="mass")
+        fig = go.Figure(go.Heatmap(z=frame.values, x=list(frame.columns), y=list(frame.index)))
+        fig.update_layout(
+            title=f"attention mass on the image tokens at the last query (mean over {maps['images']} images)",
+            xaxis_title="head",
+            yaxis_title="layer",
+        )
+        page.heading("Image attention")
+        page.figure(fig)
+    if maps.get("visual_sinks"):
+        sinks = maps["visual_sinks"]
+        fig = go.Figure(go.Heatmap(z=sinks["phi"], colorscale="Magma"))
+        fig.update_layout(
+            title=f"visual-sink score phi per layer and image token (sink dims {sinks['dims']}; "
+            f"phi > {sinks['tau']:g} = visual sink)",
+            xaxis_title="image token (row-major over the patch grid)",
+            yaxis_title="layer input",
+        )
+        page.heading("Visual sinks")
+        page.paragraph(f"visual sinks per layer: {sinks['sinks_per_layer']}")
+        page.figure(fig)
     if vhd is not None and len(vhd):
         grid = vhd.pivot(index="layer", columns="head", values="vhd")
         fig = go.Figure(
@@ -452,6 +477,49 @@ def vhd_heatmap_data(lm, split: Split, out: Path, n_images: int):
             lm, store, [prompt_for(q) for q in qs], [_image(split.images / q.image) for q in qs]
         )
     return vhd_per_head(store)
+
+
+@torch.no_grad()
+def attention_maps(lm, split: Split, n_images: int, *, tau: float = 20.0) -> dict:
+    """On the first `n_images` distinct images of `split` (with their first question): each language-model
+    head's attention mass on the image tokens at the last query (mean over images), and VAR's visual-sink
+    score phi = max over the sink dimensions |x_d| / RMS(x) of every image token entering each layer (mean
+    over images; sink dimensions found on the BOS token). Tokens with phi > tau are visual sinks."""
+    import headlab as hl
+    from headlab.interventions.var import sink_dims_from_states, sink_scores
+
+    picks: dict[str, PopeQuestion] = {}
+    for q in split.questions:
+        if len(picks) < n_images:
+            picks.setdefault(q.image, q)
+    if not picks:
+        return {}
+    masses, phis, dims = [], [], None
+    for q in picks.values():
+        inputs = lm.processor(
+            text=[prompt_for(q)], images=[_image(split.images / q.image)], return_tensors="pt"
+        )
+        with hl.capture(lm, stats=hl.Stats(which=("mass",), towers=("lm",))) as rec:
+            out = lm.model(**dict(inputs), output_hidden_states=True)
+        frame = rec.head_stats
+        masses.append(frame[(frame.stat == "mass_last") & (frame.role == "image")])
+        states = out.hidden_states[:-1]  # the input of each language-model layer
+        dims = dims or sink_dims_from_states(states, 0)
+        image = inputs["input_ids"][0] == lm.image_token_id
+        phis.append(torch.stack([sink_scores(h[0, image], dims) for h in states]))  # [layer, image token]
+    mass = pd.concat(masses).groupby(["layer", "head"]).value.mean().reset_index()
+    phi = torch.stack(phis).mean(0)
+    return {
+        "images": len(picks),
+        "image_mass": mass.rename(columns={"value": "mass"}).to_dict(orient="records"),
+        "visual_sinks": {
+            "dims": list(dims),
+            "tau": tau,
+            "phi": phi.tolist(),
+            "sinks_per_layer": (phi > tau).sum(-1).tolist(),
+            "grid": list(lm.tower("vision").grid) if "vision" in {t.name for t in lm.towers} else None,
+        },
+    }
 
 
 def _image(path: Path):
@@ -519,4 +587,6 @@ def pope_report(
     )
     if vhd is not None:
         report["vhd_per_head"] = vhd[["layer", "head", "vhd"]].to_dict(orient="records")
+    if vhd_images > 0 and splits and not run.interrupted:
+        report["attention_maps"] = attention_maps(lm, splits[0], vhd_images, tau=var_tau)
     return PopeReportResult(write_report(report, out, vhd), report, run)
