@@ -33,6 +33,7 @@ from headlab.reports.pope import (
     Split,
     answer_all,
     condition_interventions,
+    flipped,
     paired_bootstrap,
 )
 
@@ -172,23 +173,6 @@ def _as_correct(label: str, prediction: str) -> str:
     return label if parse_answer(prediction) == label else ("no" if label == "yes" else "yes")
 
 
-def _flipped(questions: Sequence[PopeQuestion], before: Mapping[int, str], after: Mapping[int, str]) -> list:
-    out = []
-    for q in questions:
-        if q.question_id in before and q.question_id in after:
-            pa, pb = parse_answer(before[q.question_id]), parse_answer(after[q.question_id])
-            if pa != pb:
-                out.append(
-                    {"question_id": q.question_id, "image": q.image, "question": q.text, "label": q.label}
-                    | {
-                        "before": before[q.question_id],
-                        "after": after[q.question_id],
-                        "now_correct": pb == q.label,
-                    }
-                )
-    return out
-
-
 def build_mme_report(
     model: str,
     splits: Sequence[Split],
@@ -231,7 +215,7 @@ def build_mme_report(
                 "accuracy": boot["accuracy"],
                 "score": m1["score"] - m0["score"],
                 "acc_plus": m1["acc_plus"] - m0["acc_plus"],
-                "flipped": _flipped(split.questions, base, other),
+                "flipped": flipped(split.questions, base, other),
             }
         entry["examples"] = [
             {"question_id": q.question_id, "image": q.image, "question": q.text, "label": q.label}
