@@ -424,6 +424,26 @@ def act_search(
     console.print(f"wrote {len(result.table)} heads to {out}")
 
 
+def _report_progress(unit: str):
+    """A reports-style progress callback (description, total) -> tick, and the bars it opened."""
+    from tqdm import tqdm
+
+    bars = []
+
+    def progress(desc: str, total: int):
+        bar = tqdm(total=total, desc=desc, unit=unit)
+        bars.append(bar)
+
+        def tick() -> None:
+            bar.update(1)
+            if bar.n >= bar.total:
+                bar.close()
+
+        return tick
+
+    return progress, bars
+
+
 @report_app.command("pope")
 @_friendly
 def report_pope(
@@ -443,23 +463,9 @@ def report_pope(
     vhd_images: Annotated[int, typer.Option(help="images for the per-head VHD heat map (0 = none)")] = 4,
 ) -> None:
     """POPE accuracy / precision / recall / F1 / yes-ratio per split and intervention, resumable."""
-    from tqdm import tqdm
-
     from headlab.reports.pope import parse_conditions, pope_report
 
-    bars = []
-
-    def progress(desc: str, total: int):
-        bar = tqdm(total=total, desc=desc, unit="question")
-        bars.append(bar)
-
-        def tick() -> None:
-            bar.update(1)
-            if bar.n >= bar.total:
-                bar.close()
-
-        return tick
-
+    progress, bars = _report_progress("question")
     try:
         result = pope_report(
             out,
@@ -491,23 +497,6 @@ def report_pope(
         raise typer.Exit(130)
 
 
-def _lvlm_progress(bars: list):
-    from tqdm import tqdm
-
-    def progress(desc: str, total: int):
-        bar = tqdm(total=total, desc=desc, unit="question")
-        bars.append(bar)
-
-        def tick() -> None:
-            bar.update(1)
-            if bar.n >= bar.total:
-                bar.close()
-
-        return tick
-
-    return progress
-
-
 @report_app.command("mme")
 @_friendly
 def report_mme(
@@ -531,7 +520,7 @@ def report_mme(
     from headlab.reports.lvlm import mme_report
     from headlab.reports.pope import parse_conditions
 
-    bars: list = []
+    progress, bars = _report_progress("question")
     try:
         result = mme_report(
             out,
@@ -542,7 +531,7 @@ def report_mme(
             n=n,
             max_new_tokens=max_new_tokens,
             var_tau=var_tau,
-            progress=_lvlm_progress(bars),
+            progress=progress,
         )
     finally:
         for bar in bars:
@@ -562,26 +551,6 @@ def report_mme(
         raise typer.Exit(130)
 
 
-def _lm_report_progress(unit: str):
-    """A reports-style progress callback (description, total) -> tick, and the bars it opened."""
-    from tqdm import tqdm
-
-    bars = []
-
-    def progress(desc: str, total: int):
-        bar = tqdm(total=total, desc=desc, unit=unit)
-        bars.append(bar)
-
-        def tick() -> None:
-            bar.update(1)
-            if bar.n >= bar.total:
-                bar.close()
-
-        return tick
-
-    return progress, bars
-
-
 @report_app.command("sinks")
 @_friendly
 def report_sinks(
@@ -599,7 +568,7 @@ def report_sinks(
     """Attention sinks: per-head alpha_0, Sink metric, hidden sinks, massive activations; resumable."""
     from headlab.reports.lm import sinks_report
 
-    progress, bars = _lm_report_progress("ex")
+    progress, bars = _report_progress("ex")
     try:
         result = sinks_report(out, model=model, data=data, n=n, batch_size=batch_size, progress=progress)
     finally:
@@ -632,7 +601,7 @@ def report_position_bias(
     """Position bias plain vs PINE: lost-in-the-middle curve and pairwise-judge flip rate; cached."""
     from headlab.reports.lm import position_report
 
-    progress, bars = _lm_report_progress("part")
+    progress, bars = _report_progress("part")
     try:
         result = position_report(out, model=model, n=n, k=k, seed=seed, progress=progress)
     finally:
@@ -674,7 +643,7 @@ def report_amber(
     from headlab.reports.lvlm import amber_report
     from headlab.reports.pope import parse_conditions
 
-    bars: list = []
+    progress, bars = _report_progress("question")
     try:
         result = amber_report(
             out,
@@ -686,7 +655,7 @@ def report_amber(
             max_new_tokens=max_new_tokens,
             gen_tokens=gen_tokens,
             var_tau=var_tau,
-            progress=_lvlm_progress(bars),
+            progress=progress,
         )
     finally:
         for bar in bars:
@@ -732,7 +701,7 @@ def report_chair(
     from headlab.reports.chair import chair_report
     from headlab.reports.pope import parse_conditions
 
-    bars: list = []
+    progress, bars = _report_progress("question")
     try:
         result = chair_report(
             out,
@@ -743,7 +712,7 @@ def report_chair(
             n=n,
             gen_tokens=gen_tokens,
             var_tau=var_tau,
-            progress=_lvlm_progress(bars),
+            progress=progress,
         )
     finally:
         for bar in bars:
