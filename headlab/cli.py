@@ -444,6 +444,21 @@ def _report_progress(unit: str):
     return progress, bars
 
 
+def _answered(run, out: Path) -> None:
+    console.print(
+        f"{run.done} answered, {run.skipped} already in {out / 'answers.jsonl'} ({run.seconds:.1f} s)"
+    )
+
+
+def _report_done(html: Path, interrupted: bool) -> None:
+    """The report's path last; an interrupted run says how to resume and exits 130."""
+    if interrupted:
+        console.print("[bold]interrupted[/]: every answer so far is kept; rerun the same command to resume")
+    console.print(f"report: {html}")
+    if interrupted:
+        raise typer.Exit(130)
+
+
 @report_app.command("pope")
 @_friendly
 def report_pope(
@@ -483,18 +498,12 @@ def report_pope(
         for bar in bars:
             bar.close()
     run = result.run
-    console.print(
-        f"{run.done} answered, {run.skipped} already in {out / 'answers.jsonl'} ({run.seconds:.1f} s)"
-    )
+    _answered(run, out)
     for name, split in result.report["splits"].items():
         accs = ", ".join(f"{c} {m['accuracy']:.3f}" for c, m in split["metrics"].items())
         bad = len(split["malformed_lines"]) + len(split["missing_images"])
         console.print(f"  {name}: accuracy {accs}" + (f" ({bad} skipped: see the report)" if bad else ""))
-    if run.interrupted:
-        console.print("[bold]interrupted[/]: every answer so far is kept; rerun the same command to resume")
-    console.print(f"report: {result.html}")
-    if run.interrupted:
-        raise typer.Exit(130)
+    _report_done(result.html, run.interrupted)
 
 
 @report_app.command("mme")
@@ -537,18 +546,12 @@ def report_mme(
         for bar in bars:
             bar.close()
     run = result.run
-    console.print(
-        f"{run.done} answered, {run.skipped} already in {out / 'answers.jsonl'} ({run.seconds:.1f} s)"
-    )
+    _answered(run, out)
     for name, sub in result.report["subtasks"].items():
         scores = ", ".join(f"{c} {m['score']:.1f}" for c, m in sub["metrics"].items())
         bad = len(sub["malformed_lines"]) + len(sub["missing_images"])
         console.print(f"  {name}: score {scores}" + (f" ({bad} skipped: see the report)" if bad else ""))
-    if run.interrupted:
-        console.print("[bold]interrupted[/]: every answer so far is kept; rerun the same command to resume")
-    console.print(f"report: {result.html}")
-    if run.interrupted:
-        raise typer.Exit(130)
+    _report_done(result.html, run.interrupted)
 
 
 @report_app.command("sinks")
@@ -661,9 +664,7 @@ def report_amber(
         for bar in bars:
             bar.close()
     run = result.run
-    console.print(
-        f"{run.done} answered, {run.skipped} already in {out / 'answers.jsonl'} ({run.seconds:.1f} s)"
-    )
+    _answered(run, out)
     for c, m in result.report["metrics"].items():
         amber = m["amber_score"]
         console.print(
@@ -673,11 +674,7 @@ def report_amber(
     bad = sum(len(p) for p in result.report["problems"].values())
     if bad:
         console.print(f"  {bad} problems: see the report")
-    if run.interrupted:
-        console.print("[bold]interrupted[/]: every answer so far is kept; rerun the same command to resume")
-    console.print(f"report: {result.html}")
-    if run.interrupted:
-        raise typer.Exit(130)
+    _report_done(result.html, run.interrupted)
 
 
 @report_app.command("chair")
@@ -718,17 +715,12 @@ def report_chair(
         for bar in bars:
             bar.close()
     run = result.run
-    console.print(
-        f"{run.done} answered, {run.skipped} already in {out / 'answers.jsonl'} ({run.seconds:.1f} s)"
-    )
+    _answered(run, out)
     for c, m in result.report["metrics"].items():
         console.print(
             f"  {c}: CHAIR_s {m['chair_s']:.3f}, CHAIR_i {m['chair_i']:.3f}, recall {m['recall']:.3f}"
         )
-    if run.interrupted:
-        console.print("interrupted: the answers so far are kept; run the same command again to resume")
-        raise typer.Exit(130)
-    console.print(f"report: {result.html}")
+    _report_done(result.html, run.interrupted)
 
 
 _DEMO_PROMPTS = {

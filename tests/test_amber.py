@@ -183,7 +183,7 @@ def test_nltk_option_says_what_to_install():
         assert "python -m nltk.downloader averaged_perceptron_tagger_eng wordnet punkt_tab" in str(err)
         assert "pip install nltk" in str(err) or "not installed (" in str(err)
     else:
-        pytest.skip("nltk and its data are installed")
+        pytest.skip("nltk and its data are installed here, so the missing-data error cannot occur")
     objects = {1: amber.AmberObjects(1, ("dog",), ())}
     with pytest.raises(hl.InputError, match="nltk"):
         amber.score_amber_generative({1: "A dog."}, objects, {"dog": []}, nouns="nltk")
@@ -195,7 +195,7 @@ def test_spacy_option_says_what_to_install():
     except hl.InputError as err:
         assert "en_core_web_lg" in str(err) and "spacy download" in str(err)
     else:
-        pytest.skip("spaCy and en_core_web_lg are installed")
+        pytest.skip("spaCy and en_core_web_lg are installed here, so the missing-model error cannot occur")
     objects = {1: amber.AmberObjects(1, ("dog",), ())}
     with pytest.raises(hl.InputError, match="spacy"):
         amber.score_amber_generative({1: "A dog."}, objects, {"dog": []}, similarity="spacy")

@@ -26,8 +26,17 @@ from headlab.datasets import chair, scenes
 from headlab.datasets.pope import PopeQuestion
 from headlab.errors import InputError
 from headlab.reports.html import Page
-from headlab.reports.lvlm import BOOTSTRAP, LvlmReportResult, _check, _load_lvlm, _md_table, _write
-from headlab.reports.pope import ANSWERS, AnswerLog, Progress, Split, answer_all, condition_interventions
+from headlab.reports.lvlm import BOOTSTRAP, LvlmReportResult, _md_table, _write
+from headlab.reports.pope import (
+    ANSWERS,
+    AnswerLog,
+    Progress,
+    Split,
+    answer_all,
+    check_options,
+    condition_interventions,
+    load_lvlm,
+)
 from headlab.zoo.llava import CAPTION_PROMPT
 
 FILES = ("synonyms.txt", "truth.json", "images.json")
@@ -210,13 +219,13 @@ def chair_report(
     """Describe, score and write the CHAIR report; `n` = the first N images."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    conditions = _check(n, gen_tokens, conditions)
+    conditions = check_options(n, gen_tokens, conditions)
     if data is None:
         data = out / "data"
         if not (data / "truth.json").is_file():
             write_chair_benchmark(data)
     split, vocab, truth = load_chair_split(Path(data), images, n)
-    lm = _load_lvlm(model, "CHAIR")
+    lm = load_lvlm(model, "CHAIR")
     log = AnswerLog(out / ANSWERS, model)
     run = answer_all(
         lm, [split], conditions, log, max_new_tokens=gen_tokens, var_tau=var_tau, progress=progress

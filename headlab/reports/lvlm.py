@@ -32,8 +32,10 @@ from headlab.reports.pope import (
     Progress,
     Split,
     answer_all,
+    check_options,
     condition_interventions,
     flipped,
+    load_lvlm,
     paired_bootstrap,
 )
 
@@ -46,27 +48,6 @@ class LvlmReportResult:
     html: Path
     report: dict
     run: AnswerRun
-
-
-def _check(n: int | None, max_new_tokens: int, conditions: Sequence[str]) -> list[str]:
-    if n is not None and n < 1:
-        raise InputError(f"--n must be at least 1, got {n}")
-    if max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    conditions = list(conditions)
-    if not conditions or conditions[0] != "none":
-        raise InputError("the conditions must start with 'none' (the baseline the others are compared to)")
-    return conditions
-
-
-def _load_lvlm(model: str, what: str):
-    import headlab as hl
-    from headlab.loading import Family
-
-    lm = hl.load(model)
-    if lm.family is not Family.LVLM:
-        raise InputError(f"{what} needs a vision-language model; {model} is a {lm.family.value} model")
-    return lm
 
 
 def _fmt_ci(d: Mapping) -> str:
@@ -340,7 +321,7 @@ def mme_report(
     """Answer, score and write the MME report (see the module docstring)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    conditions = _check(n, max_new_tokens, conditions)
+    conditions = check_options(n, max_new_tokens, conditions)
     if not data:
         folder = out / "data"
         if not (folder / "existence.txt").is_file():
@@ -350,7 +331,7 @@ def mme_report(
     if len({p.stem for p in paths}) != len(paths):
         raise InputError("two MME files share a subtask name; give each subtask its own <subtask>.txt")
     splits = [load_mme_questions(p, images, n) for p in paths]
-    lm = _load_lvlm(model, "MME")
+    lm = load_lvlm(model, "MME")
     log = AnswerLog(out / ANSWERS, model)
     run = answer_all(
         lm, splits, conditions, log, max_new_tokens=max_new_tokens, var_tau=var_tau, progress=progress
@@ -683,7 +664,7 @@ def amber_report(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    conditions = _check(n, min(max_new_tokens, gen_tokens), conditions)
+    conditions = check_options(n, min(max_new_tokens, gen_tokens), conditions)
     if data is None:
         data = out / "data"
         if not (data / "annotations.json").is_file():
@@ -703,7 +684,7 @@ def amber_report(
             data / "query" / "query_discriminative.json", folder, questions, n, AMBER_DIS
         ),
     }
-    lm = _load_lvlm(model, "AMBER")
+    lm = load_lvlm(model, "AMBER")
     log = AnswerLog(out / ANSWERS, model)
     run = answer_all(
         lm,

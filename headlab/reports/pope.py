@@ -528,6 +528,28 @@ def _image(path: Path):
     return Image.open(path).convert("RGB")
 
 
+def check_options(n: int | None, max_new_tokens: int, conditions: Sequence[str]) -> list[str]:
+    """Validate the shared report options; returns the conditions (`none` first, the baseline)."""
+    if n is not None and n < 1:
+        raise InputError(f"--n must be at least 1, got {n}")
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    conditions = list(conditions)
+    if not conditions or conditions[0] != "none":
+        raise InputError("the conditions must start with 'none' (the baseline the others are compared to)")
+    return conditions
+
+
+def load_lvlm(model: str, what: str):
+    import headlab as hl
+    from headlab.loading import Family
+
+    lm = hl.load(model)
+    if lm.family is not Family.LVLM:
+        raise InputError(f"{what} needs a vision-language model; {model} is a {lm.family.value} model")
+    return lm
+
+
 def pope_report(
     out: Path,
     *,
@@ -543,9 +565,7 @@ def pope_report(
 ) -> PopeReportResult:
     """Answer, score and write the report (see the module docstring). Without `data`, the three synthetic
     POPE files of `scenes.write_pope_benchmark` are written into `out/data` (once) and used."""
-    import headlab as hl
     from headlab.datasets import scenes
-    from headlab.loading import Family
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -554,17 +574,9 @@ def pope_report(
         if not (folder / "pope_adversarial.json").is_file():
             scenes.write_pope_benchmark(folder)
         data = [folder / f"pope_{s}.json" for s in ("random", "popular", "adversarial")]
-    if n is not None and n < 1:
-        raise InputError(f"--n must be at least 1, got {n}")
-    if max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    conditions = list(conditions)
-    if not conditions or conditions[0] != "none":
-        raise InputError("the conditions must start with 'none' (the baseline the others are compared to)")
+    conditions = check_options(n, max_new_tokens, conditions)
     splits = load_splits(data, images, n)
-    lm = hl.load(model)
-    if lm.family is not Family.LVLM:
-        raise InputError(f"POPE needs a vision-language model; {model} is a {lm.family.value} model")
+    lm = load_lvlm(model, "POPE")
     log = AnswerLog(out / ANSWERS, model)
     run = answer_all(
         lm, splits, conditions, log, max_new_tokens=max_new_tokens, var_tau=var_tau, progress=progress
