@@ -1,0 +1,237 @@
+"""One dispatcher for fused attention: `fused_attention(q, k, v, spec)` picks a backend by device and by
+what the spec asks for, and every backend returns the same `Attended`.
+
+Backends:
+- "triton": the Triton kernel (`kernels.triton_attention`): everything natively, one pass; CUDA (and the
+  CPU under TRITON_INTERPRET=1, for tests).
+- "flex": torch FlexAttention (`kernels.flex`): masks as a BlockMask, soft-cap and bias as a score_mod,
+  statistics as augmented values; compiled on CUDA, eager (explicit scores) elsewhere.
+- "sdpa": the augmented-value path (`kernels.augmented`): statistics as extra value columns of one fused
+  SDPA call (the CPU's flash kernel). Cannot soft-cap, cannot do 2-D distances (not linear in the row), and
+  its entropy trick needs plain scores; such specs go to "tiled".
+- "tiled": exact torch over query tiles, O(tile * k) memory; takes every spec.
+- "reference": the naive oracle with the full [q, k] pattern (the same code as "tiled", one tile).
+
+"auto": CUDA -> triton (flex where Triton is missing); CPU -> sdpa (tiled where sdpa cannot). The
+environment variable HEADLAB_ATTENTION=<backend> forces one (e.g. to run the Triton path under the
+interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from headlab.errors import InputError
+from headlab.kernels import triton_attention as T
+from headlab.kernels.augmented import attention_with_lse
+from headlab.kernels.reference import expand_kv
+from headlab.kernels.spec import Attended, FusedSpec, check_shapes
+
+BACKENDS = ("auto", "triton", "flex", "sdpa", "tiled", "reference")
+_TILE = 256
+
+
+def pick_backend(q: torch.Tensor, spec: FusedSpec, backend: str = "auto") -> str:
+    """The backend `fused_attention` would use for this call."""
+    backend = os.environ.get("HEADLAB_ATTENTION", backend) if backend == "auto" else backend
+    if backend not in BACKENDS:
+        raise InputError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if q.device.type == "cuda":
+        return "triton" if T.available(q.device) else "flex"
+    return "sdpa" if sdpa_takes(spec) else "tiled"
+
+
+def sdpa_takes(spec: FusedSpec) -> bool:
+    """Whether the augmented-value SDPA path computes `spec` exactly."""
+    two_d = spec.distance is not None and spec.distance.dims != 1
+    return spec.softcap is None and not two_d and not (spec.entropy and spec.bias is not None)
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: FusedSpec, *, backend: str = "auto") -> Attended:
+    """Attention of q [batch, head, q, d] over k, v [batch, kv_head, k, d(_v)] as `spec` says."""
+    check_shapes(q, k, v)
+    name = pick_backend(q, spec, backend)
+    if name == "triton":
+        return T.triton_attention(q, k, v, spec)
+    if name == "flex":
+        from headlab.kernels.flex import flex_fused  # imports torch's flex module only when used
+
+        return flex_fused(q, k, v, spec)
+    if name == "sdpa":
+        if not sdpa_takes(spec):
+            raise InputError("the sdpa backend cannot soft-cap, do 2-D distances or entropy under a bias; use 'tiled'")
+        return augmented_fused(q, k, v, spec)
+    return explicit_fused(q, k, v, spec, tile=None if name == "reference" else _TILE)
+
+
+# --------------------------------------------------------------------------------------------- masks
+
+
+def keep_rows(spec: FusedSpec, rows: torch.Tensor, n_q: int, n_k: int, device) -> torch.Tensor | None:
+    """Boolean keep [batch|1, head|1, len(rows), k] for query rows `rows` (indices among the n_q), or None
+    when nothing is masked."""
+    keep = None
+    q_at = (rows + n_k - n_q).to(device)[:, None]  # [r, 1] key position of each query
+    kj = torch.arange(n_k, device=device)[None, :]
+
+    def both(a, b):
+        return b if a is None else a & b
+
+    if spec.causal:
+        see = (kj <= q_at)[None, None]
+        if spec.segments is not None:
+            qs, ks = (s.to(device) for s in spec.segments)
+            qs = qs[:, rows.to(device)]
+            cross = (qs[:, :, None] > 0) & (ks[:, None, :] > 0) & (qs[:, :, None] != ks[:, None, :])
+            see = see | cross[:, None]
+        keep = see
+    if spec.window is not None:
+        keep = both(keep, ((q_at - kj).abs() < spec.window)[None, None])
+    if spec.key_valid is not None:
+        keep = both(keep, spec.key_valid.to(device)[:, None, None, :].bool())
+    if spec.mask is not None:
+        m = spec.mask.to(device)
+        m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+        if m.shape[2] != 1:
+            m = m[..., -n_q:, :][..., rows.to(device), :]
+        keep = both(keep, m)
+    return keep
+
+
+def _bias_rows(spec: FusedSpec, rows: torch.Tensor, n_q: int, device) -> torch.Tensor | None:
+    if spec.bias is None:
+        return None
+    b = spec.bias.to(device=device, dtype=torch.float32)
+    b = b.reshape((1,) * (4 - b.dim()) + tuple(b.shape))
+    return b if b.shape[2] == 1 else b[..., -n_q:, :][..., rows.to(device), :]
+
+
+# --------------------------------------------------------------------------------- explicit (torch) paths
+
+
+def explicit_fused(q, k, v, spec: FusedSpec, *, tile: int | None) -> Attended:
+    """Exact torch attention over query tiles of `tile` rows (None: all rows at once, the oracle)."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    k32, v32 = expand_kv(k, q.shape[1]).float(), expand_kv(v, q.shape[1]).float()
+    step = n_q if tile is None else tile
+    parts = [_explicit_tile(q, k32, v32, spec, torch.arange(s, min(n_q, s + step))) for s in range(0, max(n_q, 1), step)]
+    fields = zip(*parts, strict=True)
+    out, lse, *stats = (None if p[0] is None else torch.cat(p, 2) for p in fields)
+    if spec.head_scale is not None:
+        out = out * spec.head_scale.to(out)[None, :, None, None]
+    return Attended(out, lse, *stats)
+
+
+def _explicit_tile(q, k32, v32, spec: FusedSpec, rows: torch.Tensor):
+    """(out, lse, class_mass, class_out, entropy, distance) of query rows `rows`, from explicit scores."""
+    device, n_q, n_k = q.device, q.shape[2], k32.shape[2]
+    s = torch.matmul(q[:, :, rows.to(device)].float(), k32.transpose(-1, -2)) * spec.scale  # [b, h, r, k]
+    if spec.softcap is not None:
+        s = spec.softcap * torch.tanh(s / spec.softcap)
+    bias = _bias_rows(spec, rows, n_q, device)
+    if bias is not None:
+        s = s + bias
+    keep = keep_rows(spec, rows, n_q, n_k, device)
+    if keep is not None:
+        keep = keep.expand_as(s)
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    probs = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows that see no key: zeros
+    out = probs @ v32
+    class_mass = class_out = entropy = distance = None
+    if spec.n_classes:
+        onehot = F.one_hot(spec.key_class.to(device).long().clamp(min=0) , spec.n_classes).float()
+        onehot = onehot * (spec.key_class.to(device) >= 0)[..., None]  # [b, 1|h, k, c]
+        class_mass = probs @ onehot
+        if spec.class_outputs:
+            class_out = torch.einsum("bhrk,bhkc,bhkd->bhrcd", probs, onehot.expand(-1, s.shape[1], -1, -1), v32)
+    if spec.entropy:
+        finite = torch.isfinite(s)
+        plogp = (probs * torch.where(finite, s, 0.0)).sum(-1)
+        entropy = torch.where(torch.isfinite(lse), lse - plogp, 0.0)
+    if spec.distance is not None:
+        distance = _moments(probs, spec, rows, n_q, device)
+    return out, lse, class_mass, class_out, entropy, distance
+
+
+def _moments(probs, spec: FusedSpec, rows, n_q, device) -> torch.Tensor:
+    d = spec.distance
+    qp = d.query_pos.to(device).float()[:, rows.to(device)]
+    kp = d.key_pos.to(device).float()
+    f = qp[:, :, None] - kp[:, None, :] if d.dims == 1 else torch.cdist(qp, kp)  # [b, r, k]
+    w = torch.ones_like(kp[..., 0] if d.dims != 1 else kp) if d.key_weight is None else d.key_weight.to(device).float()
+    wf = f * w[:, None, :]
+    return torch.stack([(probs * wf[:, None]).sum(-1), (probs * (wf * f)[:, None]).sum(-1)], -1)
+
+
+# ------------------------------------------------------------------------------- augmented values (SDPA)
+
+
+def augmented_fused(q, k, v, spec: FusedSpec) -> Attended:
+    """Statistics as extra value columns of ONE fused SDPA call: [V | K | class one-hots | class-masked V |
+    w, w k_pos, w k_pos^2]. Masks other than causal become one boolean [batch, head|1, q, k] mask."""
+    b, h, n_q, _ = q.shape
+    n_k, d_v = k.shape[2], v.shape[-1]
+    device = q.device
+    per_head = spec.key_class is not None and spec.key_class.shape[1] != 1
+    width_kv = h if per_head else k.shape[1]
+    kk, vv = expand_kv(k, width_kv).float(), expand_kv(v, width_kv).float()
+    parts = [vv]
+    if spec.entropy:
+        parts.append(kk)
+    if spec.n_classes:
+        cls = spec.key_class.to(device).long()
+        onehot = F.one_hot(cls.clamp(min=0), spec.n_classes).float() * (cls >= 0)[..., None]
+        onehot = onehot.expand(b, width_kv, n_k, spec.n_classes)
+        parts.append(onehot)
+        if spec.class_outputs:
+            parts.append((vv[..., None, :] * onehot[..., None]).flatten(-2))
+    if spec.distance is not None:
+        kp = spec.distance.key_pos.to(device).float()
+        w = torch.ones_like(kp) if spec.distance.key_weight is None else spec.distance.key_weight.to(device).float()
+        parts.append(torch.stack([w, w * kp, w * kp * kp], -1)[:, None].expand(b, width_kv, n_k, 3))
+    v_aug = torch.cat(parts, -1)
+    keep = keep_rows(spec, torch.arange(n_q), n_q, n_k, device) if _needs_mask(spec) else None
+    mask = keep
+    if spec.bias is not None:
+        bias = _bias_rows(spec, torch.arange(n_q), n_q, device)
+        mask = bias if keep is None else bias.masked_fill(~keep, float("-inf"))
+    causal = spec.causal and keep is None
+    aug, lse = attention_with_lse(q.float(), kk, v_aug, mask=mask, scale=spec.scale, causal=causal)
+    return _decode(aug, lse, q, spec, d_v)
+
+
+def _needs_mask(spec: FusedSpec) -> bool:
+    return any(x is not None for x in (spec.mask, spec.key_valid, spec.window)) or (
+        spec.causal and spec.segments is not None
+    )
+
+
+def _decode(aug, lse, q, spec: FusedSpec, d_v: int) -> Attended:
+    seen = torch.isfinite(lse)
+    aug = torch.where(seen[..., None], aug, 0.0)  # rows that see no key (NaN from SDPA): zeros, as the reference
+    out, off = aug[..., :d_v], d_v
+    class_mass = class_out = entropy = distance = None
+    if spec.entropy:
+        pk = aug[..., off : off + q.shape[-1]]  # (A K)_i
+        entropy = torch.where(seen, lse - spec.scale * (q.float() * pk).sum(-1), 0.0)
+        off += q.shape[-1]
+    if spec.n_classes:
+        class_mass = aug[..., off : off + spec.n_classes]
+        off += spec.n_classes
+        if spec.class_outputs:
+            width = spec.n_classes * d_v
+            class_out = aug[..., off : off + width].unflatten(-1, (spec.n_classes, d_v))
+            off += width
+    if spec.distance is not None:
+        qp = spec.distance.query_pos.to(aug.device).float()[:, None]  # [b, 1, q]
+        w, wk, wk2 = aug[..., off], aug[..., off + 1], aug[..., off + 2]
+        distance = torch.stack([qp * w - wk, qp * qp * w - 2 * qp * wk + wk2], -1)
+    if spec.head_scale is not None:
+        out = out * spec.head_scale.to(out)[None, :, None, None]
+    return Attended(out, lse, class_mass, class_out, entropy, distance)
