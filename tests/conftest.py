@@ -3,6 +3,7 @@ saved with a local tokenizer/processor and loaded back through `headlab.load` (n
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -10,8 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-import headlab as hl
-from headlab.zoo.random_models import RANDOM_BUILDERS, build_random
+if not torch.cuda.is_available():  # the Triton kernel runs under the interpreter on the CPU (set before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import headlab as hl  # noqa: E402
+from headlab.zoo.random_models import RANDOM_BUILDERS, build_random  # noqa: E402
 
 LLMS = ("gpt2", "llama", "qwen2", "mistral")
 ALL_ARCHS = tuple(RANDOM_BUILDERS)

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from headlab.errors import InputError
-from headlab.kernels import triton_attention as T
 from headlab.kernels.augmented import attention_with_lse
 from headlab.kernels.reference import expand_kv
 from headlab.kernels.spec import Attended, FusedSpec, check_shapes
@@ -42,7 +41,9 @@ def pick_backend(q: torch.Tensor, spec: FusedSpec, backend: str = "auto") -> str
     if backend != "auto":
         return backend
     if q.device.type == "cuda":
-        return "triton" if T.available(q.device) else "flex"
+        from headlab.kernels.triton_attention import available
+
+        return "triton" if available(q.device) else "flex"
     return "sdpa" if sdpa_takes(spec) else "tiled"
 
 
@@ -57,7 +58,9 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Fus
     check_shapes(q, k, v)
     name = pick_backend(q, spec, backend)
     if name == "triton":
-        return T.triton_attention(q, k, v, spec)
+        from headlab.kernels.triton_attention import triton_attention  # triton is imported only when used
+
+        return triton_attention(q, k, v, spec)
     if name == "flex":
         from headlab.kernels.flex import flex_fused  # imports torch's flex module only when used
 
@@ -203,6 +206,8 @@ def augmented_fused(q, k, v, spec: FusedSpec) -> Attended:
         mask = bias if keep is None else bias.masked_fill(~keep, float("-inf"))
     causal = spec.causal and keep is None
     aug, lse = attention_with_lse(q.float(), kk, v_aug, mask=mask, scale=spec.scale, causal=causal)
+    if keep is not None:  # the CPU kernel reports lse 0 for a row that sees no key: -inf, as the reference
+        lse = lse.masked_fill(~keep.any(-1).expand_as(lse), float("-inf"))
     return _decode(aug, lse, q, spec, d_v)
 
 

@@ -17,7 +17,11 @@ Accumulated besides sum_j p_ij v_j (every one divided by l at the end):
 Score side, in this order: s = scale * q.k; soft-cap c * tanh(s / c); + dense bias; then masked to -inf
 where the key is out of range, not kept by the dense boolean mask, not valid (padding), outside the sliding
 window, or not causal (query row i sits at key position n_k - n_q + i, bottom-right) unless query and key
-lie in two different segments (> 0): PINE's inter-document bidirectional mask. Output side: an optional
+lie in two different segments (> 0): PINE's inter-document bidirectional mask. Products: bf16/fp16 operands with fp32 accumulation on CUDA (as flash attention); fp32
+inputs in IEEE fp32 (no TF32). The interpreter (CPU) upcasts every product to fp32, because its bf16 tl.dot
+is wrong (triton 3.9); loads, stores and the bf16 rounding of the output are still exercised there.
+
+Output side: an optional
 per-head scale (VHR) multiplies the output (not the class outputs, which are the pre-edit decomposition).
 
 A row that sees no key returns zeros, lse = -inf and entropy 0, as the reference does.
@@ -30,6 +34,7 @@ import os
 
 import torch
 
+from headlab.errors import InputError
 from headlab.kernels.spec import Attended, FusedSpec, check_shapes
 
 try:  # triton is a dependency, but an exotic platform may lack a build: the dispatcher then falls back
@@ -39,13 +44,15 @@ except ImportError:  # pragma: no cover
     triton = None
 
 
+# triton.jit reads TRITON_INTERPRET when the kernel is defined, i.e. when this module is first imported
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def available(device: torch.device) -> bool:
     """Whether the Triton kernel can run on `device` (CUDA, or the CPU under TRITON_INTERPRET=1)."""
     if triton is None:
         return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRETED)
 
 
 if triton is not None:
@@ -61,7 +68,7 @@ if triton is not None:
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr,
         HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_CLASSES: tl.constexpr, N_CLASSES: tl.constexpr, CLASS_OUT: tl.constexpr, ENTROPY: tl.constexpr, DIST_DIMS: tl.constexpr,
-        HAS_KW: tl.constexpr, HAS_HEAD_SCALE: tl.constexpr, IEEE: tl.constexpr,
+        HAS_KW: tl.constexpr, HAS_HEAD_SCALE: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):  # fmt: skip
         start_m = tl.program_id(0)
@@ -80,6 +87,8 @@ if triton is not None:
             mask=row_ok[:, None] & (offs_d[None, :] < d_qk),
             other=0.0,
         )
+        if DOT_F32:
+            q = q.to(tl.float32)
         k_base = K + b * sk_b + kv_h * sk_h
         v_base = V + b * sv_b + kv_h * sv_h
 
@@ -120,7 +129,8 @@ if triton is not None:
                 mask=key_ok[:, None] & (offs_d[None, :] < d_qk),
                 other=0.0,
             )
-            if IEEE:
+            if DOT_F32:
+                k = k.to(tl.float32)
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
                 s = tl.dot(q, tl.trans(k)) * scale
@@ -165,7 +175,8 @@ if triton is not None:
                 mask=key_ok[:, None] & (offs_dv[None, :] < d_v),
                 other=0.0,
             )
-            if IEEE:
+            if DOT_F32:
+                v = v.to(tl.float32)
                 acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -179,7 +190,7 @@ if triton is not None:
                     pc = tl.reshape(p[:, None, :] * tl.trans(onehot)[None, :, :], [BLOCK_M * N_CLASSES, BLOCK_N])
                     a_rep = tl.reshape(tl.broadcast_to(alpha[:, None], [BLOCK_M, N_CLASSES]), [BLOCK_M * N_CLASSES])
                     cmass = cmass * alpha[:, None] + tl.reshape(tl.sum(pc, 1), [BLOCK_M, N_CLASSES])
-                    if IEEE:
+                    if DOT_F32:
                         cacc = cacc * a_rep[:, None] + tl.dot(pc, v, input_precision="ieee")
                     else:
                         cacc = cacc * a_rep[:, None] + tl.dot(pc.to(v.dtype), v)
@@ -261,11 +272,14 @@ def _blocks(spec: FusedSpec, n_classes: int, d_v: int, device: torch.device) -> 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: FusedSpec) -> Attended:
     """Run the fused kernel (CUDA, or the CPU under TRITON_INTERPRET=1); see the module docstring."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
+    if not available(q.device):
+        raise InputError(
+            f"the Triton kernel cannot run on {q.device}: it needs CUDA, or TRITON_INTERPRET=1 set before "
+            "headlab is imported (CPU emulation, slow); use backend='auto'"
+        )
     check_shapes(q, k, v)
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"the Triton kernel takes q, k, v of one dtype among {_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise InputError(f"the Triton kernel takes q, k, v of one dtype among {_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, heads, n_q, d_qk = q.shape
     n_kv, n_k, d_v = k.shape[1], k.shape[2], v.shape[-1]
     device = q.device
@@ -329,7 +343,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Fu
         HAS_VALID=key_valid is not None, HAS_SEG=q_seg is not None, HAS_WINDOW=spec.window is not None,
         HAS_SOFTCAP=spec.softcap is not None, HAS_CLASSES=bool(n_classes), N_CLASSES=c_pad,
         CLASS_OUT=spec.class_outputs, ENTROPY=spec.entropy, DIST_DIMS=0 if dist is None else dist.dims,
-        HAS_KW=k_w is not None, HAS_HEAD_SCALE=head_scale is not None, IEEE=q.dtype == torch.float32,
+        HAS_KW=k_w is not None, HAS_HEAD_SCALE=head_scale is not None, DOT_F32=q.dtype == torch.float32 or device.type != "cuda",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(d_qk, 16), BLOCK_DV=_pow2(d_v, 16),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
