@@ -65,15 +65,23 @@ def _spec(case: str, batch: int, gen: torch.Generator) -> FusedSpec:
         weight = (torch.rand(batch, N_K, generator=gen) > 0.2).float()
         kw["distance"] = Distance(query_pos=qp, key_pos=kp, key_weight=weight)
     elif case == "distance_2d":
-        grid = torch.stack(torch.meshgrid(torch.arange(5), torch.arange(9), indexing="ij"), -1).reshape(N_K, 2)
+        grid = torch.stack(torch.meshgrid(torch.arange(5), torch.arange(9), indexing="ij"), -1).reshape(
+            N_K, 2
+        )
         kp = grid.float().repeat(batch, 1, 1)
         weight = torch.rand(batch, N_K, generator=gen) - 0.2  # some negative weights
         kw.update(distance=Distance(query_pos=kp[:, -N_Q:], key_pos=kp, key_weight=weight), bias=None)
     elif case == "head_scale":
-        kw.update(head_scale=torch.tensor([1.0, 0.0, -2.0, 0.5]), key_valid=torch.rand(batch, N_K, generator=gen) > 0.3)
+        kw.update(
+            head_scale=torch.tensor([1.0, 0.0, -2.0, 0.5]),
+            key_valid=torch.rand(batch, N_K, generator=gen) > 0.3,
+        )
     elif case == "everything":
         kw.update(
-            segments=(torch.randint(0, 3, (batch, N_Q), generator=gen), torch.randint(0, 3, (batch, N_K), generator=gen)),
+            segments=(
+                torch.randint(0, 3, (batch, N_Q), generator=gen),
+                torch.randint(0, 3, (batch, N_K), generator=gen),
+            ),
             window=20,
             key_valid=torch.rand(batch, N_K, generator=gen) > 0.1,
             mask=torch.rand(batch, 1, N_Q, N_K, generator=gen) > 0.1,
@@ -81,7 +89,10 @@ def _spec(case: str, batch: int, gen: torch.Generator) -> FusedSpec:
             key_class=torch.randint(-1, 2, (batch, 1, N_K), generator=gen),
             n_classes=2,
             entropy=True,
-            distance=Distance(query_pos=torch.arange(N_K - N_Q, N_K).repeat(batch, 1), key_pos=torch.arange(N_K).repeat(batch, 1)),
+            distance=Distance(
+                query_pos=torch.arange(N_K - N_Q, N_K).repeat(batch, 1),
+                key_pos=torch.arange(N_K).repeat(batch, 1),
+            ),
             head_scale=torch.tensor([1.0, 2.0, 0.5, -1.0]),
         )
     return FusedSpec(**kw)
@@ -138,7 +149,15 @@ def test_rows_that_see_no_key():
     q, k, v, _ = _inputs(1, 2, torch.float32, seed=3)
     valid = torch.ones(1, N_K, dtype=torch.bool)
     valid[0, : N_K - N_Q + 3] = False  # the first queries (causal) see only padding
-    spec = FusedSpec(scale=0.3, causal=True, key_valid=valid, entropy=True, softcap=2.0, key_class=torch.zeros(1, 1, N_K, dtype=torch.long), n_classes=1)
+    spec = FusedSpec(
+        scale=0.3,
+        causal=True,
+        key_valid=valid,
+        entropy=True,
+        softcap=2.0,
+        key_class=torch.zeros(1, 1, N_K, dtype=torch.long),
+        n_classes=1,
+    )
     got = flex_fused(q, k, v, spec)
     assert torch.isneginf(got.lse[..., :3]).all() and torch.isfinite(got.lse[..., 3:]).all()
     assert (got.out[..., :3, :] == 0).all() and (got.entropy[..., :3] == 0).all()

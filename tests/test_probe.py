@@ -175,11 +175,12 @@ def test_hand_computed_three_token_case():
     )
     spec = hl.Stats(first_k=3)
     alpha_pos = S.alpha_keys(ctx, 3)
-    v_aug, layout = S.augmented_values(ctx, k, v, spec, causal=True, alpha_pos=alpha_pos)
-    from headlab.kernels import attention_with_lse
+    from headlab.kernels.fused import fused_attention
 
-    out, lse = attention_with_lse(q, k, v_aug, mask=None, scale=1.0, causal=True)
-    _, fused = S.decode(out, lse, q, 1.0, layout, ctx)
+    fspec = S.fused_spec(ctx, spec, n_q=3, scale=1.0, causal=True, keep=None)
+    att = fused_attention(q, k, v, fspec)
+    fused = S.from_attended(att, ctx, fspec)
+    fused.alpha = S.alpha_from_lse(q, k, att.lse, None, scale=1.0, causal=True, ctx=ctx, alpha_pos=alpha_pos)
     explicit = S.from_probs(probs[None, None], ctx, spec, causal=True, alpha_pos=alpha_pos)
     for per_query in (fused, explicit):
         frame = pd.DataFrame(

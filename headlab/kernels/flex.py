@@ -24,12 +24,14 @@ Precision and devices: with statistics the flex call runs in float32 (the augmen
 positions); without, in the inputs' dtype. `Attended.out` is float32 either way, like the other torch
 backends. On CUDA `flex_attention` is compiled once (module-level cached `torch.compile`); elsewhere it runs
 eagerly, which materialises the scores (fine for tests and small inputs): compiled flex on the CPU in torch
-2.13 refuses to return the logsumexp.
+2.13 refuses to return the logsumexp. The BlockMask is built eagerly by `create_block_mask`, which
+evaluates the mask_mod densely ([batch|1, head|1, q, k] booleans, once per call).
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 import warnings
 from collections.abc import Callable
 
@@ -49,7 +51,7 @@ def flex_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: FusedSpe
     check_shapes(q, k, v)
     n_q, n_k, d_v = q.shape[2], k.shape[2], v.shape[-1]
     block_mask = _block_mask(spec, q.shape[0], q.shape[1], n_q, n_k, q.device)
-    score_mod = _score_mod(spec, n_q)
+    score_mod = _score_mod(spec, *q.shape[:3], n_k, q.device)
     wants_stats = spec.entropy or spec.n_classes > 0 or spec.distance is not None
     dtype = torch.float32 if wants_stats else q.dtype
     kk, v_aug, gqa = _augmented_values(q, k, v, spec, dtype)
@@ -118,7 +120,9 @@ def _block_mask(spec: FusedSpec, b: int, h: int, n_q: int, n_k: int, device) -> 
     mask_mod = _mask_mod(spec, dense, n_q, n_k, device)
     if mask_mod is None:
         return None
-    return create_block_mask(mask_mod, b if per_batch else None, h if per_head else None, n_q, n_k, device=device)
+    return create_block_mask(
+        mask_mod, b if per_batch else None, h if per_head else None, n_q, n_k, device=device
+    )
 
 
 def _mask_mod(spec: FusedSpec, dense, n_q: int, n_k: int, device) -> Callable | None:
@@ -133,40 +137,40 @@ def _mask_mod(spec: FusedSpec, dense, n_q: int, n_k: int, device) -> Callable | 
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_at = q_idx + offset
-        keep = torch.ones_like(kv_idx, dtype=torch.bool)
+        clauses = []
         if spec.causal:
             see = kv_idx <= q_at
             if segs is not None:
                 qs, ks = segs[0][b, q_idx], segs[1][b, kv_idx]
                 see = see | ((qs > 0) & (ks > 0) & (qs != ks))
-            keep = keep & see
+            clauses.append(see)
         if window is not None:
-            keep = keep & ((q_at - kv_idx).abs() < window)
+            clauses.append((q_at - kv_idx).abs() < window)
         if valid is not None:
-            keep = keep & valid[b, kv_idx]
+            clauses.append(valid[b, kv_idx])
         if dense is not None:
-            keep = keep & dense[b, h, q_idx, kv_idx]
-        return keep
+            clauses.append(dense[b, h, q_idx, kv_idx])
+        return functools.reduce(operator.and_, clauses)
 
     return mask_mod
 
 
-def _score_mod(spec: FusedSpec, n_q: int) -> Callable | None:
+def _score_mod(spec: FusedSpec, b: int, h: int, n_q: int, n_k: int, device) -> Callable | None:
     """score_mod for the soft-cap then the additive bias (None when neither is asked for)."""
     if _plain_scores(spec):
         return None
     cap = spec.softcap
     bias = None
     if spec.bias is not None:
-        bias = spec.bias.float()
+        bias = spec.bias.to(device=device, dtype=torch.float32)
         bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-        bias = bias if bias.shape[2] == 1 else bias[..., -n_q:, :]
+        bias = (bias if bias.shape[2] == 1 else bias[..., -n_q:, :]).expand(b, h, n_q, n_k)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         if cap is not None:
             score = cap * torch.tanh(score / cap)
         if bias is not None:
-            score = score + bias[b if bias.shape[0] > 1 else 0, h if bias.shape[1] > 1 else 0, q_idx if bias.shape[2] > 1 else 0, kv_idx]
+            score = score + bias[b, h, q_idx, kv_idx]
         return score
 
     return score_mod

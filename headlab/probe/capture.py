@@ -20,8 +20,9 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from headlab.errors import InputError, SelectionError, UnsupportedModelError
-from headlab.kernels.augmented import attention_with_lse
+from headlab.kernels.fused import fused_attention
 from headlab.kernels.reference import expand_kv, naive_attention
+from headlab.kernels.spec import FusedSpec
 from headlab.loading import Family, LoadedModel
 from headlab.probe import stats as S
 from headlab.probe.attention import switched_to_headlab
@@ -223,7 +224,8 @@ class Probe:
         if want_stats:
             out, lse = self._attend_with_stats(ctx, layer, q, k, v, mask, scale, causal)
         else:
-            out, lse = attention_with_lse(q, k, v, mask=mask, scale=scale, causal=causal)
+            att = fused_attention(q, k, v, FusedSpec(scale=scale, causal=causal, mask=_keep_mask(mask)))
+            out, lse = att.out, att.lse
         if want_rows:
             self._record_rows(ctx, layer, q, k, lse, mask, scale, causal)
         if want_z:
@@ -246,13 +248,12 @@ class Probe:
             per_query = S.from_probs(ref.probs, ctx, spec, causal=causal, alpha_pos=alpha_pos)
             out, lse = ref.out, ref.lse
         else:
-            v_aug, layout = S.augmented_values(ctx, k, v, spec, causal=causal, alpha_pos=alpha_pos)
-            aug, lse = attention_with_lse(q.float(), k.float(), v_aug, mask=mask, scale=scale, causal=causal)
-            out, per_query = S.decode(aug, lse, q, scale, layout, ctx)
-            if "distance" in spec.which and not layout.positions and any(r.grid for r in ctx.roles):
-                bias = None if keep is None else torch.where(keep, 0.0, float("-inf"))
-                per_query.distance, per_query.distance_rms = S.grid_distance_tiled(
-                    q, k, lse, scale, bias, ctx
+            fspec = S.fused_spec(ctx, spec, n_q=q.shape[2], scale=scale, causal=causal, keep=keep)
+            att = fused_attention(q, k, v, fspec)
+            out, lse, per_query = att.out, att.lse, S.from_attended(att, ctx, fspec)
+            if alpha_pos is not None and alpha_pos.shape[1]:
+                per_query.alpha = S.alpha_from_lse(
+                    q, k, lse, keep, scale=scale, causal=causal, ctx=ctx, alpha_pos=alpha_pos
                 )
         rows = S.reduce(per_query, ctx, spec, layer=layer, causal=causal, alpha_pos=alpha_pos, keep=keep)
         self.record._stat_chunks.append(rows)

@@ -1,23 +1,22 @@
-"""Per-head statistics: built into fused attention as augmented value columns, or read off explicit
-patterns (the reference), then reduced to tidy rows.
+"""Per-head statistics: computed inside one fused attention call (`kernels.fused_attention`, statistics as
+a `FusedSpec`), or read off explicit patterns (the reference), then reduced to tidy rows.
 
 Both paths produce the same `PerQuery` tensors, so the fast path is tested against the explicit one:
 
-- mass [batch, head, q, role]: sum_{j in role} A[i, j]                      (values: role one-hots)
-- entropy [batch, head, q]: -sum_j A log A = lse_i - scale * q_i . (A K)_i  (values: K itself)
+- mass [batch, head, q, role]: sum_{j in role} A[i, j]                      (key classes = token roles)
+- entropy [batch, head, q]: -sum_j A log A = lse_i - sum_j A_ij s_ij
 - distance / distance_rms [batch, head, q]:
-    text (causal, 1-D): E[i - j] = i - E[j] and sqrt(E[(i - j)^2])        (values: j and j^2)
+    text (causal, 1-D): E[i - j] and sqrt(E[(i - j)^2])
     patch grid (2-D): sum over patch keys of A[i, j] * ||g_i - g_j|| (and its RMS), for patch queries, in
-    patch units, without renormalising over patches (the ViT "mean attention distance" convention). Not
-    linear in A, so it is computed from query tiles rebuilt from the logsumexp (O(tile * n) memory).
-- alpha [batch, head, q, a]: A[i, k_a] for the first K keys and flagged keys (values: one-hots of k_a);
-    reduced to Gu et al.'s alpha_k = sum_i A[i, k] / #(real queries that can see k).
+    patch units, without renormalising over patches (the ViT "mean attention distance" convention).
+- alpha [batch, head, q, a]: A[i, k_a] for the first K keys and flagged keys, rebuilt for those few keys
+    from the logsumexp; reduced to Gu et al.'s alpha_k = sum_i A[i, k] / #(real queries that can see k).
 
-Precision: statistic columns are accumulated in float32. The distance moments are exact in real
-arithmetic; in float32 the RMS has an absolute error of about 1e-7 * n^2 in squared-position units, which
-matters only for very local heads at n >= 4k (use the explicit path there if it matters).
+How each backend computes them (Triton natively in its loop; SDPA on the CPU as augmented value columns;
+2-D distances on the CPU in query tiles) is the kernels package's business (`kernels/fused.py`).
+Precision: statistics are accumulated in float32. On the SDPA path the 1-D RMS comes from E[j] and E[j^2],
+with an absolute error of about 1e-7 * n^2 in squared-position units (Triton accumulates (i - j)^2 itself).
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,10 +27,9 @@ import torch.nn.functional as F
 
 from headlab.errors import InputError
 from headlab.kernels.reference import expand_kv
+from headlab.kernels.spec import Attended, Distance, FusedSpec
 from headlab.probe.context import BatchContext
 from headlab.probe.select import Stats, resolve_queries
-
-_GRID_TILE = 256
 
 
 @dataclass
@@ -43,17 +41,6 @@ class PerQuery:
     distance: torch.Tensor | None = None  # [batch, head, q]
     distance_rms: torch.Tensor | None = None  # [batch, head, q]
     alpha: torch.Tensor | None = None  # [batch, head, q, a]
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where each statistic sits among the augmented value columns [V | K | roles | pos, pos^2 | alpha]."""
-
-    d_v: int
-    entropy: bool
-    n_roles: int
-    positions: bool
-    n_alpha: int
 
 
 def alpha_keys(ctx: BatchContext, first_k: int) -> torch.Tensor:
@@ -74,66 +61,58 @@ def _alpha_onehots(ctx: BatchContext, alpha_pos: torch.Tensor) -> torch.Tensor:
     return ((ctx.key_pos[:, :, None] == alpha_pos[:, None, :]) & (alpha_pos[:, None, :] >= 0)).float()
 
 
-def augmented_values(
-    ctx: BatchContext,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    spec: Stats,
-    *,
-    causal: bool,
-    alpha_pos: torch.Tensor | None,
-) -> tuple[torch.Tensor, Layout]:
-    """[V | K | role one-hots | j, j^2 | alpha one-hots] as float32 values [batch, kv_head, n_k, width]."""
-    batch, n_kv, n_k, _ = k.shape
-    parts = [v.float()]
-    entropy = "entropy" in spec.which
-    if entropy:
-        parts.append(k.float())
-    shared = []
-    n_roles = 0
+def fused_spec(
+    ctx: BatchContext, spec: Stats, *, n_q: int, scale: float, causal: bool, keep: torch.Tensor | None
+) -> FusedSpec:
+    """The fused attention call that yields this spec's statistics (all but alpha) with the output."""
+    key_class = n_classes = None
     if "mass" in spec.which:
-        n_roles = len(ctx.names)
-        onehot = F.one_hot(ctx.key_role.clamp(min=0), n_roles).float()
-        shared.append(onehot * ctx.key_valid[..., None])
-    positions = "distance" in spec.which and causal  # 1-D text distance; vision grids go through tiles
-    if positions:
+        n_classes = len(ctx.names)
+        key_class = torch.where(ctx.key_valid, ctx.key_role.clamp(min=0), -1)[:, None]  # [batch, 1, k]
+    distance = None
+    if "distance" in spec.which and causal:  # 1-D text distance i - j
         pos = ctx.key_pos.clamp(min=0).float()
-        shared.append(torch.stack([pos, pos * pos], -1))
-    n_alpha = 0
-    if alpha_pos is not None and alpha_pos.shape[1]:
-        n_alpha = alpha_pos.shape[1]
-        shared.append(_alpha_onehots(ctx, alpha_pos))
-    if shared:
-        cols = torch.cat(shared, -1).to(k.device)  # [batch, n_k, c]
-        parts.append(cols[:, None].expand(batch, n_kv, n_k, cols.shape[-1]))
-    layout = Layout(d_v=v.shape[-1], entropy=entropy, n_roles=n_roles, positions=positions, n_alpha=n_alpha)
-    return torch.cat(parts, -1), layout
+        distance = Distance(query_pos=pos[:, -n_q:], key_pos=pos, key_weight=ctx.key_valid.float())
+    elif "distance" in spec.which and any(r.grid for r in ctx.roles):  # 2-D patch distance, patch keys
+        coords, is_patch = _grid_coords(ctx)
+        distance = Distance(query_pos=coords[:, -n_q:], key_pos=coords, key_weight=is_patch.float())
+    return FusedSpec(
+        scale=scale,
+        causal=causal,
+        mask=keep,
+        key_class=key_class,
+        n_classes=n_classes or 0,
+        entropy="entropy" in spec.which,
+        distance=distance,
+    )
 
 
-def decode(
-    aug: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, scale: float, layout: Layout, ctx: BatchContext
-) -> tuple[torch.Tensor, PerQuery]:
-    """Split the fused output [batch, head, q, width] into the attention output and PerQuery stats."""
-    out = aug[..., : layout.d_v]
-    stats = PerQuery()
-    off = layout.d_v
-    if layout.entropy:
-        d = q.shape[-1]
-        pk = aug[..., off : off + d]  # [batch, head, q, d_head] = (A K)_i
-        stats.entropy = lse.float() - scale * (q.float() * pk).sum(-1)
-        off += d
-    if layout.n_roles:
-        stats.mass = aug[..., off : off + layout.n_roles]
-        off += layout.n_roles
-    if layout.positions:
-        mean_j, mean_j2 = aug[..., off], aug[..., off + 1]
-        qpos = ctx.key_pos[:, -q.shape[2] :].clamp(min=0).float().to(aug.device)[:, None]  # [batch, 1, q]
-        stats.distance = qpos - mean_j
-        stats.distance_rms = (qpos * qpos - 2 * qpos * mean_j + mean_j2).clamp(min=0).sqrt()
-        off += 2
-    if layout.n_alpha:
-        stats.alpha = aug[..., off : off + layout.n_alpha]
-    return out, stats
+def from_attended(att: Attended, ctx: BatchContext, fspec: FusedSpec) -> PerQuery:
+    """PerQuery statistics of a fused call made with `fused_spec` (alpha comes from `alpha_from_lse`)."""
+    stats = PerQuery(mass=att.class_mass, entropy=att.entropy)
+    if fspec.distance is not None:
+        mean, rms = att.distance[..., 0], att.distance[..., 1].clamp(min=0).sqrt()
+        if fspec.distance.dims == 2:
+            is_patch = fspec.distance.key_weight.bool().to(mean.device)
+            mean, rms = _patch_queries_only(mean.shape[2], mean, rms, is_patch)
+        stats.distance, stats.distance_rms = mean, rms
+    return stats
+
+
+def alpha_from_lse(q, k, lse, keep, *, scale: float, causal: bool, ctx: BatchContext, alpha_pos) -> torch.Tensor:
+    """[batch, head, q, a] = A[i, k_a], rebuilt exactly for the few alpha keys as exp(scale q.k_a - lse)."""
+    idx = torch.where(alpha_pos >= 0, _padded(ctx, alpha_pos), 0).to(q.device)  # [batch, a] key indices
+    n_q, n_k = q.shape[2], k.shape[2]
+    k = expand_kv(k, q.shape[1])
+    k_a = k.gather(2, idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))  # [batch, head, a, d]
+    scores = torch.matmul(q.float(), k_a.float().transpose(-1, -2)) * scale  # [batch, head, q, a]
+    sees = (alpha_pos >= 0).to(q.device)[:, None, None, :]
+    if causal:
+        sees = sees & (idx[:, None, None, :] <= torch.arange(n_k - n_q, n_k, device=q.device)[:, None])
+    if keep is not None:
+        rows = keep.expand(q.shape[0], -1, n_q if keep.shape[2] == 1 else -1, -1)[:, :, -n_q:]
+        sees = sees & rows.gather(-1, idx[:, None, None, :].expand(-1, rows.shape[1], n_q, -1))
+    return torch.where(sees, torch.exp(scores - lse.float()[..., None]), 0.0)
 
 
 def _grid_coords(ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,31 +149,6 @@ def grid_distance_from_probs(probs: torch.Tensor, ctx: BatchContext) -> tuple[to
     n_q = probs.shape[2]
     mean, rms = _grid_moments(probs.float(), coords[:, -n_q:], coords, is_patch)
     return _patch_queries_only(n_q, mean, rms, is_patch)
-
-
-def grid_distance_tiled(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
-    bias: torch.Tensor | None,
-    ctx: BatchContext,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """2-D distances from query tiles rebuilt as exp(scale q k^T + bias - lse): O(tile * n) memory."""
-    coords, is_patch = _grid_coords(ctx)
-    k = expand_kv(k, q.shape[1]).float()
-    n_q, first = q.shape[2], ctx.n_keys - q.shape[2]
-    means, rmss = [], []
-    for start in range(0, n_q, _GRID_TILE):
-        stop = min(n_q, start + _GRID_TILE)
-        scores = torch.matmul(q[:, :, start:stop].float(), k.transpose(-1, -2)) * scale
-        if bias is not None:
-            scores = scores + bias[..., start:stop, :].float()
-        probs = torch.exp(scores - lse[:, :, start:stop, None].float())
-        mean, rms = _grid_moments(probs, coords[:, first + start : first + stop], coords, is_patch)
-        means.append(mean)
-        rmss.append(rms)
-    return _patch_queries_only(n_q, torch.cat(means, 2), torch.cat(rmss, 2), is_patch)
 
 
 def from_probs(
