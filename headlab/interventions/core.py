@@ -6,7 +6,8 @@ headlab attention function consults on every attention call of the layers it tou
 - `edits(call)`: post-softmax redistributions between key groups (ACT, VAR). Each `GroupEdit` names disjoint
   key groups and, per query row, a factor for each group and one for the other keys. They are applied
   exactly without the [q, k] pattern: keys are split into atoms (the intersections of every edit's groups),
-  ONE fused attention over augmented values returns each atom's mass and output (sum_j a_ij v_j), and each
+  ONE fused attention with the atoms as key classes (`kernels.fused_attention`: Triton on CUDA, augmented
+  values through SDPA on the CPU) returns each atom's mass and output (sum_j a_ij v_j), and each
   edit rescales atoms in turn, so edits of several interventions compose in order (`grouped_attention`).
   Every edit also has `reference(probs)`, the paper's rule written on explicit rows (the oracle).
 - `transform(call, out)`: edits of the head outputs before o_proj (VHR, head ablation and scaling).
@@ -30,8 +31,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from headlab.errors import SelectionError, UnsupportedModelError
-from headlab.kernels.augmented import attention_with_lse
+from headlab.kernels.fused import fused_attention
 from headlab.kernels.reference import expand_kv, naive_attention
+from headlab.kernels.spec import FusedSpec
 from headlab.loading import LoadedModel
 from headlab.probe.attention import switched_to_headlab
 from headlab.probe.capture import Probe
@@ -75,14 +77,12 @@ class AttentionCall:
     @cached_property
     def plain(self):
         """(out [b, h, q, d_v] fp32, lse [b, h, q]) of the unedited attention (computed once, fused)."""
-        return attention_with_lse(
-            self.q.float(),
-            self.k.float(),
-            self.v.float(),
-            mask=self.mask,
-            scale=self.scale,
-            causal=self.causal,
-        )
+        att = fused_attention(self.q, self.k, self.v, self.spec())
+        return att.out.float(), att.lse
+
+    def spec(self, **stats) -> FusedSpec:
+        """This call's scores and masks as a FusedSpec, with the statistics `stats` asked for."""
+        return FusedSpec(scale=self.scale, causal=self.causal, mask=self.mask, **stats)
 
     def probs(self) -> torch.Tensor:
         """The explicit [b, h, q, k] pattern (reference paths and single-row decode steps only)."""
@@ -155,7 +155,7 @@ def grouped_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torch.
     - few grouped keys (sinks, an image span; the usual case): the plain fused attention gives the output
       and the row logsumexp; the grouped keys' probabilities are rebuilt from it in query tiles (O(tile x
       grouped) memory) and atom 0 is the remainder (mass 1 - the others, output o - the others);
-    - otherwise: ONE fused attention over values augmented with each atom's masked V and one-hot columns.
+    - otherwise: ONE fused attention with the atoms as key classes, returning their masses and outputs.
     """
     b, h, n_k = call.q.shape[0], call.n_heads, call.k.shape[2]
     device = call.q.device
@@ -190,15 +190,9 @@ def grouped_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torch.
 
 
 def _atoms_fused(call: AttentionCall, atom_of: torch.Tensor, n_atoms: int):
-    onehot = F.one_hot(atom_of, n_atoms).float()  # [b, h, k, A]
-    v = expand_kv(call.v, call.n_heads).float()
-    d = v.shape[-1]
-    v_aug = torch.cat([(v[..., None, :] * onehot[..., None]).flatten(-2), onehot], -1)
-    aug, _ = attention_with_lse(
-        call.q.float(), call.k.float(), v_aug, mask=call.mask, scale=call.scale, causal=call.causal
-    )
-    b, h, n_q = aug.shape[:3]
-    return aug[..., n_atoms * d :], aug[..., : n_atoms * d].reshape(b, h, n_q, n_atoms, d)
+    """Atom masses [b, h, q, A] and outputs [b, h, q, A, d]: one fused call with the atoms as key classes."""
+    att = fused_attention(call.q, call.k, call.v, call.spec(key_class=atom_of, n_classes=n_atoms, class_outputs=True))
+    return att.class_mass, att.class_out
 
 
 def _atoms_from_rows(call: AttentionCall, keys: torch.Tensor, atom_of: torch.Tensor, n_atoms: int):

@@ -34,12 +34,12 @@ the positions recorded when they were written.
 
 Engines (both exact; they share only the input preparation: un-rotation, the RoPE table, the span checks):
 - "fused" (default): queries that share a key-position assignment run as ONE fused attention
-  (`attention_with_lse`, explicit bool mask): one causal pass for the prefix; one pass per query segment
+  (`kernels.fused_attention`, explicit bool mask): one causal pass for the prefix; one pass per query segment
   (all its queries and all heads at once, keys rotated per head at that head's ranking; L_i x E each, S x E
   in all, less than one plain attention over the prompt); one pass per distinct ranking among the (head,
   suffix or generated query) pairs, over the heads and queries that use it (at most min(k!, heads x queries)
-  passes; a decode step needs at most one per head). Importance comes from fused passes too, with one-hot
-  segment columns as values (no [q, k] pattern). So the cost is one pass per distinct ranking, not one per
+  passes; a decode step needs at most one per head). Importance comes from fused passes too, with the
+  segments as key classes (no [q, k] pattern). So the cost is one pass per distinct ranking, not one per
   query; the paper reports 2x (k = 2) to 8x (k = 20) wall time for its per-segment Python loop.
 - "reference": the official algorithm literally, one query at a time with explicit scores, loops for the
   importance and the positions (O(heads x queries) small passes; the oracle the fused engine is tested on).
@@ -83,8 +83,9 @@ from torch.nn import functional as F
 
 from headlab.errors import InputError, SelectionError, UnsupportedModelError
 from headlab.interventions.core import AttentionCall, Intervention, Patch, Runner
-from headlab.kernels.augmented import attention_with_lse
+from headlab.kernels.fused import fused_attention
 from headlab.kernels.reference import expand_kv
+from headlab.kernels.spec import FusedSpec
 from headlab.loading import LoadedModel
 
 Span = tuple[int, int]  # half-open [start, end) in example positions
@@ -259,10 +260,11 @@ def _rank(scores: torch.Tensor, order: str, self_first: bool) -> torch.Tensor:
 def _pooled(q, k, seg: Segments, mask, scale: float, importance: str) -> torch.Tensor:
     """[H, n, k]: per query, the attention mass (softmax over the segment keys k [H, S, d]) on each
     segment, divided by its length for "mean"; one fused pass with one-hot segment columns as values."""
-    onehot = F.one_hot(seg.ids, seg.k).to(q).expand(k.shape[0], -1, -1)
-    mask = None if mask is None else mask.to(q.device)
-    mass, _ = attention_with_lse(q[None], k[None], onehot[None], mask=mask, scale=scale, causal=False)
-    return mass[0] / seg.lengths.to(q) if importance == "mean" else mass[0]
+    spec = FusedSpec(
+        scale=scale, mask=None if mask is None else mask.to(q.device), key_class=seg.ids[None, None], n_classes=seg.k
+    )
+    mass = fused_attention(q[None], k[None], k[None], spec).class_mass[0]
+    return mass / seg.lengths.to(mass) if importance == "mean" else mass
 
 
 def segment_ranks(q, k, seg: Segments, scale: float, importance="mean", order="closer") -> torch.Tensor:
@@ -292,8 +294,7 @@ def _attend(q, q_pos, k, k_pos, v, scale: float, rotary: Rotary, member=None) ->
     if member is not None:
         keep = keep & member[..., None]
     keep = keep.to(q.device)
-    out, _ = attention_with_lse(qr[None], kr[None], v[None], mask=keep[None], scale=scale, causal=False)
-    return out[0]
+    return fused_attention(qr[None], kr[None], v[None], FusedSpec(scale=scale, mask=keep[None])).out[0].to(q.dtype)
 
 
 def _fused(q, q_pos, k, v, seg: Segments, scale, rotary, importance, order) -> torch.Tensor:
