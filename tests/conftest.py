@@ -11,11 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-if not torch.cuda.is_available():  # the Triton kernel runs under the interpreter on the CPU (set before import)
+if (
+    not torch.cuda.is_available()
+):  # the Triton kernel runs under the interpreter on the CPU (set before import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import headlab as hl  # noqa: E402
-from headlab.zoo.random_models import RANDOM_BUILDERS, build_random  # noqa: E402
+import headlab as hl
+from headlab.zoo.random_models import RANDOM_BUILDERS, build_random
 
 LLMS = ("gpt2", "llama", "qwen2", "mistral")
 ALL_ARCHS = tuple(RANDOM_BUILDERS)

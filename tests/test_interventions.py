@@ -71,8 +71,15 @@ def test_grouped_edit_hand_computed():
 
 
 @pytest.mark.parametrize("n_kv", [4, 2])
-@pytest.mark.parametrize("share", [0.0, 1.0])  # both exact paths: one augmented fused call / rebuilt rows
-def test_grouped_edits_compose_and_equal_the_explicit_reference(n_kv, share, monkeypatch):
+@pytest.mark.parametrize(  # both exact paths (one fused call with atom classes / rebuilt rows), two kernels
+    "share,backend", [(0.0, "auto"), (1.0, "auto"), (0.0, "triton"), (1.0, "triton")]
+)
+def test_grouped_edits_compose_and_equal_the_explicit_reference(n_kv, share, backend, monkeypatch):
+    from headlab.kernels.triton_attention import available
+
+    if backend == "triton" and not available(torch.device("cpu")):
+        pytest.skip("TRITON_INTERPRET=1 was not set before import")
+    monkeypatch.setenv("HEADLAB_ATTENTION", backend)
     monkeypatch.setattr("headlab.interventions.core._EXPLICIT_SHARE", share)
     g = torch.Generator().manual_seed(0)
     b, h, n, d = 2, 4, 9, 8
@@ -318,6 +325,23 @@ def test_var_fused_equals_reference_on_the_zoo_llava_and_in_generate(zoo_llava, 
             scores[engine] = _greedy_scores(zoo_llava, inputs)
     for a, b in zip(scores["fused"], scores["reference"], strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_var_through_the_triton_kernel_equals_reference(zoo_llava, monkeypatch):
+    """The whole model with VAR's edits served by the Triton kernel (the interpreter on the CPU)."""
+    from headlab.kernels.triton_attention import available
+
+    if not available(torch.device("cpu")):
+        pytest.skip("TRITON_INTERPRET=1 was not set before import")
+    monkeypatch.setattr("headlab.interventions.core._EXPLICIT_SHARE", 0.0)  # the atom-class kernel path
+    inputs = _scene_inputs(zoo_llava)
+    out = {}
+    for engine, backend in (("fused", "triton"), ("reference", "auto")):
+        monkeypatch.setenv("HEADLAB_ATTENTION", backend)
+        with intervene(zoo_llava, VAR(tau=2.0, layers=(0, 1)), engine=engine):
+            out[engine] = zoo_llava.model(**inputs).logits[:, -1]
+    torch.testing.assert_close(out["fused"], out["reference"], atol=1e-4, rtol=1e-4)
 
 
 def test_model_is_restored_after_an_exception(zoo_llava):

@@ -145,7 +145,7 @@ def test_sdpa_matches_reference(case, dtype):
 
 
 def test_auto_picks_a_backend_that_takes_the_spec():
-    (q, _, _), g = _inputs(1, 4, 4, 8, 8, 16, 16, torch.float32)
+    (q, _, _), _ = _inputs(1, 4, 4, 8, 8, 16, 16, torch.float32)
     plain = FusedSpec(scale=0.25, causal=True, entropy=True)
     capped = FusedSpec(scale=0.25, causal=True, softcap=5.0)
     assert sdpa_takes(plain) and not sdpa_takes(capped)

@@ -43,12 +43,29 @@ def test_observing_changes_nothing(tiny, name):
     assert len(rec.head_stats) > 0
 
 
-@pytest.mark.parametrize("name", ALL_ARCHS)
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_fused_stats_equal_reference(tiny, name, padding_side):
+TRITON_CASES = [("mistral", "left", "triton"), ("vit", "right", "triton"), ("llava", "left", "triton")]
+
+
+@pytest.mark.parametrize(
+    "name,padding_side,backend",
+    [(n, side, "auto") for n in ALL_ARCHS for side in ("left", "right")] + TRITON_CASES,
+)
+def test_fused_stats_equal_reference(tiny, name, padding_side, backend, monkeypatch):
+    """Through the CPU default and through the Triton kernel (the interpreter; sliding window, 2-D grid,
+    image roles): same statistics and outputs as the explicit reference."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from headlab.kernels.triton_attention import available
+
+        if not available(torch.device("cpu")):
+            pytest.skip("TRITON_INTERPRET=1 was not set before import")
+        monkeypatch.setenv("HEADLAB_ATTENTION", "triton")
     lm = tiny(name)
     inputs = inputs_for(lm, padding_side=padding_side)
-    _, fused = _capture(lm, inputs)
+    logits, fused = _capture(lm, inputs)
+    monkeypatch.delenv("HEADLAB_ATTENTION", raising=False)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, logits_of(lm, inputs), atol=1e-5, rtol=1e-5)
     _, ref = _capture(lm, inputs, engine="reference")
     a, b = fused.head_stats, ref.head_stats
     assert len(a) == len(b) > 0

@@ -191,7 +191,9 @@ def grouped_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torch.
 
 def _atoms_fused(call: AttentionCall, atom_of: torch.Tensor, n_atoms: int):
     """Atom masses [b, h, q, A] and outputs [b, h, q, A, d]: one fused call with the atoms as key classes."""
-    att = fused_attention(call.q, call.k, call.v, call.spec(key_class=atom_of, n_classes=n_atoms, class_outputs=True))
+    att = fused_attention(
+        call.q, call.k, call.v, call.spec(key_class=atom_of, n_classes=n_atoms, class_outputs=True)
+    )
     return att.class_mass, att.class_out
 
 

@@ -259,9 +259,12 @@ def _rank(scores: torch.Tensor, order: str, self_first: bool) -> torch.Tensor:
 
 def _pooled(q, k, seg: Segments, mask, scale: float, importance: str) -> torch.Tensor:
     """[H, n, k]: per query, the attention mass (softmax over the segment keys k [H, S, d]) on each
-    segment, divided by its length for "mean"; one fused pass with one-hot segment columns as values."""
+    segment, divided by its length for "mean"; one fused pass with the segments as key classes."""
     spec = FusedSpec(
-        scale=scale, mask=None if mask is None else mask.to(q.device), key_class=seg.ids[None, None], n_classes=seg.k
+        scale=scale,
+        mask=None if mask is None else mask.to(q.device),
+        key_class=seg.ids[None, None],
+        n_classes=seg.k,
     )
     mass = fused_attention(q[None], k[None], k[None], spec).class_mass[0]
     return mass / seg.lengths.to(mass) if importance == "mean" else mass
@@ -294,7 +297,11 @@ def _attend(q, q_pos, k, k_pos, v, scale: float, rotary: Rotary, member=None) ->
     if member is not None:
         keep = keep & member[..., None]
     keep = keep.to(q.device)
-    return fused_attention(qr[None], kr[None], v[None], FusedSpec(scale=scale, mask=keep[None])).out[0].to(q.dtype)
+    return (
+        fused_attention(qr[None], kr[None], v[None], FusedSpec(scale=scale, mask=keep[None]))
+        .out[0]
+        .to(q.dtype)
+    )
 
 
 def _fused(q, q_pos, k, v, seg: Segments, scale, rotary, importance, order) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""Attention compute: the naive reference (the oracle) and fused attention with augmented values."""
+"""Attention compute: one dispatcher (`fused_attention`) over the Triton kernel, FlexAttention, SDPA with
+augmented values and exact torch tiles, and the naive reference (the oracle) they are all tested against."""
 
 from headlab.kernels.augmented import attention_with_lse
+from headlab.kernels.fused import BACKENDS, fused_attention, pick_backend
 from headlab.kernels.reference import (
     ReferenceAttention,
     additive_mask,
@@ -8,12 +10,19 @@ from headlab.kernels.reference import (
     expand_kv,
     naive_attention,
 )
+from headlab.kernels.spec import Attended, Distance, FusedSpec
 
 __all__ = [
+    "BACKENDS",
+    "Attended",
+    "Distance",
+    "FusedSpec",
     "ReferenceAttention",
     "additive_mask",
     "attention_with_lse",
     "causal_keep",
     "expand_kv",
+    "fused_attention",
     "naive_attention",
+    "pick_backend",
 ]

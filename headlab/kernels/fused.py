@@ -53,7 +53,9 @@ def sdpa_takes(spec: FusedSpec) -> bool:
     return spec.softcap is None and not two_d and not (spec.entropy and spec.bias is not None)
 
 
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: FusedSpec, *, backend: str = "auto") -> Attended:
+def fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: FusedSpec, *, backend: str = "auto"
+) -> Attended:
     """Attention of q [batch, head, q, d] over k, v [batch, kv_head, k, d(_v)] as `spec` says."""
     check_shapes(q, k, v)
     name = pick_backend(q, spec, backend)
@@ -67,7 +69,9 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Fus
         return flex_fused(q, k, v, spec)
     if name == "sdpa":
         if not sdpa_takes(spec):
-            raise InputError("the sdpa backend cannot soft-cap, do 2-D distances or entropy under a bias; use 'tiled'")
+            raise InputError(
+                "the sdpa backend cannot soft-cap, do 2-D distances or entropy under a bias; use 'tiled'"
+            )
         return augmented_fused(q, k, v, spec)
     return explicit_fused(q, k, v, spec, tile=None if name == "reference" else _TILE)
 
@@ -119,10 +123,13 @@ def _bias_rows(spec: FusedSpec, rows: torch.Tensor, n_q: int, device) -> torch.T
 
 def explicit_fused(q, k, v, spec: FusedSpec, *, tile: int | None) -> Attended:
     """Exact torch attention over query tiles of `tile` rows (None: all rows at once, the oracle)."""
-    n_q, n_k = q.shape[2], k.shape[2]
+    n_q = q.shape[2]
     k32, v32 = expand_kv(k, q.shape[1]).float(), expand_kv(v, q.shape[1]).float()
     step = n_q if tile is None else tile
-    parts = [_explicit_tile(q, k32, v32, spec, torch.arange(s, min(n_q, s + step))) for s in range(0, max(n_q, 1), step)]
+    parts = [
+        _explicit_tile(q, k32, v32, spec, torch.arange(s, min(n_q, s + step)))
+        for s in range(0, max(n_q, 1), step)
+    ]
     fields = zip(*parts, strict=True)
     out, lse, *stats = (None if p[0] is None else torch.cat(p, 2) for p in fields)
     if spec.head_scale is not None:
@@ -148,11 +155,13 @@ def _explicit_tile(q, k32, v32, spec: FusedSpec, rows: torch.Tensor):
     out = probs @ v32
     class_mass = class_out = entropy = distance = None
     if spec.n_classes:
-        onehot = F.one_hot(spec.key_class.to(device).long().clamp(min=0) , spec.n_classes).float()
+        onehot = F.one_hot(spec.key_class.to(device).long().clamp(min=0), spec.n_classes).float()
         onehot = onehot * (spec.key_class.to(device) >= 0)[..., None]  # [b, 1|h, k, c]
         class_mass = probs @ onehot
         if spec.class_outputs:
-            class_out = torch.einsum("bhrk,bhkc,bhkd->bhrcd", probs, onehot.expand(-1, s.shape[1], -1, -1), v32)
+            class_out = torch.einsum(
+                "bhrk,bhkc,bhkd->bhrcd", probs, onehot.expand(-1, s.shape[1], -1, -1), v32
+            )
     if spec.entropy:
         finite = torch.isfinite(s)
         plogp = (probs * torch.where(finite, s, 0.0)).sum(-1)
@@ -167,7 +176,11 @@ def _moments(probs, spec: FusedSpec, rows, n_q, device) -> torch.Tensor:
     qp = d.query_pos.to(device).float()[:, rows.to(device)]
     kp = d.key_pos.to(device).float()
     f = qp[:, :, None] - kp[:, None, :] if d.dims == 1 else torch.cdist(qp, kp)  # [b, r, k]
-    w = torch.ones_like(kp[..., 0] if d.dims != 1 else kp) if d.key_weight is None else d.key_weight.to(device).float()
+    w = (
+        torch.ones_like(kp[..., 0] if d.dims != 1 else kp)
+        if d.key_weight is None
+        else d.key_weight.to(device).float()
+    )
     wf = f * w[:, None, :]
     return torch.stack([(probs * wf[:, None]).sum(-1), (probs * (wf * f)[:, None]).sum(-1)], -1)
 
@@ -196,7 +209,11 @@ def augmented_fused(q, k, v, spec: FusedSpec) -> Attended:
             parts.append((vv[..., None, :] * onehot[..., None]).flatten(-2))
     if spec.distance is not None:
         kp = spec.distance.key_pos.to(device).float()
-        w = torch.ones_like(kp) if spec.distance.key_weight is None else spec.distance.key_weight.to(device).float()
+        w = (
+            torch.ones_like(kp)
+            if spec.distance.key_weight is None
+            else spec.distance.key_weight.to(device).float()
+        )
         parts.append(torch.stack([w, w * kp, w * kp * kp], -1)[:, None].expand(b, width_kv, n_k, 3))
     v_aug = torch.cat(parts, -1)
     keep = keep_rows(spec, torch.arange(n_q), n_q, n_k, device) if _needs_mask(spec) else None
@@ -219,7 +236,9 @@ def _needs_mask(spec: FusedSpec) -> bool:
 
 def _decode(aug, lse, q, spec: FusedSpec, d_v: int) -> Attended:
     seen = torch.isfinite(lse)
-    aug = torch.where(seen[..., None], aug, 0.0)  # rows that see no key (NaN from SDPA): zeros, as the reference
+    aug = torch.where(
+        seen[..., None], aug, 0.0
+    )  # rows that see no key (NaN from SDPA): zeros, as the reference
     out, off = aug[..., :d_v], d_v
     class_mass = class_out = entropy = distance = None
     if spec.entropy:

@@ -69,7 +69,9 @@ class FusedSpec:
         if self.window is not None and self.window < 1:
             raise InputError(f"FusedSpec: window must be >= 1, got {self.window}")
         if self.mask is not None and self.mask.dtype != torch.bool:
-            raise InputError("FusedSpec: mask must be boolean (True = may attend); put additive masks in bias")
+            raise InputError(
+                "FusedSpec: mask must be boolean (True = may attend); put additive masks in bias"
+            )
 
 
 @dataclass(frozen=True)

@@ -187,8 +187,12 @@ if triton is not None:
                 onehot = (cls[:, None] == cls_range[None, :]).to(tl.float32)  # [BLOCK_N, classes]
                 if CLASS_OUT:
                     # one row per (query, class): p masked to the class's keys, then one product with V
-                    pc = tl.reshape(p[:, None, :] * tl.trans(onehot)[None, :, :], [BLOCK_M * N_CLASSES, BLOCK_N])
-                    a_rep = tl.reshape(tl.broadcast_to(alpha[:, None], [BLOCK_M, N_CLASSES]), [BLOCK_M * N_CLASSES])
+                    pc = tl.reshape(
+                        p[:, None, :] * tl.trans(onehot)[None, :, :], [BLOCK_M * N_CLASSES, BLOCK_N]
+                    )
+                    a_rep = tl.reshape(
+                        tl.broadcast_to(alpha[:, None], [BLOCK_M, N_CLASSES]), [BLOCK_M * N_CLASSES]
+                    )
                     cmass = cmass * alpha[:, None] + tl.reshape(tl.sum(pc, 1), [BLOCK_M, N_CLASSES])
                     if DOT_F32:
                         cacc = cacc * a_rep[:, None] + tl.dot(pc, v, input_precision="ieee")
@@ -232,10 +236,18 @@ if triton is not None:
             cm_ptr = ClassMass + row[:, None] * n_classes + cls_range[None, :]
             tl.store(cm_ptr, cmass * inv_l[:, None], mask=row_ok[:, None] & (cls_range[None, :] < n_classes))
             if CLASS_OUT:
-                rows_c = tl.reshape(tl.broadcast_to(row[:, None], [BLOCK_M, N_CLASSES]), [BLOCK_M * N_CLASSES])
-                cls_c = tl.reshape(tl.broadcast_to(cls_range[None, :], [BLOCK_M, N_CLASSES]), [BLOCK_M * N_CLASSES])
-                ok_c = tl.reshape(tl.broadcast_to(row_ok[:, None], [BLOCK_M, N_CLASSES]), [BLOCK_M * N_CLASSES])
-                inv_c = tl.reshape(tl.broadcast_to(inv_l[:, None], [BLOCK_M, N_CLASSES]), [BLOCK_M * N_CLASSES])
+                rows_c = tl.reshape(
+                    tl.broadcast_to(row[:, None], [BLOCK_M, N_CLASSES]), [BLOCK_M * N_CLASSES]
+                )
+                cls_c = tl.reshape(
+                    tl.broadcast_to(cls_range[None, :], [BLOCK_M, N_CLASSES]), [BLOCK_M * N_CLASSES]
+                )
+                ok_c = tl.reshape(
+                    tl.broadcast_to(row_ok[:, None], [BLOCK_M, N_CLASSES]), [BLOCK_M * N_CLASSES]
+                )
+                inv_c = tl.reshape(
+                    tl.broadcast_to(inv_l[:, None], [BLOCK_M, N_CLASSES]), [BLOCK_M * N_CLASSES]
+                )
                 co_ptr = ClassOut + ((rows_c * n_classes + cls_c) * d_v)[:, None] + offs_dv[None, :]
                 tl.store(
                     co_ptr,
@@ -279,7 +291,9 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Fu
         )
     check_shapes(q, k, v)
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise InputError(f"the Triton kernel takes q, k, v of one dtype among {_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise InputError(
+            f"the Triton kernel takes q, k, v of one dtype among {_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     batch, heads, n_q, d_qk = q.shape
     n_kv, n_k, d_v = k.shape[1], k.shape[2], v.shape[-1]
     device = q.device
@@ -301,7 +315,9 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Fu
         bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(-1, -1, -1, n_k)
         bias = bias[..., -n_q:, :] if bias.shape[2] not in (1, n_q) else bias
         bias = bias if bias.stride(-1) == 1 else bias.contiguous()
-    key_valid = None if spec.key_valid is None else spec.key_valid.to(device=device, dtype=torch.int8).contiguous()
+    key_valid = (
+        None if spec.key_valid is None else spec.key_valid.to(device=device, dtype=torch.int8).contiguous()
+    )
     q_seg = k_seg = None
     if spec.segments is not None and spec.causal:
         q_seg, k_seg = (s.to(device=device, dtype=torch.int32).contiguous() for s in spec.segments)

@@ -17,6 +17,7 @@ How each backend computes them (Triton natively in its loop; SDPA on the CPU as 
 Precision: statistics are accumulated in float32. On the SDPA path the 1-D RMS comes from E[j] and E[j^2],
 with an absolute error of about 1e-7 * n^2 in squared-position units (Triton accumulates (i - j)^2 itself).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -99,7 +100,9 @@ def from_attended(att: Attended, ctx: BatchContext, fspec: FusedSpec) -> PerQuer
     return stats
 
 
-def alpha_from_lse(q, k, lse, keep, *, scale: float, causal: bool, ctx: BatchContext, alpha_pos) -> torch.Tensor:
+def alpha_from_lse(
+    q, k, lse, keep, *, scale: float, causal: bool, ctx: BatchContext, alpha_pos
+) -> torch.Tensor:
     """[batch, head, q, a] = A[i, k_a], rebuilt exactly for the few alpha keys as exp(scale q.k_a - lse)."""
     idx = torch.where(alpha_pos >= 0, _padded(ctx, alpha_pos), 0).to(q.device)  # [batch, a] key indices
     n_q, n_k = q.shape[2], k.shape[2]
