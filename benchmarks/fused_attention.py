@@ -133,10 +133,6 @@ class Case:
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.q.shape[-1])
 
-    @property
-    def group(self) -> int:
-        return self.heads // self.kv_heads
-
 
 def layout(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(roles, segments, groups) of a LLaVA-like prompt of n tokens (shrunk proportionally for tiny n)."""
@@ -467,9 +463,10 @@ def write(rows: list[dict], env: dict) -> None:
     (RESULTS / f"{NAME}.json").write_text(json.dumps({**env, "rows": rows}, indent=1))
     lines = [
         f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}.",
-        f"Llama-7B attention: {env['shape']}, {env['dtype']}; MHA (32 kv heads) and GQA (8 kv heads).",
-        "Time: median of CUDA-event timed runs after warm-up. Extra memory: peak allocated during the call",
-        "beyond q, k, v, the spec's tensors and out (workspace + returned statistics, the latter also alone).",
+        f"Llama-7B attention: {env['shape']}, {env['dtype']}; kv heads per row (32 = MHA, 8 = GQA).",
+        f"Time: median of {env['repeats']} CUDA-event timed runs after {env['warmup']} warm-up runs.",
+        "Extra memory: peak allocated during the call beyond q, k, v, the spec's tensors and out (workspace",
+        "+ returned statistics; stats MB: the returned statistics alone, lse included).",
         "",
         "| n | kv heads | config | time (ms) | x SDPA flash | target | extra MB | stats MB | check | note |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -489,7 +486,7 @@ def write(rows: list[dict], env: dict) -> None:
             check += f" ({max(r['max_error'].values(), default=0.0):.0e})"
         lines.append(
             f"| {r['n']} | {r['kv_heads']} | {cfg} | {r['seconds'] * 1e3:.2f} | {ratio} | {target} | {extra} "
-            f"| {r['stats_mb']:.0f} | {check} | {r.get('note', '')} |"
+            f"| {r['stats_mb']:.1f} | {check} | {r.get('note', '')} |"
         )
     (RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n")
 
@@ -537,11 +534,13 @@ def main() -> int:
         configs.insert(0, "sdpa_flash")  # the baseline every ratio needs
     tol = 3e-2 if dtype == torch.bfloat16 else 2e-3
     if cuda:  # one torch.compile of flex_attention per (configuration, n, variant): more than the default 8
-        for knob in ("cache_size_limit", "recompile_limit"):
-            if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, 256)
+        import torch._dynamo.config as dynamo_config
 
-    env = environment(cuda, dtype, heads, d)
+        for knob in ("cache_size_limit", "recompile_limit"):
+            if hasattr(dynamo_config, knob):
+                setattr(dynamo_config, knob, 256)
+
+    env = environment(cuda, dtype, heads, d) | {"repeats": repeats, "warmup": warmup}
     print(
         f"{env['device']}; torch {env['torch']}, triton {env['triton']}; {env['shape']}, {env['dtype']}",
         flush=True,

@@ -64,7 +64,7 @@ if triton is not None:
         sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m,
         smask_b, smask_h, smask_m, sbias_b, sbias_h, sbias_m, scls_b, scls_h,
         n_heads, group, n_q, n_k, n_classes, d_qk, d_v,
-        scale, softcap, window,
+        scale, softcap, window, seg_end,
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr,
         HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_CLASSES: tl.constexpr, N_CLASSES: tl.constexpr, CLASS_OUT: tl.constexpr, ENTROPY: tl.constexpr, DIST_DIMS: tl.constexpr,
@@ -111,11 +111,13 @@ if triton is not None:
         if HAS_SEG:
             qs = tl.load(QSeg + b * n_q + offs_m, mask=row_ok, other=0)
 
-        # key blocks this query block can see: causal (without segments) ends at the last row's position,
-        # a sliding window starts at the first row's position - window + 1
+        # key blocks this query block can see: causal ends at the last row's position (with segments: or at
+        # the last segment key, whichever is later); a sliding window starts at first row - window + 1
         hi = n_k
-        if CAUSAL and not HAS_SEG:
+        if CAUSAL:
             hi = tl.minimum(n_k, (start_m + 1) * BLOCK_M + (n_k - n_q))
+            if HAS_SEG:
+                hi = tl.maximum(hi, seg_end)
         lo = 0
         if HAS_WINDOW:
             lo = tl.maximum(0, start_m * BLOCK_M + (n_k - n_q) - window + 1)
@@ -319,8 +321,11 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Fu
         None if spec.key_valid is None else spec.key_valid.to(device=device, dtype=torch.int8).contiguous()
     )
     q_seg = k_seg = None
+    seg_end = 0
     if spec.segments is not None and spec.causal:
         q_seg, k_seg = (s.to(device=device, dtype=torch.int32).contiguous() for s in spec.segments)
+        in_segment = (k_seg > 0).any(0).nonzero()
+        seg_end = int(in_segment.max()) + 1 if len(in_segment) else 0  # keys past it are only seen causally
 
     n_classes = spec.n_classes
     key_class = class_mass = class_out = None
@@ -354,7 +359,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Fu
         *_strides4(mask, batch, heads, n_q), *_strides4(bias, batch, heads, n_q),
         *((key_class.stride(0), 0 if key_class.shape[1] == 1 else key_class.stride(1)) if n_classes else (0, 0)),
         heads, heads // n_kv, n_q, n_k, n_classes, d_qk, d_v,
-        float(spec.scale), float(spec.softcap or 1.0), int(spec.window or 0),
+        float(spec.scale), float(spec.softcap or 1.0), int(spec.window or 0), seg_end,
         CAUSAL=spec.causal, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
         HAS_VALID=key_valid is not None, HAS_SEG=q_seg is not None, HAS_WINDOW=spec.window is not None,
         HAS_SOFTCAP=spec.softcap is not None, HAS_CLASSES=bool(n_classes), N_CLASSES=c_pad,
