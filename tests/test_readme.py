@@ -75,3 +75,10 @@ def test_analysis_example_runs(tmp_path):
     scope: dict = {}
     exec(compile(setup + block, "README analyses example", "exec"), scope)
     assert len(scope["frame"]) == 8 and scope["store"].results() == ["sinks"]
+
+
+def test_fused_attention_example_runs():
+    block = next(b for b in _blocks() if "fused_attention(q, k, v, spec)" in b)
+    scope: dict = {}
+    exec(compile(block, "README fused attention", "exec"), scope)
+    assert scope["att"].entropy.shape == (1, 8, 64)
