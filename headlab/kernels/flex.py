@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
 
-from headlab.kernels.reference import expand_kv
+from headlab.kernels.columns import augmented_values, decode_columns, plain_scores, positions
 from headlab.kernels.spec import Attended, FusedSpec, check_shapes
 
 _NEG_INF = float("-inf")
@@ -54,12 +54,12 @@ def flex_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: FusedSpe
     score_mod = _score_mod(spec, *q.shape[:3], n_k, q.device)
     wants_stats = spec.entropy or spec.n_classes > 0 or spec.distance is not None
     dtype = torch.float32 if wants_stats else q.dtype
-    kk, v_aug, gqa = _augmented_values(q, k, v, spec, dtype)
+    kk, v_aug, gqa = augmented_values(q, k, v, spec, dtype)
     aug, lse = _flex(q.to(dtype), kk, v_aug, score_mod, block_mask, spec.scale, gqa)
     seen = torch.isfinite(lse)
     aug = torch.where(seen[..., None], aug.float(), 0.0)
-    out, class_mass, class_out, entropy, distance = _decode(aug, lse, q, spec, d_v)
-    if spec.entropy and not _plain_scores(spec):
+    out, class_mass, class_out, entropy, distance = decode_columns(aug, lse, q, spec, d_v)
+    if spec.entropy and not plain_scores(spec):
         entropy = _mass(q, kk, spec, block_mask, score_mod, lse, gqa, _entropy_weight(lse))
     if spec.distance is not None and spec.distance.dims != 1:
         first = _radial_moment(q, kk, spec, block_mask, score_mod, lse, gqa)
@@ -67,11 +67,6 @@ def flex_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: FusedSpe
     if spec.head_scale is not None:
         out = out * spec.head_scale.to(out)[None, :, None, None]
     return Attended(out, lse.float(), class_mass, class_out, entropy, distance)
-
-
-def _plain_scores(spec: FusedSpec) -> bool:
-    """Whether scores are scale * q.k (then H = lse - scale q.(A K) holds)."""
-    return spec.softcap is None and spec.bias is None
 
 
 # ----------------------------------------------------------------------------------------------- flex call
@@ -157,7 +152,7 @@ def _mask_mod(spec: FusedSpec, dense, n_q: int, n_k: int, device) -> Callable | 
 
 def _score_mod(spec: FusedSpec, b: int, h: int, n_q: int, n_k: int, device) -> Callable | None:
     """score_mod for the soft-cap then the additive bias (None when neither is asked for)."""
-    if _plain_scores(spec):
+    if plain_scores(spec):
         return None
     cap = spec.softcap
     bias = None
@@ -174,77 +169,6 @@ def _score_mod(spec: FusedSpec, b: int, h: int, n_q: int, n_k: int, device) -> C
         return score
 
     return score_mod
-
-
-# ------------------------------------------------------------------------------------ augmented values
-
-
-def _augmented_values(q, k, v, spec: FusedSpec, dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(keys, [V | K | one-hots | class-masked V | distance columns], enable_gqa) for the main flex call."""
-    b, h = q.shape[:2]
-    n_k, device = k.shape[2], q.device
-    per_head = spec.key_class is not None and spec.key_class.shape[1] != 1
-    width_kv = h if per_head else k.shape[1]
-    kk, vv = expand_kv(k, width_kv).to(dtype), expand_kv(v, width_kv).to(dtype)
-    parts = [vv]
-    if spec.entropy and _plain_scores(spec):
-        parts.append(kk)
-    if spec.n_classes:
-        cls = spec.key_class.to(device).long()
-        onehot = F.one_hot(cls.clamp(min=0), spec.n_classes).float() * (cls >= 0)[..., None]
-        onehot = onehot.expand(b, width_kv, n_k, spec.n_classes)
-        parts.append(onehot)
-        if spec.class_outputs:
-            parts.append((vv[..., None, :] * onehot[..., None]).flatten(-2))
-    if spec.distance is not None:
-        parts.append(_distance_columns(spec, device)[:, None].expand(b, width_kv, n_k, -1))
-    return kk, torch.cat(parts, -1), width_kv != h
-
-
-def _positions(spec: FusedSpec, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(query_pos [b, q, dims], key_pos [b, k, dims], key weight [b, k]), float32, centred on the mean
-    query position of each batch row (fewer cancellations in the second moment)."""
-    d = spec.distance
-    qp, kp = d.query_pos.to(device).float(), d.key_pos.to(device).float()
-    if d.dims == 1:
-        qp, kp = qp[..., None], kp[..., None]
-    centre = qp.mean(1, keepdim=True)
-    w = torch.ones_like(kp[..., 0]) if d.key_weight is None else d.key_weight.to(device).float()
-    return qp - centre, kp - centre, w
-
-
-def _distance_columns(spec: FusedSpec, device) -> torch.Tensor:
-    """[b, k, 2 + dims]: w, w * key_pos (each dim), w * |key_pos|^2."""
-    _, kp, w = _positions(spec, device)
-    return torch.cat([w[..., None], w[..., None] * kp, (w * (kp * kp).sum(-1))[..., None]], -1)
-
-
-def _decode(aug, lse, q, spec: FusedSpec, d_v: int):
-    """(out, class_mass, class_out, entropy, distance) from the augmented output; for dims != 1 the
-    distance's first moment is left for `_radial_moment`."""
-    seen = torch.isfinite(lse)
-    out, off = aug[..., :d_v], d_v
-    class_mass = class_out = entropy = distance = None
-    if spec.entropy and _plain_scores(spec):
-        pk = aug[..., off : off + q.shape[-1]]  # (A K)_i
-        entropy = torch.where(seen, lse - spec.scale * (q.float() * pk).sum(-1), 0.0)
-        off += q.shape[-1]
-    if spec.n_classes:
-        class_mass = aug[..., off : off + spec.n_classes]
-        off += spec.n_classes
-        if spec.class_outputs:
-            width = spec.n_classes * d_v
-            class_out = aug[..., off : off + width].unflatten(-1, (spec.n_classes, d_v))
-            off += width
-    if spec.distance is not None:
-        qp, _, _ = _positions(spec, aug.device)
-        dims = qp.shape[-1]
-        w, wk, wk2 = aug[..., off], aug[..., off + 1 : off + 1 + dims], aug[..., off + 1 + dims]
-        qp = qp[:, None]  # [b, 1, q, dims]
-        second = (qp * qp).sum(-1) * w - 2 * (qp * wk).sum(-1) + wk2
-        first = qp[..., 0] * w - wk[..., 0] if dims == 1 else torch.zeros_like(w)
-        distance = torch.stack([first, second], -1)
-    return out, class_mass, class_out, entropy, distance
 
 
 # ------------------------------------------------------------------------------------------ mass passes
@@ -274,7 +198,7 @@ def _entropy_weight(lse: torch.Tensor) -> Callable:
 
 def _radial_moment(q, kk, spec: FusedSpec, block_mask, score_mod, lse, gqa) -> torch.Tensor:
     """sum_j a_ij w_j |q_pos_i - k_pos_j| [b, h, q] for n-D positions, by mass passes over w+ and w-."""
-    qp, kp, w = _positions(spec, q.device)
+    qp, kp, w = positions(spec, q.device)
     dims = qp.shape[-1]
 
     def weight_of(part: torch.Tensor) -> Callable:

@@ -6,8 +6,8 @@ Backends:
   CPU under TRITON_INTERPRET=1, for tests).
 - "flex": torch FlexAttention (`kernels.flex`): masks as a BlockMask, soft-cap and bias as a score_mod,
   statistics as augmented values; compiled on CUDA, eager (explicit scores) elsewhere.
-- "sdpa": the augmented-value path (`kernels.augmented`): statistics as extra value columns of one fused
-  SDPA call (the CPU's flash kernel). Cannot soft-cap, cannot do 2-D distances (not linear in the row), and
+- "sdpa": the augmented-value path (`kernels.columns` + `kernels.augmented`): statistics as extra value
+  columns of one fused SDPA call (the CPU's flash kernel). Cannot soft-cap, cannot do 2-D distances (not linear in the row), and
   its entropy trick needs plain scores; such specs go to "tiled".
 - "tiled": exact torch over query tiles, O(tile * k) memory; takes every spec.
 - "reference": the naive oracle with the full [q, k] pattern (the same code as "tiled", one tile).
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from headlab.errors import InputError
 from headlab.kernels.augmented import attention_with_lse
+from headlab.kernels.columns import augmented_values, decode_columns
 from headlab.kernels.reference import expand_kv
 from headlab.kernels.spec import Attended, FusedSpec, check_shapes
 
@@ -189,73 +190,27 @@ def _moments(probs, spec: FusedSpec, rows, n_q, device) -> torch.Tensor:
 
 
 def augmented_fused(q, k, v, spec: FusedSpec) -> Attended:
-    """Statistics as extra value columns of ONE fused SDPA call: [V | K | class one-hots | class-masked V |
-    w, w k_pos, w k_pos^2]. Masks other than causal become one boolean [batch, head|1, q, k] mask."""
-    b, h, n_q, _ = q.shape
-    n_k, d_v = k.shape[2], v.shape[-1]
-    device = q.device
-    per_head = spec.key_class is not None and spec.key_class.shape[1] != 1
-    width_kv = h if per_head else k.shape[1]
-    kk, vv = expand_kv(k, width_kv).float(), expand_kv(v, width_kv).float()
-    parts = [vv]
-    if spec.entropy:
-        parts.append(kk)
-    if spec.n_classes:
-        cls = spec.key_class.to(device).long()
-        onehot = F.one_hot(cls.clamp(min=0), spec.n_classes).float() * (cls >= 0)[..., None]
-        onehot = onehot.expand(b, width_kv, n_k, spec.n_classes)
-        parts.append(onehot)
-        if spec.class_outputs:
-            parts.append((vv[..., None, :] * onehot[..., None]).flatten(-2))
-    if spec.distance is not None:
-        kp = spec.distance.key_pos.to(device).float()
-        w = (
-            torch.ones_like(kp)
-            if spec.distance.key_weight is None
-            else spec.distance.key_weight.to(device).float()
-        )
-        parts.append(torch.stack([w, w * kp, w * kp * kp], -1)[:, None].expand(b, width_kv, n_k, 3))
-    v_aug = torch.cat(parts, -1)
-    keep = keep_rows(spec, torch.arange(n_q), n_q, n_k, device) if _needs_mask(spec) else None
+    """Statistics as extra value columns (`kernels.columns`) of ONE fused SDPA call. Masks other than
+    causal become one boolean [batch, head|1, q, k] mask."""
+    n_q, n_k, d_v = q.shape[2], k.shape[2], v.shape[-1]
+    kk, v_aug, _ = augmented_values(q, k, v, spec, torch.float32)
+    keep = keep_rows(spec, torch.arange(n_q), n_q, n_k, q.device) if _needs_mask(spec) else None
     mask = keep
     if spec.bias is not None:
-        bias = _bias_rows(spec, torch.arange(n_q), n_q, device)
+        bias = _bias_rows(spec, torch.arange(n_q), n_q, q.device)
         mask = bias if keep is None else bias.masked_fill(~keep, float("-inf"))
     causal = spec.causal and keep is None
     aug, lse = attention_with_lse(q.float(), kk, v_aug, mask=mask, scale=spec.scale, causal=causal)
     if keep is not None:  # the CPU kernel reports lse 0 for a row that sees no key: -inf, as the reference
         lse = lse.masked_fill(~keep.any(-1).expand_as(lse), float("-inf"))
-    return _decode(aug, lse, q, spec, d_v)
+    aug = torch.where(torch.isfinite(lse)[..., None], aug, 0.0)  # such rows may be NaN: zeros
+    out, *stats = decode_columns(aug, lse, q, spec, d_v)
+    if spec.head_scale is not None:
+        out = out * spec.head_scale.to(out)[None, :, None, None]
+    return Attended(out, lse, *stats)
 
 
 def _needs_mask(spec: FusedSpec) -> bool:
     return any(x is not None for x in (spec.mask, spec.key_valid, spec.window)) or (
         spec.causal and spec.segments is not None
     )
-
-
-def _decode(aug, lse, q, spec: FusedSpec, d_v: int) -> Attended:
-    seen = torch.isfinite(lse)
-    aug = torch.where(
-        seen[..., None], aug, 0.0
-    )  # rows that see no key (NaN from SDPA): zeros, as the reference
-    out, off = aug[..., :d_v], d_v
-    class_mass = class_out = entropy = distance = None
-    if spec.entropy:
-        pk = aug[..., off : off + q.shape[-1]]  # (A K)_i
-        entropy = torch.where(seen, lse - spec.scale * (q.float() * pk).sum(-1), 0.0)
-        off += q.shape[-1]
-    if spec.n_classes:
-        class_mass = aug[..., off : off + spec.n_classes]
-        off += spec.n_classes
-        if spec.class_outputs:
-            width = spec.n_classes * d_v
-            class_out = aug[..., off : off + width].unflatten(-1, (spec.n_classes, d_v))
-            off += width
-    if spec.distance is not None:
-        qp = spec.distance.query_pos.to(aug.device).float()[:, None]  # [b, 1, q]
-        w, wk, wk2 = aug[..., off], aug[..., off + 1], aug[..., off + 2]
-        distance = torch.stack([qp * w - wk, qp * qp * w - 2 * qp * wk + wk2], -1)
-    if spec.head_scale is not None:
-        out = out * spec.head_scale.to(out)[None, :, None, None]
-    return Attended(out, lse, class_mass, class_out, entropy, distance)
