@@ -185,6 +185,29 @@ def test_head_scale_and_zero_ablation_equal_editing_o_proj_by_hand(zoo_lm):
 
 
 @torch.no_grad()
+def test_head_scales_fold_into_the_fused_call(zoo_lm, monkeypatch):
+    """HeadScale alone: the factors go into the kernel's epilogue (spec.head_scale), same logits as the
+    reference engine's explicit scaling; composed with a non-scaling patch they stay a transform."""
+    import headlab.interventions.core as core
+
+    specs, real = [], core.fused_attention
+    monkeypatch.setattr(
+        core, "fused_attention", lambda q, k, v, spec: specs.append(spec) or real(q, k, v, spec)
+    )
+    inputs = _text(zoo_lm)
+    plan = HeadScale(((1, 2), (1, 0), (0, 3)), factor=2.5)
+    with intervene(zoo_lm, plan):
+        folded = zoo_lm.model(**inputs).logits
+    assert {tuple(s.head_scale[0].tolist()) for s in specs} == {(1.0, 1.0, 1.0, 2.5), (2.5, 1.0, 2.5, 1.0)}
+    with intervene(zoo_lm, plan, engine="reference"):
+        torch.testing.assert_close(folded, zoo_lm.model(**inputs).logits, atol=1e-4, rtol=1e-4)
+    specs.clear()
+    with intervene(zoo_lm, plan, HeadAblation(((1, 1), (0, 0)))):
+        zoo_lm.model(**inputs)
+    assert specs and all(s.head_scale is None for s in specs)
+
+
+@torch.no_grad()
 def test_mean_and_resample_ablation(zoo_lm):
     inputs = _text(zoo_lm)
     base = zoo_lm.model(**inputs).logits

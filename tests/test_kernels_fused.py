@@ -58,7 +58,8 @@ def _spec(case: str, b, h, n_q, n_k, d, g) -> FusedSpec:
     if case == "window_mask":  # sliding window + a dense mask that leaves some rows with no key
         mask = torch.rand(b, 1, n_q, n_k, generator=g) > 0.3
         mask[:, :, 2] = False
-        return FusedSpec(scale=scale, causal=True, window=9, mask=mask, entropy=True)
+        head_scale = torch.rand(b, h, generator=g) + 0.5  # per example and head, as VHR selects
+        return FusedSpec(scale=scale, causal=True, window=9, mask=mask, entropy=True, head_scale=head_scale)
     if case == "softcap_bias":  # Gemma-2 soft-cap and a PAINT-like score edit; entropy stays exact
         bias = torch.randn(1, h, n_q, n_k, generator=g)
         classes = torch.randint(-1, 2, (b, 1, n_k), generator=g)

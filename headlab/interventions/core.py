@@ -10,7 +10,9 @@ headlab attention function consults on every attention call of the layers it tou
   values through SDPA on the CPU) returns each atom's mass and output (sum_j a_ij v_j), and each
   edit rescales atoms in turn, so edits of several interventions compose in order (`grouped_attention`).
   Every edit also has `reference(probs)`, the paper's rule written on explicit rows (the oracle).
-- `transform(call, out)`: edits of the head outputs before o_proj (VHR, head ablation and scaling).
+- `transform(call, out)`: edits of the head outputs before o_proj (VHR, head ablation and scaling); a
+  patch whose transform is a per-head factor also says so in `head_scale(call)`, and when every patch of a
+  call does, the runner folds the factors into the fused kernel's epilogue (one pass, no extra op).
 - `replace(call)`: compute the attention itself (PINE: per-query positions and segment masks).
 - `on_pass(runner, kwargs)`: run before each forward pass of the model (VHR's first-step selection).
 - `layer_input(tower, layer, hidden, ctx)`: see the residual stream entering a layer (VAR's sink tokens).
@@ -122,6 +124,11 @@ class Patch:
 
     def transform(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
         return out
+
+    def head_scale(self, call: AttentionCall) -> torch.Tensor | None:
+        """[b or 1, h] factors when this call's `transform` is exactly out * factor per head (None
+        otherwise): the runner then folds them into the fused kernel and skips `transform`."""
+        return None
 
     def replace(self, call: AttentionCall) -> torch.Tensor | None:
         return None
@@ -303,14 +310,20 @@ class Runner:
             raise SelectionError(
                 "an attention-replacing intervention (PINE) cannot be combined with ACT/VAR edits"
             )
-        if out is None:
-            out = (
-                reference_attention(call, edits)
-                if self.engine == "reference"
-                else grouped_attention(call, edits)
-            )
-        for p in active:
-            out = p.transform(call, out)
+        scales = [p.head_scale(call) for p in active] if out is None and not edits else []
+        if scales and self.engine == "fused" and all(s is not None for s in scales):
+            # only head scales: one fused call applies their product in its epilogue
+            product = torch.stack([s.expand(call.q.shape[0], -1).float() for s in scales]).prod(0)
+            out = fused_attention(call.q, call.k, call.v, call.spec(head_scale=product)).out.float()
+        else:
+            if out is None:
+                out = (
+                    reference_attention(call, edits)
+                    if self.engine == "reference"
+                    else grouped_attention(call, edits)
+                )
+            for p in active:
+                out = p.transform(call, out)
         probe = getattr(module, "_headlab_probe", None)
         if probe is not None and not self.calibrating:  # a capture records the attention before the edits
             probe.attend(module, q, k, v, mask, scaling=scaling, is_causal=is_causal, **kwargs)

@@ -33,8 +33,15 @@ def _checked_heads(lm: LoadedModel, tower: str, heads: Iterable[Head]) -> dict[i
 
 
 class _HeadPatch(Patch):
-    def __init__(self, tower: str, by_layer: dict[int, list[int]], edit) -> None:
-        self.tower, self.by_layer, self.edit = tower, by_layer, edit
+    def __init__(self, tower: str, by_layer: dict[int, list[int]], edit, factor: float | None = None) -> None:
+        self.tower, self.by_layer, self.edit, self.factor = tower, by_layer, edit, factor
+
+    def head_scale(self, call: AttentionCall) -> torch.Tensor | None:
+        if self.factor is None:
+            return None
+        scale = torch.ones(1, call.n_heads, device=call.q.device)
+        scale[0, self.by_layer[call.layer]] = self.factor
+        return scale
 
     def touches(self, tower: str, layer: int) -> bool:
         return tower == self.tower and layer in self.by_layer
@@ -56,7 +63,10 @@ class HeadScale(Intervention):
 
     def bind(self, lm: LoadedModel) -> Patch:
         return _HeadPatch(
-            self.tower, _checked_heads(lm, self.tower, self.heads), lambda call, head, z: z * self.factor
+            self.tower,
+            _checked_heads(lm, self.tower, self.heads),
+            lambda call, head, z: z * self.factor,
+            factor=self.factor,
         )
 
 

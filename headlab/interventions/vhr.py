@@ -163,16 +163,22 @@ class VHRPatch(Patch):
             if call.layer == max(self.layers):
                 self._selecting = False
         else:
-            chosen = self.selected.get(call.layer)
-            if chosen is None:
-                raise InputError("VHR saw no selection pass; run the model with its image inputs first")
-            if chosen.shape[0] != out.shape[0]:
-                raise InputError(
-                    f"VHR selected heads for a batch of {chosen.shape[0]} but this pass has {out.shape[0]} rows"
-                )
-            rows = chosen
+            return out * self.head_scale(call).to(out)[:, :, None, None]
         scale = torch.where(rows, self.spec.alpha, 1.0).to(out)  # [rows, h]
         return out * scale[:, :, None, None]
+
+    def head_scale(self, call: AttentionCall) -> torch.Tensor | None:
+        """[B, h] alpha on the selected heads, once the selection is made (None while selecting)."""
+        if self._text_only or self._pairs or (self._selecting and call.step == 0):
+            return None
+        chosen = self.selected.get(call.layer)
+        if chosen is None:
+            raise InputError("VHR saw no selection pass; run the model with its image inputs first")
+        if chosen.shape[0] != call.q.shape[0]:
+            raise InputError(
+                f"VHR selected heads for a batch of {chosen.shape[0]} but this pass has {call.q.shape[0]} rows"
+            )
+        return torch.where(chosen.to(call.q.device), self.spec.alpha, 1.0)
 
 
 @torch.no_grad()

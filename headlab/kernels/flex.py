@@ -64,8 +64,7 @@ def flex_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: FusedSpe
     if spec.distance is not None and spec.distance.dims != 1:
         first = _radial_moment(q, kk, spec, block_mask, score_mod, lse, gqa)
         distance = torch.stack([first, distance[..., 1]], -1)
-    if spec.head_scale is not None:
-        out = out * spec.head_scale.to(out)[None, :, None, None]
+    out = spec.scale_output(out)
     return Attended(out, lse.float(), class_mass, class_out, entropy, distance)
 
 

@@ -126,15 +126,14 @@ def explicit_fused(q, k, v, spec: FusedSpec, *, tile: int | None) -> Attended:
     """Exact torch attention over query tiles of `tile` rows (None: all rows at once, the oracle)."""
     n_q = q.shape[2]
     k32, v32 = expand_kv(k, q.shape[1]).float(), expand_kv(v, q.shape[1]).float()
-    step = n_q if tile is None else tile
+    step = max(1, n_q if tile is None else tile)
     parts = [
         _explicit_tile(q, k32, v32, spec, torch.arange(s, min(n_q, s + step)))
         for s in range(0, max(n_q, 1), step)
     ]
     fields = zip(*parts, strict=True)
     out, lse, *stats = (None if p[0] is None else torch.cat(p, 2) for p in fields)
-    if spec.head_scale is not None:
-        out = out * spec.head_scale.to(out)[None, :, None, None]
+    out = spec.scale_output(out)
     return Attended(out, lse, *stats)
 
 
@@ -205,8 +204,7 @@ def augmented_fused(q, k, v, spec: FusedSpec) -> Attended:
         lse = lse.masked_fill(~keep.any(-1).expand_as(lse), float("-inf"))
     aug = torch.where(torch.isfinite(lse)[..., None], aug, 0.0)  # such rows may be NaN: zeros
     out, *stats = decode_columns(aug, lse, q, spec, d_v)
-    if spec.head_scale is not None:
-        out = out * spec.head_scale.to(out)[None, :, None, None]
+    out = spec.scale_output(out)
     return Attended(out, lse, *stats)
 
 

@@ -41,7 +41,7 @@ class FusedSpec:
     > 0 of `segments` = (query_seg [batch, q], key_seg [batch, k]) (PINE's bidirectional documents).
     Statistics: class masses for `key_class` [batch, 1 or head, k] (ints in [0, n_classes), -1 = none),
     class outputs (sum over the class of a_ij v_j) when `class_outputs`, entropy, distance moments.
-    Output side: `head_scale` [head] multiplies each head's output.
+    Output side: `head_scale` [head] or [batch, head] multiplies each head's output (VHR, head scaling).
     """
 
     scale: float
@@ -68,10 +68,19 @@ class FusedSpec:
             raise InputError(f"FusedSpec: softcap must be positive, got {self.softcap}")
         if self.window is not None and self.window < 1:
             raise InputError(f"FusedSpec: window must be >= 1, got {self.window}")
+        if self.head_scale is not None and self.head_scale.dim() not in (1, 2):
+            raise InputError("FusedSpec: head_scale must be [head] or [batch, head]")
         if self.mask is not None and self.mask.dtype != torch.bool:
             raise InputError(
                 "FusedSpec: mask must be boolean (True = may attend); put additive masks in bias"
             )
+
+    def scale_output(self, out: torch.Tensor) -> torch.Tensor:
+        """out [batch, head, q, d_v] times head_scale (the torch backends' epilogue)."""
+        if self.head_scale is None:
+            return out
+        scale = self.head_scale.to(out)
+        return out * (scale[None] if scale.dim() == 1 else scale)[..., None, None]
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,7 @@ if triton is not None:
         tl.store(Lse + row, lse, mask=row_ok)
         out = acc * inv_l[:, None]
         if HAS_HEAD_SCALE:
-            out = out * tl.load(HeadScale + h)
+            out = out * tl.load(HeadScale + bh)
         tl.store(
             Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_dv[None, :],
             out.to(Out.dtype.element_ty),
@@ -265,7 +265,7 @@ def _pow2(n: int, least: int) -> int:
     return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def _strides4(x: torch.Tensor | None, batch: int, heads: int, n_q: int) -> tuple[int, int, int]:
+def _strides4(x: torch.Tensor | None) -> tuple[int, int, int]:
     """(batch, head, query) strides of a [b|1, h|1, q|1, k] tensor whose key axis is contiguous; 0 where
     the axis is broadcast."""
     if x is None:
@@ -344,7 +344,10 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Fu
         k_pos = dist.key_pos.to(**f32).contiguous()
         k_w = None if dist.key_weight is None else dist.key_weight.to(**f32).contiguous()
         distance = torch.empty(batch, heads, n_q, 2, **f32)
-    head_scale = None if spec.head_scale is None else spec.head_scale.to(**f32).contiguous()
+    head_scale = None
+    if spec.head_scale is not None:  # [batch, head], one factor per program
+        head_scale = spec.head_scale.to(**f32).reshape(-1 if spec.head_scale.dim() == 2 else 1, heads)
+        head_scale = head_scale.expand(batch, heads).contiguous()
 
     block_m, block_n, warps, stages = _blocks(spec, c_pad, d_v, device)
     grid = (triton.cdiv(n_q, block_m), batch * heads)
@@ -356,7 +359,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Fu
         )),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        *_strides4(mask, batch, heads, n_q), *_strides4(bias, batch, heads, n_q),
+        *_strides4(mask), *_strides4(bias),
         *((key_class.stride(0), 0 if key_class.shape[1] == 1 else key_class.stride(1)) if n_classes else (0, 0)),
         heads, heads // n_kv, n_q, n_k, n_classes, d_qk, d_v,
         float(spec.scale), float(spec.softcap or 1.0), int(spec.window or 0), seg_end,
