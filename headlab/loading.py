@@ -34,12 +34,16 @@ class _ArchSpec:
     family: Family
     auto_class: type
     prefix_tokens: int = 0  # CLS-like tokens before the patch grid (vision models)
+    attention: str = "sdpa"  # the model's own attention outside headlab's blocks
 
 
 SUPPORTED: dict[str, _ArchSpec] = {
     "gpt2": _ArchSpec(family=Family.LLM, auto_class=tf.AutoModelForCausalLM),
     "llama": _ArchSpec(family=Family.LLM, auto_class=tf.AutoModelForCausalLM),
     "mistral": _ArchSpec(family=Family.LLM, auto_class=tf.AutoModelForCausalLM),
+    # soft-capped scores are not expressible in SDPA: transformers runs Gemma 2 eagerly; headlab's own
+    # attention (inside capture / intervene) soft-caps in its fused kernels
+    "gemma2": _ArchSpec(family=Family.LLM, auto_class=tf.AutoModelForCausalLM, attention="eager"),
     "qwen2": _ArchSpec(family=Family.LLM, auto_class=tf.AutoModelForCausalLM),
     "llava": _ArchSpec(family=Family.LVLM, auto_class=tf.AutoModelForImageTextToText),
     "vit": _ArchSpec(family=Family.VIT, auto_class=tf.AutoModelForImageClassification, prefix_tokens=1),
@@ -263,7 +267,7 @@ def load(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Load a supported model from a local directory, a hub id or `zoo:NAME` (a shipped zoo model), in eval
     mode, with its processor.
@@ -280,7 +284,7 @@ def load(
     spec = SUPPORTED[config.model_type]
     try:
         model = spec.auto_class.from_pretrained(
-            resolved, dtype=dtype, attn_implementation=attn_implementation
+            resolved, dtype=dtype, attn_implementation=attn_implementation or spec.attention
         )
     except OSError as err:
         raise ModelLoadError(f"could not load the weights of {resolved}: {err}") from err

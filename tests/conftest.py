@@ -19,7 +19,7 @@ if (
 import headlab as hl
 from headlab.zoo.random_models import RANDOM_BUILDERS, build_random
 
-LLMS = ("gpt2", "llama", "qwen2", "mistral")
+LLMS = ("gpt2", "llama", "qwen2", "mistral", "gemma2")
 ALL_ARCHS = tuple(RANDOM_BUILDERS)
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Is there a cat in the image? Yes."]
 
@@ -79,14 +79,22 @@ def logits_of(lm: hl.LoadedModel, inputs) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+def assert_close_at_real_tokens(got: torch.Tensor, want: torch.Tensor, inputs, tol: float = 1e-5) -> None:
+    """Float32 closeness at real tokens. Padding rows see no key: transformers' eager attention (Gemma 2's
+    default) fills them with a uniform row, SDPA-style masks with zeros; neither reaches a real token."""
+    real = inputs.get("attention_mask", torch.ones(got.shape[:2])).bool()
+    torch.testing.assert_close(got[real], want[real], atol=tol, rtol=tol)
+
+
 def eager_attentions(lm: hl.LoadedModel, inputs) -> tuple[torch.Tensor, ...]:
     """Every layer's [batch, head, q, k] pattern from HF eager attention (the independent oracle)."""
+    before = lm.model.config._attn_implementation
     lm.model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
             return lm.model(**inputs, output_attentions=True).attentions
     finally:
-        lm.model.set_attn_implementation("sdpa")
+        lm.model.set_attn_implementation(before)
 
 
 def chromium_driver():

@@ -256,3 +256,26 @@ def test_cli_act_search(tmp_path):
         argv = [*args, "--out", str(out), *bad]
         result = runner.invoke(app, argv)
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, argv
+
+
+@torch.no_grad()
+def test_soft_capped_attention_gemma2_fused_equals_reference(tiny):
+    """Gemma 2 (soft-capped scores): ACT's detection takes the tiled path (the transposed column sums need
+    scores linear in q), its edit and a head scale equal the explicit reference engine."""
+    from conftest import assert_close_at_real_tokens, inputs_for
+
+    lm = tiny("gemma2")
+    inputs = inputs_for(lm, padding_side="left")
+    base = lm.model(**inputs).logits
+    plan = (
+        ACT(heads=[(0, h) for h in range(4)] + [(1, 1)], layers=[0, 1], tau=0.05),
+        hl.HeadScale(((1, 2),), 2.0),
+    )
+    out = {}
+    for engine in ("fused", "reference"):
+        with intervene(lm, *plan, engine=engine) as runner:
+            out[engine] = lm.model(**inputs).logits
+            assert sum(found for _, found in runner.patches[0].hidden.values()) > 0  # sinks were calibrated
+    assert_close_at_real_tokens(out["fused"], out["reference"], inputs, tol=1e-4)
+    real = inputs["attention_mask"].bool()
+    assert (out["fused"] - base)[real].abs().max() > 1e-2

@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import ALL_ARCHS, LLMS, eager_attentions, inputs_for, logits_of
+from conftest import ALL_ARCHS, LLMS, assert_close_at_real_tokens, eager_attentions, inputs_for, logits_of
 
 import headlab as hl
 from headlab.probe import stats as S
@@ -38,7 +38,7 @@ def test_observing_changes_nothing(tiny, name):
     during, rec = _capture(lm, inputs, **(EVERYTHING if lm.family is not hl.Family.VIT else {}))
     with torch.no_grad():
         after = logits_of(lm, inputs)
-    torch.testing.assert_close(during, before, atol=1e-5, rtol=1e-5)  # float32 tolerance
+    assert_close_at_real_tokens(during, before, inputs)
     assert torch.equal(after, before)
     assert len(rec.head_stats) > 0
 
@@ -65,7 +65,7 @@ def test_fused_stats_equal_reference(tiny, name, padding_side, backend, monkeypa
     logits, fused = _capture(lm, inputs)
     monkeypatch.delenv("HEADLAB_ATTENTION", raising=False)
     with torch.no_grad():
-        torch.testing.assert_close(logits, logits_of(lm, inputs), atol=1e-5, rtol=1e-5)
+        assert_close_at_real_tokens(logits, logits_of(lm, inputs), inputs)
     _, ref = _capture(lm, inputs, engine="reference")
     a, b = fused.head_stats, ref.head_stats
     assert len(a) == len(b) > 0

@@ -277,8 +277,9 @@ def test_selected_rows_dense_and_top_k(tiny, tmp_path, top_k):
         store.pattern(5, 0, 0)
 
 
-def test_sliding_window_patterns_rebuild_exactly(tiny, tmp_path):
-    lm = tiny("mistral")  # sliding window 6, prompts of ~30 tokens
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])  # gemma2: also soft-capped scores
+def test_sliding_window_patterns_rebuild_exactly(tiny, tmp_path, name):
+    lm = tiny(name)  # sliding window 6, prompts of ~30 tokens
     inputs = lm.tokenizer(
         ["The quick brown fox jumps over the lazy dog again and again"], return_tensors="pt"
     )
@@ -286,6 +287,7 @@ def test_sliding_window_patterns_rebuild_exactly(tiny, tmp_path):
     eager = eager_attentions(lm, inputs)
     with torch.no_grad(), hl.capture(lm, compact=hl.Select()) as rec:
         lm.model(**inputs)
+    assert rec.compact[0].softcap == (2.0 if name == "gemma2" else None)
     store = Store.create(tmp_path / "s", lm)
     store.append(rec, examples=[0])
     for layer in range(2):

@@ -113,10 +113,10 @@ def received_attention(
     Prefill (as many queries as keys): the column sums come from ONE transposed fused attention: keys act as
     queries and queries as keys, with an extra coordinate carrying -lse_i / scale, so its scores are
     s_ij - lse_i = log A[i, j] and its logsumexp over i is log sum_i A[i, j] (sequences reversed so that the
-    transposed causal mask is the ordinary one). Otherwise (decode steps, chunked prefill): rows rebuilt
-    tile by tile as exp(scale q k^T - lse), O(tile * k) memory."""
+    transposed causal mask is the ordinary one). Otherwise (decode steps, chunked prefill, soft-capped
+    scores, which are not linear in q): rows rebuilt tile by tile as exp(s - lse), O(tile * k) memory."""
     heads = list(range(call.n_heads)) if heads is None else list(heads)
-    if call.n_q == call.k.shape[2]:
+    if call.n_q == call.k.shape[2] and call.softcap is None:
         return _received_transposed(call, heads)
     batch, n_q, n_k = call.q.shape[0], call.n_q, call.k.shape[2]
     group = call.n_heads // call.k.shape[1]
@@ -129,7 +129,7 @@ def received_attention(
     for start in range(0, n_q, tile):
         stop = min(n_q, start + tile)
         keep = _visible(call, heads, start, stop) & real[:, None, start:stop, None]  # [b, hs|1, t, k]
-        scores = torch.matmul(q[:, :, start:stop], k.transpose(-1, -2)) * call.scale  # [b, hs, t, k]
+        scores = call.scores(q[:, :, start:stop], k)  # [b, hs, t, k]
         probs = torch.where(keep, torch.exp(scores - lse[:, :, start:stop, None]), 0.0)
         total += probs.sum(2)
         seen += keep.sum(2)

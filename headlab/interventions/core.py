@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from headlab.errors import SelectionError, UnsupportedModelError
+from headlab.errors import SelectionError
 from headlab.kernels.fused import fused_attention
 from headlab.kernels.reference import expand_kv, naive_attention
 from headlab.kernels.spec import FusedSpec
@@ -58,6 +58,7 @@ class AttentionCall:
     causal: bool
     ctx: BatchContext
     kwargs: dict = field(default_factory=dict)
+    softcap: float | None = None  # attention logit soft-cap (Gemma 2)
 
     @property
     def n_heads(self) -> int:
@@ -84,12 +85,17 @@ class AttentionCall:
 
     def spec(self, **stats) -> FusedSpec:
         """This call's scores and masks as a FusedSpec, with the statistics `stats` asked for."""
-        return FusedSpec(scale=self.scale, causal=self.causal, mask=self.mask, **stats)
+        return FusedSpec(scale=self.scale, causal=self.causal, mask=self.mask, softcap=self.softcap, **stats)
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Explicit scores [..., q, k] of some queries and keys as this call forms them (scale, soft-cap)."""
+        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
+        return s if self.softcap is None else self.softcap * torch.tanh(s / self.softcap)
 
     def probs(self) -> torch.Tensor:
         """The explicit [b, h, q, k] pattern (reference paths and single-row decode steps only)."""
         return naive_attention(
-            self.q, self.k, self.v, mask=self.mask, scale=self.scale, causal=self.causal
+            self.q, self.k, self.v, mask=self.mask, scale=self.scale, causal=self.causal, softcap=self.softcap
         ).probs
 
 
@@ -223,7 +229,7 @@ def _atoms_from_rows(call: AttentionCall, keys: torch.Tensor, atom_of: torch.Ten
     finite = torch.isfinite(lse)
     for t0 in range(0, n_q, _TILE):
         t1 = min(n_q, t0 + _TILE)
-        scores = call.q[:, :, t0:t1].float() @ k.transpose(-1, -2) * call.scale  # [b, h, t, g]
+        scores = call.scores(call.q[:, :, t0:t1], k)  # [b, h, t, g]
         allowed = finite[:, :, t0:t1, None].expand_as(scores)
         if mask is not None:
             allowed = allowed & (mask[..., keys] if mask.shape[-2] == 1 else mask[..., t0:t1, :][..., keys])
@@ -290,15 +296,13 @@ class Runner:
 
     def attend(self, module, q, k, v, mask, *, scaling=None, is_causal=None, **kwargs):
         tower, layer = module._headlab_site
-        if kwargs.get("softcap") is not None:
-            raise UnsupportedModelError(
-                "interventions on soft-capped attention need the kernels issue's path"
-            )
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         ctx = self.contexts.context(tower, q.shape[0], k.shape[2]).fit_keys(k.shape[2])
         keep = mask if mask is None or mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-        call = AttentionCall(module, tower, layer, q, k, v, keep, scale, causal, ctx, kwargs)
+        call = AttentionCall(
+            module, tower, layer, q, k, v, keep, scale, causal, ctx, kwargs, kwargs.get("softcap")
+        )
         active = [p for p in self.patches if p.touches(tower, layer)]
         out = None
         for p in active:

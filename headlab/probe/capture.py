@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from headlab.errors import InputError, SelectionError, UnsupportedModelError
+from headlab.errors import InputError, SelectionError
 from headlab.kernels.fused import fused_attention
 from headlab.kernels.reference import expand_kv, naive_attention
 from headlab.kernels.spec import FusedSpec
@@ -207,10 +207,7 @@ class Probe:
     # ----- the attention call ---------------------------------------------------------------------------
     def attend(self, module, q, k, v, mask, *, scaling=None, is_causal=None, **kwargs):
         tower, layer = module._headlab_site
-        if kwargs.get("softcap") is not None:
-            raise UnsupportedModelError(
-                "attention soft-capping needs the FlexAttention/Triton path, not available here"
-            )
+        softcap = kwargs.get("softcap")
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         batch, n_k = q.shape[0], k.shape[2]
@@ -222,44 +219,47 @@ class Probe:
             return sdpa_attention_forward(module, q, k, v, mask, scaling=scale, is_causal=is_causal, **kwargs)
         ctx = self.context(tower, batch, n_k).fit_keys(n_k)
         if want_stats:
-            out, lse = self._attend_with_stats(ctx, layer, q, k, v, mask, scale, causal)
+            out, lse = self._attend_with_stats(ctx, layer, q, k, v, mask, scale, causal, softcap)
         else:
-            att = fused_attention(q, k, v, FusedSpec(scale=scale, causal=causal, mask=_keep_mask(mask)))
+            spec = FusedSpec(scale=scale, causal=causal, mask=_keep_mask(mask), softcap=softcap)
+            att = fused_attention(q, k, v, spec)
             out, lse = att.out, att.lse
         if want_rows:
-            self._record_rows(ctx, layer, q, k, lse, mask, scale, causal)
+            self._record_rows(ctx, layer, q, k, lse, mask, scale, causal, softcap)
         if want_z:
             self._record_z(ctx, layer, out)
         if want_compact and ctx.step == 0:
             window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-            self._record_compact(ctx, layer, q, k, lse, scale, causal, window)
+            self._record_compact(ctx, layer, q, k, lse, scale, causal, window, softcap)
         return out.to(v.dtype).transpose(1, 2).contiguous(), None
 
     def _selected(self, sel: Select | None, tower: str, layer: int) -> bool:
         n_layers = self.lm.tower(tower).n_layers
         return sel is not None and sel.tower == tower and layer in sel.layer_ids(n_layers)
 
-    def _attend_with_stats(self, ctx, layer, q, k, v, mask, scale, causal):
+    def _attend_with_stats(self, ctx, layer, q, k, v, mask, scale, causal, softcap):
         spec = self.stats
         keep = _keep_mask(mask)
         alpha_pos = S.alpha_keys(ctx, spec.first_k) if "alpha" in spec.which and ctx.step == 0 else None
         if self.engine == "reference":
-            ref = naive_attention(q, k, v, mask=mask, scale=scale, causal=causal)
+            ref = naive_attention(q, k, v, mask=mask, scale=scale, causal=causal, softcap=softcap)
             per_query = S.from_probs(ref.probs, ctx, spec, causal=causal, alpha_pos=alpha_pos)
             out, lse = ref.out, ref.lse
         else:
-            fspec = S.fused_spec(ctx, spec, n_q=q.shape[2], scale=scale, causal=causal, keep=keep)
+            fspec = S.fused_spec(
+                ctx, spec, n_q=q.shape[2], scale=scale, causal=causal, keep=keep, softcap=softcap
+            )
             att = fused_attention(q, k, v, fspec)
             out, lse, per_query = att.out, att.lse, S.from_attended(att, ctx, fspec)
             if alpha_pos is not None and alpha_pos.shape[1]:
                 per_query.alpha = S.alpha_from_lse(
-                    q, k, lse, keep, scale=scale, causal=causal, ctx=ctx, alpha_pos=alpha_pos
+                    q, k, lse, keep, scale=scale, causal=causal, ctx=ctx, alpha_pos=alpha_pos, softcap=softcap
                 )
         rows = S.reduce(per_query, ctx, spec, layer=layer, causal=causal, alpha_pos=alpha_pos, keep=keep)
         self.record._stat_chunks.append(rows)
         return out, lse
 
-    def _record_rows(self, ctx, layer, q, k, lse, mask, scale, causal):
+    def _record_rows(self, ctx, layer, q, k, lse, mask, scale, causal, softcap):
         sel = self.patterns
         heads = sel.head_ids(q.shape[1])
         k_full = expand_kv(k, q.shape[1])
@@ -272,7 +272,10 @@ class Probe:
             bias = _bias_rows(mask, rows, n_q, n_k, causal, b)  # [q_sel, k]
             valid = ctx.key_valid[b]
             for h in heads:
-                scores = (q[b, h, rows].float() @ k_full[b, h].float().T) * scale + bias
+                scores = (q[b, h, rows].float() @ k_full[b, h].float().T) * scale
+                if softcap is not None:
+                    scores = softcap * torch.tanh(scores / softcap)
+                scores = scores + bias
                 probs = torch.exp(scores - lse[b, h, rows, None].float())[:, valid]
                 self.record.patterns.append(
                     AttentionRows(example, ctx.tower, ctx.step, layer, h, tuple(positions), probs)
@@ -290,7 +293,7 @@ class Probe:
                     HeadOutputs(example, ctx.tower, ctx.step, layer, tuple(heads), tuple(positions), z)
                 )
 
-    def _record_compact(self, ctx, layer, q, k, lse, scale, causal, window):
+    def _record_compact(self, ctx, layer, q, k, lse, scale, causal, window, softcap):
         heads = self.compact.head_ids(q.shape[1])
         group = q.shape[1] // k.shape[1]
         for b, example in enumerate(ctx.examples):
@@ -308,6 +311,7 @@ class Probe:
                     causal,
                     window,
                     group,
+                    softcap,
                 )
             )
 

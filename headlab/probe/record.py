@@ -73,6 +73,7 @@ class CompactAttention:
     causal: bool
     window: int | None
     group: int  # query heads per kv head
+    softcap: float | None = None  # attention logit soft-cap (Gemma 2)
 
     def rows(self, head: int, queries=None) -> torch.Tensor:
         """Attention rows [q, k] of `head` (all queries, or the given positions)."""
@@ -92,6 +93,7 @@ class CompactAttention:
             query_positions=positions,
             causal=self.causal,
             window=self.window,
+            softcap=self.softcap,
         )
 
 

@@ -63,7 +63,14 @@ def _alpha_onehots(ctx: BatchContext, alpha_pos: torch.Tensor) -> torch.Tensor:
 
 
 def fused_spec(
-    ctx: BatchContext, spec: Stats, *, n_q: int, scale: float, causal: bool, keep: torch.Tensor | None
+    ctx: BatchContext,
+    spec: Stats,
+    *,
+    n_q: int,
+    scale: float,
+    causal: bool,
+    keep: torch.Tensor | None,
+    softcap: float | None = None,
 ) -> FusedSpec:
     """The fused attention call that yields this spec's statistics (all but alpha) with the output."""
     key_class = n_classes = None
@@ -81,6 +88,7 @@ def fused_spec(
         scale=scale,
         causal=causal,
         mask=keep,
+        softcap=softcap,
         key_class=key_class,
         n_classes=n_classes or 0,
         entropy="entropy" in spec.which,
@@ -101,14 +109,16 @@ def from_attended(att: Attended, ctx: BatchContext, fspec: FusedSpec) -> PerQuer
 
 
 def alpha_from_lse(
-    q, k, lse, keep, *, scale: float, causal: bool, ctx: BatchContext, alpha_pos
+    q, k, lse, keep, *, scale: float, causal: bool, ctx: BatchContext, alpha_pos, softcap: float | None = None
 ) -> torch.Tensor:
-    """[batch, head, q, a] = A[i, k_a], rebuilt exactly for the few alpha keys as exp(scale q.k_a - lse)."""
+    """[batch, head, q, a] = A[i, k_a], rebuilt exactly for the few alpha keys as exp(s_ia - lse_i)."""
     idx = torch.where(alpha_pos >= 0, _padded(ctx, alpha_pos), 0).to(q.device)  # [batch, a] key indices
     n_q, n_k = q.shape[2], k.shape[2]
     k = expand_kv(k, q.shape[1])
     k_a = k.gather(2, idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))  # [batch, head, a, d]
     scores = torch.matmul(q.float(), k_a.float().transpose(-1, -2)) * scale  # [batch, head, q, a]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     sees = (alpha_pos >= 0).to(q.device)[:, None, None, :]
     if causal:
         sees = sees & (idx[:, None, None, :] <= torch.arange(n_k - n_q, n_k, device=q.device)[:, None])

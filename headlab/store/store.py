@@ -7,7 +7,8 @@ Layout:
         head_stats.parquet   example, condition, tower, step, layer, head, stat, role, value
         residuals.parquet    example, condition, tower, step, layer, position, norm, rms, max_abs, max_dim, median_abs
         z_index.parquet      example, condition, tower, step, layer, position, row -> arrays.zarr/z/<tower>/L<layer>
-        attn_index.parquet   example, condition, tower, layer, start, stop, scale, causal, window, group, heads
+        attn_index.parquet   example, condition, tower, layer, start, stop, scale, causal, window, group, heads,
+                             softcap (NaN: none)
                              -> arrays.zarr/attn/<tower>/L<layer>: [token, head + kv_head, d_head + 1],
                              q | lse then k | 0 (token rows start:stop; see write._pack_qk)
         rows_index.parquet   example, condition, tower, step, layer, head, query, start, length -> rows/values
@@ -320,6 +321,9 @@ class Store:
         q, lse, k = (torch.from_numpy(x) for x in (both[:, 0, :-1], both[:, 0, -1], both[:, 1, :-1]))
         positions = torch.arange(n) if queries is None else torch.tensor([p % n for p in queries])
         window = None if int(row.window) < 0 else int(row.window)
+        softcap = float(
+            getattr(row, "softcap", float("nan"))
+        )  # stores written before soft-cap support lack it
         return rebuild_rows(
             q[positions],
             k,
@@ -328,6 +332,7 @@ class Store:
             query_positions=positions,
             causal=bool(row.causal),
             window=window,
+            softcap=None if np.isnan(softcap) else softcap,
         ).numpy()
 
     def _compact_lookup(self) -> dict[tuple, tuple]:

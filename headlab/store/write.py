@@ -93,6 +93,7 @@ def _write_compact(writer: ShardWriter, rec: Record, ids: dict, condition: str) 
                     -1 if c.window is None else c.window,
                     c.group,
                     list(c.heads),
+                    float("nan") if c.softcap is None else c.softcap,
                 )
             )
             start += n
@@ -113,6 +114,7 @@ def _write_compact(writer: ShardWriter, rec: Record, ids: dict, condition: str) 
                 "window",
                 "group",
                 "heads",
+                "softcap",
             ],
         ),
     )

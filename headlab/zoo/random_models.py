@@ -2,7 +2,7 @@
 
 No hub is reachable where headlab is built and tested, so tests, benchmarks and the offline demo build
 their models here: the real architecture classes (GPT-2, Llama with grouped-query attention, Qwen2, LLaVA =
-CLIP vision tower + Llama, Mistral, ViT, DeiT, DINOv2, CLIP vision) at hidden sizes of 32-64 and 2-4 layers, with a byte-level
+CLIP vision tower + Llama, Mistral, Gemma 2 (soft-capped attention), ViT, DeiT, DINOv2, CLIP vision) at hidden sizes of 32-64 and 2-4 layers, with a byte-level
 BPE tokenizer trained on a small built-in corpus. `build_random(name, path)` writes a directory that
 `headlab.load(path)` (and `from_pretrained(path)`) reads back through the real loading path.
 
@@ -110,6 +110,17 @@ _llama = _decoder(tf.LlamaConfig, tf.LlamaForCausalLM, add_bos=True)
 _qwen2 = _decoder(tf.Qwen2Config, tf.Qwen2ForCausalLM, add_bos=False)
 # Mistral with a sliding window shorter than the test prompts, so the window mask is exercised.
 _mistral = _decoder(tf.MistralConfig, tf.MistralForCausalLM, add_bos=True, sliding_window=6)
+# Gemma 2: attention soft-capping (capped low, 2.0, so it binds on random weights; the real models use 50),
+# alternating sliding-window and full layers.
+_gemma2 = _decoder(
+    tf.Gemma2Config,
+    tf.Gemma2ForCausalLM,
+    add_bos=True,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    sliding_window=6,
+    attn_logit_softcapping=2.0,
+)
 
 
 def _clip_vision_config(*, layers: int = 2, hidden: int = 32, heads: int = 4) -> tf.CLIPVisionConfig:
@@ -197,6 +208,7 @@ RANDOM_BUILDERS: dict[str, Callable[[Path], None]] = {
     "gpt2": _gpt2,
     "llama": _llama,
     "mistral": _mistral,
+    "gemma2": _gemma2,
     "qwen2": _qwen2,
     "llava": _llava,
     "vit": _vit,
