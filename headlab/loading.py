@@ -270,7 +270,8 @@ def load(
     attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Load a supported model from a local directory, a hub id or `zoo:NAME` (a shipped zoo model), in eval
-    mode, with its processor.
+    mode, with its processor. `attn_implementation` is the model's own attention outside headlab's blocks
+    (None: the architecture's usual one, SDPA; eager for Gemma 2, whose soft-cap SDPA cannot express).
 
     Raises ModelLoadError for a missing path or a hub id that cannot be fetched, UnsupportedModelError for
     an architecture headlab does not know (the message lists the supported ones).
