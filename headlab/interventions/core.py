@@ -37,7 +37,7 @@ from headlab.kernels.fused import fused_attention
 from headlab.kernels.reference import expand_kv, naive_attention
 from headlab.kernels.spec import FusedSpec
 from headlab.loading import LoadedModel
-from headlab.probe.attention import switched_to_headlab
+from headlab.probe.attention import keep_mask, switched_to_headlab
 from headlab.probe.capture import Probe
 from headlab.probe.context import BatchContext
 from headlab.probe.record import Record
@@ -84,8 +84,12 @@ class AttentionCall:
         return att.out.float(), att.lse
 
     def spec(self, **stats) -> FusedSpec:
-        """This call's scores and masks as a FusedSpec, with the statistics `stats` asked for."""
-        return FusedSpec(scale=self.scale, causal=self.causal, mask=self.mask, softcap=self.softcap, **stats)
+        """This call's scores and masks as a FusedSpec, with the statistics `stats` asked for (the sliding
+        window is in the mask already; naming it lets a kernel skip the key blocks outside it)."""
+        window = self.kwargs.get("sliding_window", getattr(self.module, "sliding_window", None))
+        return FusedSpec(
+            scale=self.scale, causal=self.causal, mask=self.mask, softcap=self.softcap, window=window, **stats
+        )
 
     def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Explicit scores [..., q, k] of some queries and keys as this call forms them (scale, soft-cap)."""
@@ -299,7 +303,7 @@ class Runner:
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         ctx = self.contexts.context(tower, q.shape[0], k.shape[2]).fit_keys(k.shape[2])
-        keep = mask if mask is None or mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        keep = keep_mask(mask)
         call = AttentionCall(
             module, tower, layer, q, k, v, keep, scale, causal, ctx, kwargs, kwargs.get("softcap")
         )

@@ -20,6 +20,7 @@ interpreter).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ def fused_attention(
     if name == "triton":
         from headlab.kernels.triton_attention import triton_attention  # triton is imported only when used
 
-        return triton_attention(q, k, v, spec)
+        return triton_attention(q, k, v, structured_mask(spec, q.shape[2], k.shape[2]))
     if name == "flex":
         from headlab.kernels.flex import flex_fused  # imports torch's flex module only when used
 
@@ -109,6 +110,25 @@ def keep_rows(spec: FusedSpec, rows: torch.Tensor, n_q: int, n_k: int, device) -
             m = m[..., -n_q:, :][..., rows.to(device), :]
         keep = both(keep, m)
     return keep
+
+
+def structured_mask(spec: FusedSpec, n_q: int, n_k: int) -> FusedSpec:
+    """`spec` with its dense mask replaced by per-key validity when the mask is exactly causal & window (as
+    the spec says) & "key seen by some query" (what transformers builds for a padded batch), so a kernel
+    reads [batch, k] instead of [batch, q, k]; `spec` unchanged otherwise (checked exactly, once per call
+    rather than once per head)."""
+    m = spec.mask
+    if m is None or not spec.causal or spec.segments is not None or spec.key_valid is not None:
+        return spec
+    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+    if m.shape[1] != 1 or m.shape[2] == 1 or m.shape[3] != n_k:
+        return spec
+    m = m[..., -n_q:, :]
+    valid = m.any(-2)[:, 0]  # [batch, k]
+    plain = FusedSpec(scale=spec.scale, causal=True, window=spec.window, key_valid=valid)
+    if not torch.equal(keep_rows(plain, torch.arange(n_q), n_q, n_k, m.device).expand_as(m), m):
+        return spec
+    return replace(spec, mask=None, key_valid=valid)
 
 
 def _bias_rows(spec: FusedSpec, rows: torch.Tensor, n_q: int, device) -> torch.Tensor | None:

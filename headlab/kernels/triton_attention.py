@@ -17,12 +17,17 @@ Accumulated besides sum_j p_ij v_j (every one divided by l at the end):
 Score side, in this order: s = scale * q.k; soft-cap c * tanh(s / c); + dense bias; then masked to -inf
 where the key is out of range, not kept by the dense boolean mask, not valid (padding), outside the sliding
 window, or not causal (query row i sits at key position n_k - n_q + i, bottom-right) unless query and key
-lie in two different segments (> 0): PINE's inter-document bidirectional mask. Products: bf16/fp16 operands with fp32 accumulation on CUDA (as flash attention); fp32
-inputs in IEEE fp32 (no TF32). The interpreter (CPU) upcasts every product to fp32, because its bf16 tl.dot
-is wrong (triton 3.9); loads, stores and the bf16 rounding of the output are still exercised there.
+lie in two different segments (> 0): PINE's inter-document bidirectional mask. A dense mask that is exactly
+causal & padding (& window), as transformers builds for a padded batch, is turned into per-key validity
+first (`structured_mask`), so the kernel never reads [q, k] booleans per head.
 
-Output side: an optional
-per-head scale (VHR) multiplies the output (not the class outputs, which are the pre-edit decomposition).
+Output side: an optional per-head (or per example and head) scale multiplies the output (VHR, HeadScale;
+not the class outputs, which are the pre-edit decomposition).
+
+Products: bf16/fp16 operands with fp32 accumulation on CUDA (as flash attention); fp32 products (fp32
+inputs, and the class masses: p times exact one-hots) as "tf32x3" on NVIDIA, three TF32 tensor-core
+products with fp32 accuracy (IEEE fp32 elsewhere). The interpreter (CPU) upcasts every product to fp32,
+because its bf16 tl.dot is wrong (triton 3.9); loads, stores and bf16 output rounding are still exercised.
 
 A row that sees no key returns zeros, lse = -inf and entropy 0, as the reference does.
 """
@@ -68,7 +73,7 @@ if triton is not None:
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr,
         HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_CLASSES: tl.constexpr, N_CLASSES: tl.constexpr, CLASS_OUT: tl.constexpr, ENTROPY: tl.constexpr, DIST_DIMS: tl.constexpr,
-        HAS_KW: tl.constexpr, HAS_HEAD_SCALE: tl.constexpr, DOT_F32: tl.constexpr,
+        HAS_KW: tl.constexpr, HAS_HEAD_SCALE: tl.constexpr, DOT_F32: tl.constexpr, F32_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):  # fmt: skip
         start_m = tl.program_id(0)
@@ -133,7 +138,7 @@ if triton is not None:
             )
             if DOT_F32:
                 k = k.to(tl.float32)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+                s = tl.dot(q, tl.trans(k), input_precision=F32_DOT) * scale
             else:
                 s = tl.dot(q, tl.trans(k)) * scale
             if HAS_SOFTCAP:
@@ -179,7 +184,7 @@ if triton is not None:
             )
             if DOT_F32:
                 v = v.to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=F32_DOT)
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             if ENTROPY:
@@ -197,11 +202,11 @@ if triton is not None:
                     )
                     cmass = cmass * alpha[:, None] + tl.reshape(tl.sum(pc, 1), [BLOCK_M, N_CLASSES])
                     if DOT_F32:
-                        cacc = cacc * a_rep[:, None] + tl.dot(pc, v, input_precision="ieee")
+                        cacc = cacc * a_rep[:, None] + tl.dot(pc, v, input_precision=F32_DOT)
                     else:
                         cacc = cacc * a_rep[:, None] + tl.dot(pc.to(v.dtype), v)
                 else:  # N_CLASSES >= 16 here (tl.dot's smallest width)
-                    cmass = cmass * alpha[:, None] + tl.dot(p, onehot, input_precision="ieee")
+                    cmass = cmass * alpha[:, None] + tl.dot(p, onehot, input_precision=F32_DOT)
             if DIST_DIMS > 0:
                 kp0 = tl.load(KPos + (b * n_k + offs_n) * DIST_DIMS, mask=key_ok, other=0.0)
                 f = qp0[:, None] - kp0[None, :]
@@ -368,6 +373,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Fu
         HAS_SOFTCAP=spec.softcap is not None, HAS_CLASSES=bool(n_classes), N_CLASSES=c_pad,
         CLASS_OUT=spec.class_outputs, ENTROPY=spec.entropy, DIST_DIMS=0 if dist is None else dist.dims,
         HAS_KW=k_w is not None, HAS_HEAD_SCALE=head_scale is not None, DOT_F32=q.dtype == torch.float32 or device.type != "cuda",
+        F32_DOT="tf32x3" if device.type == "cuda" and torch.version.hip is None else "ieee",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(d_qk, 16), BLOCK_DV=_pow2(d_v, 16),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -4,7 +4,8 @@
 on exit (also when an exception escapes); nothing is patched at import. Masks are built as for SDPA. The
 function hands each call to the intervention runner tagged on the module (`module._headlab_runner`, see
 headlab.interventions) or else to the `Probe` (`module._headlab_probe`), which computes the output (and
-whatever it records); a module with neither falls back to plain SDPA, unchanged.
+whatever it records); a module with neither falls back to plain SDPA, unchanged (soft-capped
+attention, which SDPA cannot express: headlab's fused attention).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from torch import nn
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+from headlab.kernels.fused import fused_attention
+from headlab.kernels.spec import FusedSpec
 
 ATTENTION_NAME = "headlab"
 
@@ -40,6 +44,36 @@ def headlab_attention(
         )
     probe = getattr(module, "_headlab_probe", None)
     if probe is None:
+        return plain_attention(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=scaling,
+            is_causal=is_causal,
+            dropout=dropout,
+            **kwargs,
+        )
+    return probe.attend(
+        module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+
+
+def keep_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A boolean view (True = may attend) of a transformers attention mask (boolean or additive)."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def plain_attention(
+    module, query, key, value, attention_mask, *, scaling=None, is_causal=None, dropout=0.0, **kwargs
+):
+    """The model's attention, unobserved: transformers' SDPA function, or, for soft-capped scores (which
+    SDPA cannot express), headlab's fused attention."""
+    softcap = kwargs.get("softcap")
+    if softcap is None:
         return sdpa_attention_forward(
             module,
             query,
@@ -51,9 +85,11 @@ def headlab_attention(
             is_causal=is_causal,
             **kwargs,
         )
-    return probe.attend(
-        module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal, **kwargs
-    )
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    spec = FusedSpec(scale=scale, causal=causal, mask=keep_mask(attention_mask), softcap=softcap)
+    out = fused_attention(query, key, value, spec).out
+    return out.to(value.dtype).transpose(1, 2).contiguous(), None
 
 
 def register() -> None:

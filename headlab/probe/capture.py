@@ -17,7 +17,6 @@ from contextlib import ExitStack, contextmanager
 import numpy as np
 import torch
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from headlab.errors import InputError, SelectionError
 from headlab.kernels.fused import fused_attention
@@ -25,25 +24,18 @@ from headlab.kernels.reference import expand_kv, naive_attention
 from headlab.kernels.spec import FusedSpec
 from headlab.loading import Family, LoadedModel
 from headlab.probe import stats as S
-from headlab.probe.attention import switched_to_headlab
+from headlab.probe.attention import keep_mask, plain_attention, switched_to_headlab
 from headlab.probe.context import BatchContext, text_context
 from headlab.probe.record import AttentionRows, CompactAttention, HeadOutputs, Record, ResidualRatios
 from headlab.probe.roles import TokenRoles, grid_roles, text_roles
 from headlab.probe.select import Select, Stats
 
 
-def _keep_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """A boolean view (True = may attend) of an HF attention mask."""
-    if mask is None or mask.dtype == torch.bool:
-        return mask
-    return mask > torch.finfo(mask.dtype).min / 2
-
-
 def _bias_rows(mask, rows: torch.Tensor, n_q: int, n_k: int, causal: bool, batch_index: int) -> torch.Tensor:
     """Additive float32 bias [len(rows), n_k] for query rows `rows` (indices within the call) of one example;
     only these rows are built (never the [q, k] mask)."""
     bias = torch.zeros(len(rows), n_k)
-    keep = _keep_mask(mask)
+    keep = keep_mask(mask)
     if keep is not None:
         m = keep[batch_index if keep.shape[0] > 1 else 0, 0]  # [q or 1, k]
         m = m[-n_q:][rows] if m.shape[0] != 1 else m.expand(len(rows), n_k)
@@ -208,6 +200,7 @@ class Probe:
     def attend(self, module, q, k, v, mask, *, scaling=None, is_causal=None, **kwargs):
         tower, layer = module._headlab_site
         softcap = kwargs.get("softcap")
+        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))  # also in the mask
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         batch, n_k = q.shape[0], k.shape[2]
@@ -216,12 +209,12 @@ class Probe:
         want_z = self._selected(self.head_outputs, tower, layer)
         want_compact = self._selected(self.compact, tower, layer)
         if not (want_stats or want_rows or want_z or want_compact):
-            return sdpa_attention_forward(module, q, k, v, mask, scaling=scale, is_causal=is_causal, **kwargs)
+            return plain_attention(module, q, k, v, mask, scaling=scale, is_causal=is_causal, **kwargs)
         ctx = self.context(tower, batch, n_k).fit_keys(n_k)
         if want_stats:
-            out, lse = self._attend_with_stats(ctx, layer, q, k, v, mask, scale, causal, softcap)
+            out, lse = self._attend_with_stats(ctx, layer, q, k, v, mask, scale, causal, softcap, window)
         else:
-            spec = FusedSpec(scale=scale, causal=causal, mask=_keep_mask(mask), softcap=softcap)
+            spec = FusedSpec(scale=scale, causal=causal, mask=keep_mask(mask), softcap=softcap, window=window)
             att = fused_attention(q, k, v, spec)
             out, lse = att.out, att.lse
         if want_rows:
@@ -229,7 +222,6 @@ class Probe:
         if want_z:
             self._record_z(ctx, layer, out)
         if want_compact and ctx.step == 0:
-            window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
             self._record_compact(ctx, layer, q, k, lse, scale, causal, window, softcap)
         return out.to(v.dtype).transpose(1, 2).contiguous(), None
 
@@ -237,9 +229,9 @@ class Probe:
         n_layers = self.lm.tower(tower).n_layers
         return sel is not None and sel.tower == tower and layer in sel.layer_ids(n_layers)
 
-    def _attend_with_stats(self, ctx, layer, q, k, v, mask, scale, causal, softcap):
+    def _attend_with_stats(self, ctx, layer, q, k, v, mask, scale, causal, softcap, window):
         spec = self.stats
-        keep = _keep_mask(mask)
+        keep = keep_mask(mask)
         alpha_pos = S.alpha_keys(ctx, spec.first_k) if "alpha" in spec.which and ctx.step == 0 else None
         if self.engine == "reference":
             ref = naive_attention(q, k, v, mask=mask, scale=scale, causal=causal, softcap=softcap)
@@ -247,7 +239,14 @@ class Probe:
             out, lse = ref.out, ref.lse
         else:
             fspec = S.fused_spec(
-                ctx, spec, n_q=q.shape[2], scale=scale, causal=causal, keep=keep, softcap=softcap
+                ctx,
+                spec,
+                n_q=q.shape[2],
+                scale=scale,
+                causal=causal,
+                keep=keep,
+                softcap=softcap,
+                window=window,
             )
             att = fused_attention(q, k, v, fspec)
             out, lse, per_query = att.out, att.lse, S.from_attended(att, ctx, fspec)

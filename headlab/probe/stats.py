@@ -71,6 +71,7 @@ def fused_spec(
     causal: bool,
     keep: torch.Tensor | None,
     softcap: float | None = None,
+    window: int | None = None,
 ) -> FusedSpec:
     """The fused attention call that yields this spec's statistics (all but alpha) with the output."""
     key_class = n_classes = None
@@ -89,6 +90,7 @@ def fused_spec(
         causal=causal,
         mask=keep,
         softcap=softcap,
+        window=window,
         key_class=key_class,
         n_classes=n_classes or 0,
         entropy="entropy" in spec.which,
