@@ -261,16 +261,17 @@ def test_cli_act_search(tmp_path):
 @torch.no_grad()
 def test_soft_capped_attention_gemma2_fused_equals_reference(tiny):
     """Gemma 2 (soft-capped scores): ACT's detection takes the tiled path (the transposed column sums need
-    scores linear in q), its edit and a head scale equal the explicit reference engine."""
+    scores linear in q), its edit and a head scale equal the explicit reference engine; an untouched layer
+    runs as plain soft-capped attention."""
     from conftest import assert_close_at_real_tokens, inputs_for
 
     lm = tiny("gemma2")
     inputs = inputs_for(lm, padding_side="left")
     base = lm.model(**inputs).logits
-    plan = (
-        ACT(heads=[(0, h) for h in range(4)] + [(1, 1)], layers=[0, 1], tau=0.05),
-        hl.HeadScale(((1, 2),), 2.0),
-    )
+    plan = (ACT(heads=[(1, h) for h in range(4)], layers=[1], tau=0.05), hl.HeadScale(((1, 2),), 2.0))
+    # layer 0 is touched by neither: it runs as plain soft-capped attention (SDPA cannot soft-cap)
+    with intervene(lm, hl.HeadScale(((1, 2),), 1.0)):  # a no-op on layer 1: transformers' eager result
+        assert_close_at_real_tokens(lm.model(**inputs).logits, base, inputs)
     out = {}
     for engine in ("fused", "reference"):
         with intervene(lm, *plan, engine=engine) as runner:

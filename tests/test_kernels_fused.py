@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from headlab.errors import InputError
-from headlab.kernels.fused import fused_attention, pick_backend, sdpa_takes
+from headlab.kernels.fused import fused_attention, keep_rows, pick_backend, sdpa_takes, structured_mask
 from headlab.kernels.spec import Distance, FusedSpec
 from headlab.kernels.triton_attention import INTERPRETED
 
@@ -187,3 +187,33 @@ def test_triton_on_cuda_matches_reference(case, dtype):
 def test_triton_on_cuda_decode_and_long_rows():
     got, ref = _run("padded_stats", (2, 32, 8, 1, 4096, 128, 128), torch.bfloat16, "triton", "cuda")
     _check(got, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_padding_masks_become_key_validity_and_others_stay_dense(window):
+    """transformers' padded-batch mask (causal & padding, & window) turns into key_valid before the Triton
+    kernel, with the same result; any other dense mask is left alone."""
+    b, h, n = 2, 4, 29
+    (q, k, v), g = _inputs(b, h, 2, n, n, 16, 16, torch.float32)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, :6] = False  # left padding
+    hf_like = keep_rows(
+        FusedSpec(scale=0.25, causal=True, window=window, key_valid=valid), torch.arange(n), n, n, "cpu"
+    )
+    spec = FusedSpec(
+        scale=0.25,
+        causal=True,
+        window=window,
+        mask=hf_like,
+        key_class=torch.zeros(b, 1, n, dtype=torch.long),
+        n_classes=1,
+    )
+    simple = structured_mask(spec, n, n)
+    assert simple.mask is None and torch.equal(simple.key_valid, valid)
+    other = hf_like & (torch.rand(b, 1, n, n, generator=g) > 0.2)
+    assert structured_mask(FusedSpec(scale=0.25, causal=True, mask=other), n, n).mask is other
+    assert structured_mask(FusedSpec(scale=0.25, causal=False, mask=hf_like), n, n).mask is hf_like
+    ref = fused_attention(q, k, v, spec, backend="reference")
+    _check(fused_attention(q, k, v, simple, backend="reference"), ref, torch.float32)
+    if INTERPRETED:
+        _check(fused_attention(q, k, v, spec, backend="triton"), ref, torch.float32)
