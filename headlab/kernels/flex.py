@@ -24,8 +24,9 @@ Precision and devices: with statistics the flex call runs in float32 (the augmen
 positions); without, in the inputs' dtype. `Attended.out` is float32 either way, like the other torch
 backends. On CUDA `flex_attention` is compiled once (module-level cached `torch.compile`); elsewhere it runs
 eagerly, which materialises the scores (fine for tests and small inputs): compiled flex on the CPU in torch
-2.13 refuses to return the logsumexp. The BlockMask is built eagerly by `create_block_mask`, which
-evaluates the mask_mod densely ([batch|1, head|1, q, k] booleans, once per call).
+2.13 refuses to return the logsumexp. The BlockMask is built by `create_block_mask`, compiled on CUDA
+(block by block) and eager elsewhere (it then evaluates the mask_mod densely: [batch|1, head|1, q, k]
+booleans, once per call).
 """
 
 from __future__ import annotations
@@ -114,8 +115,15 @@ def _block_mask(spec: FusedSpec, b: int, h: int, n_q: int, n_k: int, device) -> 
     mask_mod = _mask_mod(spec, dense, n_q, n_k, device)
     if mask_mod is None:
         return None
+    compiled = torch.device(device).type == "cuda"  # compiled: no dense [q, k] evaluation of the mask_mod
     return create_block_mask(
-        mask_mod, b if per_batch else None, h if per_head else None, n_q, n_k, device=device
+        mask_mod,
+        b if per_batch else None,
+        h if per_head else None,
+        n_q,
+        n_k,
+        device=device,
+        _compile=compiled,
     )
 
 
