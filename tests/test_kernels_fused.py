@@ -217,3 +217,28 @@ def test_padding_masks_become_key_validity_and_others_stay_dense(window):
     _check(fused_attention(q, k, v, simple, backend="reference"), ref, torch.float32)
     if INTERPRETED:
         _check(fused_attention(q, k, v, spec, backend="triton"), ref, torch.float32)
+
+
+def test_gpu_benchmark_script_runs_its_quick_check():
+    """benchmarks/fused_attention.py --quick (tiny shapes, the interpreter): every configuration it times
+    on the GPU runs here and matches the reference."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "fused_attention.py"
+    configs = ["sdpa_flash", "hl_stats", "hl_patch", "hl_groups", "flex_patch"]
+    args = [
+        sys.executable,
+        str(script),
+        "--quick",
+        "--sizes",
+        "64",
+        "--variants",
+        "gqa",
+        "--configs",
+        *configs,
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "every configuration ran and matched the reference" in done.stdout
