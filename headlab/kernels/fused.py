@@ -7,12 +7,13 @@ Backends:
 - "flex": torch FlexAttention (`kernels.flex`): masks as a BlockMask, soft-cap and bias as a score_mod,
   statistics as augmented values; compiled on CUDA, eager (explicit scores) elsewhere.
 - "sdpa": the augmented-value path (`kernels.columns` + `kernels.augmented`): statistics as extra value
-  columns of one fused SDPA call (the CPU's flash kernel). Cannot soft-cap, cannot do 2-D distances (not linear in the row), and
-  its entropy trick needs plain scores; such specs go to "tiled".
+  columns of one fused SDPA call (the CPU's flash kernel). Cannot soft-cap, cannot do 2-D distances (not
+  linear in the row), and its entropy trick needs plain scores; such specs go to "tiled".
 - "tiled": exact torch over query tiles, O(tile * k) memory; takes every spec.
 - "reference": the naive oracle with the full [q, k] pattern (the same code as "tiled", one tile).
 
-"auto": CUDA -> triton (flex where Triton is missing); CPU -> sdpa (tiled where sdpa cannot). The
+"auto": CUDA -> triton (flex where Triton is missing); CPU -> sdpa (tiled where sdpa cannot). Before the
+GPU backends, a dense mask that is exactly causal & padding becomes per-key validity (`structured_mask`). The
 environment variable HEADLAB_ATTENTION=<backend> forces one (e.g. to run the Triton path under the
 interpreter).
 """
@@ -68,7 +69,7 @@ def fused_attention(
     if name == "flex":
         from headlab.kernels.flex import flex_fused  # imports torch's flex module only when used
 
-        return flex_fused(q, k, v, spec)
+        return flex_fused(q, k, v, structured_mask(spec, q.shape[2], k.shape[2]))
     if name == "sdpa":
         if not sdpa_takes(spec):
             raise InputError(
