@@ -14,8 +14,9 @@ Both paths produce the same `PerQuery` tensors, so the fast path is tested again
 
 How each backend computes them (Triton natively in its loop; SDPA on the CPU as augmented value columns;
 2-D distances on the CPU in query tiles) is the kernels package's business (`kernels/fused.py`).
-Precision: statistics are accumulated in float32. On the SDPA path the 1-D RMS comes from E[j] and E[j^2],
-with an absolute error of about 1e-7 * n^2 in squared-position units (Triton accumulates (i - j)^2 itself).
+Precision: statistics are accumulated in float32. On the SDPA path the 1-D RMS comes from first and second
+moments of key positions (centred on the mean query position), with an absolute error of up to about
+1e-7 * n^2 in squared-position units; Triton accumulates (i - j)^2 itself.
 """
 
 from __future__ import annotations
