@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -424,8 +425,9 @@ def act_search(
     console.print(f"wrote {len(result.table)} heads to {out}")
 
 
+@contextmanager
 def _report_progress(unit: str):
-    """A reports-style progress callback (description, total) -> tick, and the bars it opened."""
+    """A reports-style progress callback (description, total) -> tick; its bars close on exit."""
     from tqdm import tqdm
 
     bars = []
@@ -441,7 +443,11 @@ def _report_progress(unit: str):
 
         return tick
 
-    return progress, bars
+    try:
+        yield progress
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def _answered(run, out: Path) -> None:
@@ -480,8 +486,7 @@ def report_pope(
     """POPE accuracy / precision / recall / F1 / yes-ratio per split and intervention, resumable."""
     from headlab.reports.pope import parse_conditions, pope_report
 
-    progress, bars = _report_progress("question")
-    try:
+    with _report_progress("question") as progress:
         result = pope_report(
             out,
             model=model,
@@ -494,9 +499,6 @@ def report_pope(
             vhd_images=vhd_images,
             progress=progress,
         )
-    finally:
-        for bar in bars:
-            bar.close()
     run = result.run
     _answered(run, out)
     for name, split in result.report["splits"].items():
@@ -529,8 +531,7 @@ def report_mme(
     from headlab.reports.lvlm import mme_report
     from headlab.reports.pope import parse_conditions
 
-    progress, bars = _report_progress("question")
-    try:
+    with _report_progress("question") as progress:
         result = mme_report(
             out,
             model=model,
@@ -542,9 +543,6 @@ def report_mme(
             var_tau=var_tau,
             progress=progress,
         )
-    finally:
-        for bar in bars:
-            bar.close()
     run = result.run
     _answered(run, out)
     for name, sub in result.report["subtasks"].items():
@@ -571,12 +569,8 @@ def report_sinks(
     """Attention sinks: per-head alpha_0, Sink metric, hidden sinks, massive activations; resumable."""
     from headlab.reports.lm import sinks_report
 
-    progress, bars = _report_progress("ex")
-    try:
+    with _report_progress("ex") as progress:
         result = sinks_report(out, model=model, data=data, n=n, batch_size=batch_size, progress=progress)
-    finally:
-        for bar in bars:
-            bar.close()
     run, rep = result.run, result.report
     m = rep["sink_metric"]
     console.print(f"{run.done} captured, {run.skipped} already in {out / 'store'}, {len(run.failed)} failed")
@@ -604,12 +598,8 @@ def report_position_bias(
     """Position bias plain vs PINE: lost-in-the-middle curve and pairwise-judge flip rate; cached."""
     from headlab.reports.lm import position_report
 
-    progress, bars = _report_progress("part")
-    try:
+    with _report_progress("part") as progress:
         result = position_report(out, model=model, n=n, k=k, seed=seed, progress=progress)
-    finally:
-        for bar in bars:
-            bar.close()
     rep = result.report
     console.print(f"{result.run.computed} parts computed, {result.run.cached} from the cache")
     if rep["pine_unavailable"]:
@@ -646,8 +636,7 @@ def report_amber(
     from headlab.reports.lvlm import amber_report
     from headlab.reports.pope import parse_conditions
 
-    progress, bars = _report_progress("question")
-    try:
+    with _report_progress("question") as progress:
         result = amber_report(
             out,
             model=model,
@@ -660,9 +649,6 @@ def report_amber(
             var_tau=var_tau,
             progress=progress,
         )
-    finally:
-        for bar in bars:
-            bar.close()
     run = result.run
     _answered(run, out)
     for c, m in result.report["metrics"].items():
@@ -698,8 +684,7 @@ def report_chair(
     from headlab.reports.chair import chair_report
     from headlab.reports.pope import parse_conditions
 
-    progress, bars = _report_progress("question")
-    try:
+    with _report_progress("question") as progress:
         result = chair_report(
             out,
             model=model,
@@ -711,9 +696,6 @@ def report_chair(
             var_tau=var_tau,
             progress=progress,
         )
-    finally:
-        for bar in bars:
-            bar.close()
     run = result.run
     _answered(run, out)
     for c, m in result.report["metrics"].items():
