@@ -78,8 +78,8 @@ if triton is not None:
     ):  # fmt: skip
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // n_heads
-        h = bh % n_heads
+        b = (bh // n_heads).to(tl.int64)  # 64-bit offsets: batch x head x n x d can pass 2^31 elements
+        h = (bh % n_heads).to(tl.int64)
         kv_h = h // group  # GQA: query head h reads kv head h // (head / kv_head)
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows of this block
         offs_d = tl.arange(0, BLOCK_D)
@@ -145,7 +145,11 @@ if triton is not None:
                 s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # c * tanh(s / c)
             if HAS_BIAS:
                 s += tl.load(
-                    Bias + b * sbias_b + h * sbias_h + offs_m[:, None] * sbias_m + offs_n[None, :],
+                    Bias
+                    + b * sbias_b
+                    + h * sbias_h
+                    + offs_m[:, None].to(tl.int64) * sbias_m
+                    + offs_n[None, :],
                     mask=row_ok[:, None] & key_ok[None, :],
                     other=0.0,
                 ).to(tl.float32)
@@ -164,7 +168,11 @@ if triton is not None:
             if HAS_MASK:
                 keep &= (
                     tl.load(
-                        Mask + b * smask_b + h * smask_h + offs_m[:, None] * smask_m + offs_n[None, :],
+                        Mask
+                        + b * smask_b
+                        + h * smask_h
+                        + offs_m[:, None].to(tl.int64) * smask_m
+                        + offs_n[None, :],
                         mask=row_ok[:, None] & key_ok[None, :],
                         other=0,
                     )
