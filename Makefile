@@ -7,7 +7,7 @@ PIP = $(PY) -m pip install --disable-pip-version-check -q $(if $(CONSTRAINTS),-c
 # CPU-only machines pin torch to the local 2.13.0 CPU wheel; GPU users: `make install CONSTRAINTS=`.
 CONSTRAINTS ?= constraints/cpu.txt
 
-.PHONY: demo test install install-dev browser-deps lint format bench clean
+.PHONY: demo test install install-dev browser-deps lint format bench bench-gpu clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "headlab needs $(PYTHON) on PATH (or run: make PYTHON=python3 ...)"; exit 1; }
@@ -46,6 +46,11 @@ format: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/capture_memory.py && $(PY) benchmarks/store_io.py
+
+# on a CUDA machine with CUDA torch installed (make install CONSTRAINTS=): the Triton kernel's GPU tests,
+# then its benchmark against SDPA flash and FlexAttention (writes benchmarks/results/fused_attention.*)
+bench-gpu: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -m gpu tests/test_kernels_fused.py && $(PY) benchmarks/fused_attention.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
