@@ -79,6 +79,20 @@ def logits_of(lm: hl.LoadedModel, inputs) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+TRITON_ON_CPU_SKIP = (
+    "the Triton kernel runs on CPU tensors only under the interpreter, which conftest turns on when the "
+    "machine has no CUDA device; on a CUDA machine the `gpu` tests in test_kernels_fused.py cover it"
+)
+
+
+def skip_unless_triton_runs_on_cpu() -> None:
+    """Skip a test that drives the Triton kernel with CPU tensors when the interpreter is off."""
+    from headlab.kernels.triton_attention import available
+
+    if not available(torch.device("cpu")):
+        pytest.skip(TRITON_ON_CPU_SKIP)
+
+
 def assert_close_at_real_tokens(got: torch.Tensor, want: torch.Tensor, inputs, tol: float = 1e-5) -> None:
     """Float32 closeness at real tokens. Padding rows see no key: transformers' eager attention (Gemma 2's
     default) fills them with a uniform row, SDPA-style masks with zeros; neither reaches a real token."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import skip_unless_triton_runs_on_cpu
 
 import headlab as hl
 from headlab.datasets import scenes
@@ -75,10 +76,8 @@ def test_grouped_edit_hand_computed():
     "share,backend", [(0.0, "auto"), (1.0, "auto"), (0.0, "triton"), (1.0, "triton")]
 )
 def test_grouped_edits_compose_and_equal_the_explicit_reference(n_kv, share, backend, monkeypatch):
-    from headlab.kernels.triton_attention import available
-
-    if backend == "triton" and not available(torch.device("cpu")):
-        pytest.skip("TRITON_INTERPRET=1 was not set before import")
+    if backend == "triton":
+        skip_unless_triton_runs_on_cpu()
     monkeypatch.setenv("HEADLAB_ATTENTION", backend)
     monkeypatch.setattr("headlab.interventions.core._EXPLICIT_SHARE", share)
     g = torch.Generator().manual_seed(0)
@@ -353,10 +352,7 @@ def test_var_fused_equals_reference_on_the_zoo_llava_and_in_generate(zoo_llava, 
 @torch.no_grad()
 def test_var_through_the_triton_kernel_equals_reference(zoo_llava, monkeypatch):
     """The whole model with VAR's edits served by the Triton kernel (the interpreter on the CPU)."""
-    from headlab.kernels.triton_attention import available
-
-    if not available(torch.device("cpu")):
-        pytest.skip("TRITON_INTERPRET=1 was not set before import")
+    skip_unless_triton_runs_on_cpu()
     monkeypatch.setattr("headlab.interventions.core._EXPLICIT_SHARE", 0.0)  # the atom-class kernel path
     inputs = _scene_inputs(zoo_llava)
     out = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TRITON_ON_CPU_SKIP
 
 from headlab.errors import InputError
 from headlab.kernels.fused import fused_attention, keep_rows, pick_backend, sdpa_takes, structured_mask
@@ -106,7 +107,7 @@ def _run(case, shape, dtype, backend, device="cpu"):
     return fused_attention(q, k, v, spec, backend=backend), ref
 
 
-needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="TRITON_INTERPRET=1 not set at import")
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason=TRITON_ON_CPU_SKIP)
 
 
 @needs_interpreter

@@ -8,7 +8,15 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import ALL_ARCHS, LLMS, assert_close_at_real_tokens, eager_attentions, inputs_for, logits_of
+from conftest import (
+    ALL_ARCHS,
+    LLMS,
+    assert_close_at_real_tokens,
+    eager_attentions,
+    inputs_for,
+    logits_of,
+    skip_unless_triton_runs_on_cpu,
+)
 
 import headlab as hl
 from headlab.probe import stats as S
@@ -54,11 +62,7 @@ def test_fused_stats_equal_reference(tiny, name, padding_side, backend, monkeypa
     """Through the CPU default and through the Triton kernel (the interpreter; sliding window, 2-D grid,
     image roles): same statistics and outputs as the explicit reference."""
     if backend == "triton":
-        pytest.importorskip("triton")
-        from headlab.kernels.triton_attention import available
-
-        if not available(torch.device("cpu")):
-            pytest.skip("TRITON_INTERPRET=1 was not set before import")
+        skip_unless_triton_runs_on_cpu()
         monkeypatch.setenv("HEADLAB_ATTENTION", "triton")
     lm = tiny(name)
     inputs = inputs_for(lm, padding_side=padding_side)
