@@ -14,6 +14,7 @@ import transformers as tf
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import headlab as hl
+from headlab.compat import cache_of, with_cache
 from headlab.datasets import synthetic
 from headlab.interventions import intervene
 from headlab.interventions.pine import (
@@ -262,13 +263,13 @@ def test_clear_errors_for_bad_input(zoo_lm):
             zoo_lm.model(**inputs)
         with pytest.raises(hl.InputError, match="needs segments"), intervene(zoo_lm, PINE()):
             zoo_lm.model(**inputs)
-        cache = zoo_lm.model(input_ids=inputs["input_ids"][:, :3], use_cache=True).past_key_values
+        cache = cache_of(zoo_lm.model(input_ids=inputs["input_ids"][:, :3], use_cache=True))
         # a cache made outside the block is refused with a clear message
         with (
             pytest.raises(hl.InputError, match="built outside the headlab block"),
             intervene(zoo_lm, PINE(spans=((2, 5), (5, 9)))),
         ):
-            zoo_lm.model(input_ids=inputs["input_ids"][:, 3:], past_key_values=cache)
+            zoo_lm.model(input_ids=inputs["input_ids"][:, 3:], **with_cache(cache))
     gpt2 = hl.describe(tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)))
     with (
         pytest.raises(hl.UnsupportedModelError, match="no rotary embedding"),

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from headlab.compat import past_length
 from headlab.errors import InputError, SelectionError
 from headlab.interventions.core import AttentionCall, Intervention, Patch, Runner
 from headlab.loading import Family, LoadedModel
@@ -103,8 +104,7 @@ class VHRPatch(Patch):
         return tower == "lm" and layer in self.layers
 
     def on_pass(self, runner: Runner, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        if past_length(kwargs) > 0:
             return  # decode step: the selection stays frozen
         ids = kwargs.get("input_ids")
         extra = {k: v for k, v in kwargs.items() if k in _IMAGE_INPUTS and v is not None}

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from headlab.compat import past_length
 from headlab.errors import InputError, SelectionError
 from headlab.kernels.fused import fused_attention
 from headlab.kernels.reference import expand_kv, naive_attention
@@ -113,8 +114,7 @@ class Probe:
             return
         if ids is None:
             return  # inputs_embeds only: roles fall back to the default text roles at the first layer
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        past = past_length(kwargs)
         mask = kwargs.get("attention_mask")
         n_total = past + ids.shape[1]
         valid = mask.bool() if mask is not None else torch.ones(ids.shape[0], n_total, dtype=torch.bool)

@@ -1,0 +1,60 @@
+"""Differences between the transformers releases headlab supports, in one place.
+
+headlab declares `transformers>=5.0,<6` and is tested on the oldest and the newest release the index
+offers (`make test-oldest`, `make test-latest`). Whatever changed between those releases is answered here
+and nowhere else; the probe, the interventions and the reports ask this module instead of reading a
+keyword themselves.
+
+What changed so far:
+- the KV cache keyword. Up to 5.23 a model's forward takes (and `generate()` passes) `past_key_values=`;
+  from 5.24 it is `cache=` (the old name is still accepted by `forward` through a deprecation shim, so a
+  forward pre-hook may see either), and model outputs carry the cache as `.cache` instead of
+  `.past_key_values`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import transformers
+
+TRANSFORMERS_VERSION: tuple[int, ...] = tuple(
+    int(part) for part in transformers.__version__.split("+")[0].split(".")[:3] if part.isdigit()
+)
+
+# the keyword this release's forward and generate() use for the KV cache
+CACHE_KWARG = "cache" if TRANSFORMERS_VERSION >= (5, 24) else "past_key_values"
+# every name a forward call of a supported release may carry the cache under (new name first)
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_from_kwargs(kwargs: Mapping[str, Any]) -> Any:
+    """The KV cache a model forward was called with (under either keyword), or None."""
+    for name in _CACHE_NAMES:
+        cache = kwargs.get(name)
+        if cache is not None:
+            return cache
+    return None
+
+
+def past_length(kwargs: Mapping[str, Any]) -> int:
+    """How many tokens the KV cache of this forward call already holds (0 for a prefill or no cache)."""
+    cache = cache_from_kwargs(kwargs)
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return 0
+    return int(cache.get_seq_length())
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache a model forward returned (`output.cache` or `output.past_key_values`), or None."""
+    for name in _CACHE_NAMES:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
+def with_cache(cache: Any) -> dict[str, Any]:
+    """Keyword arguments that hand `cache` to a model forward in this release's spelling."""
+    return {CACHE_KWARG: cache}
