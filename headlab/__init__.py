@@ -5,9 +5,16 @@ lm = hl.load("path/or/hub-id")
 with hl.capture(lm, patterns=hl.Select(layers=[0], heads=[0])) as rec:
     lm.model(**inputs)
 rec.head_stats
+
+The names below are imported on first use (`headlab._lazy`): `import headlab` costs almost nothing, and
+`hl.load` pays for torch and transformers when it is called.
 """
 
-from headlab import zoo
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from headlab._lazy import lazy_facade
 from headlab.errors import (
     HeadlabError,
     InputError,
@@ -16,12 +23,31 @@ from headlab.errors import (
     StoreError,
     UnsupportedModelError,
 )
-from headlab.interventions import ACT, PINE, VAR, VHR, HeadAblation, HeadScale, intervene
-from headlab.loading import SUPPORTED, Family, LoadedModel, Tower, describe, load
-from headlab.probe import Record, Select, Stats, TokenRoles, capture, grid_roles, text_roles
-from headlab.store import Store
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    **dict.fromkeys(
+        ("ACT", "PINE", "VAR", "VHR", "HeadAblation", "HeadScale", "intervene"), "headlab.interventions"
+    ),
+    **dict.fromkeys(("SUPPORTED", "Family", "LoadedModel", "Tower", "describe", "load"), "headlab.loading"),
+    **dict.fromkeys(
+        ("Record", "Select", "Stats", "TokenRoles", "capture", "grid_roles", "text_roles"), "headlab.probe"
+    ),
+    "Store": "headlab.store",
+    **{
+        name: f"headlab.{name}"
+        for name in ("analyses", "datasets", "interventions", "kernels", "probe", "store", "zoo")
+    },
+}
+__getattr__, __dir__ = lazy_facade(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # what the facade resolves to, for type checkers and IDEs
+    from headlab import analyses, datasets, interventions, kernels, probe, store, zoo  # noqa: F401
+    from headlab.interventions import ACT, PINE, VAR, VHR, HeadAblation, HeadScale, intervene
+    from headlab.loading import SUPPORTED, Family, LoadedModel, Tower, describe, load
+    from headlab.probe import Record, Select, Stats, TokenRoles, capture, grid_roles, text_roles
+    from headlab.store import Store
 
 __all__ = [
     "ACT",

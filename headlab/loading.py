@@ -21,6 +21,7 @@ import transformers as tf
 from torch import nn
 
 from headlab.errors import ModelLoadError, UnsupportedModelError
+from headlab.hub import looks_like_hub_id, resolve_hub_id
 
 
 class Family(enum.Enum):
@@ -139,12 +140,6 @@ class LoadedModel:
         return f"LoadedModel({self.model_type}, {self.family.value}, {towers})"
 
 
-def _looks_like_hub_id(source: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source)) and not source.startswith(
-        (".", "/", "~")
-    )
-
-
 def _resolve(source: str | Path) -> str:
     source = str(source)
     if source.startswith("zoo:"):
@@ -158,10 +153,11 @@ def _resolve(source: str | Path) -> str:
                 f"{path} exists but holds no config.json; pass a directory written by save_pretrained"
             )
         return str(path)
-    if _looks_like_hub_id(source):
-        return source
+    if looks_like_hub_id(source):
+        return resolve_hub_id(source)
     raise ModelLoadError(
-        f"model path {source!r} does not exist; pass a local directory or a hub id like 'gpt2'"
+        f"model path {source!r} does not exist and is not a hub id (like 'gpt2' or 'org/name'); pass a "
+        "local directory written by save_pretrained, a hub id, or zoo:NAME (`headlab zoo list`)"
     )
 
 

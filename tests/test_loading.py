@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from conftest import ALL_ARCHS, inputs_for, logits_of
@@ -46,10 +48,39 @@ def test_directory_without_config(tmp_path):
         hl.load(tmp_path)
 
 
-def test_offline_hub_id_says_how_to_pass_a_path(monkeypatch):
+@pytest.mark.parametrize("repo_id", ["someone/not-a-real-model-xyz", "gpt2"])
+def test_offline_hub_id_says_why_and_what_to_do(monkeypatch, tmp_path, repo_id):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(hl.ModelLoadError, match="local path"):
-        hl.load("someone/not-a-real-model-xyz")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(hl.ModelLoadError) as err:
+        hl.load(repo_id)
+    message = str(err.value)
+    assert "HF_HUB_OFFLINE is set" in message and f"hf download {repo_id}" in message
+    assert "does not exist" not in message  # a bare id like 'gpt2' is a hub id, not a missing path
+
+
+def test_unreachable_hub_fails_at_once_and_names_the_host(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(hl.ModelLoadError, match=r"cannot connect to 127\.0\.0\.1:9"):
+        hl.load("org/tiny")
+
+
+def test_offline_hub_id_loads_from_the_hub_cache(monkeypatch, tmp_path, model_dirs):
+    """A model downloaded earlier (hub cache layout: refs/main -> snapshots/<commit>/) loads offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--tiny-gpt2"
+    commit = "0" * 40
+    shutil.copytree(model_dirs["gpt2"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    lm = hl.load("org/tiny-gpt2")
+    assert lm.model_type == "gpt2" and lm.source == str(repo / "snapshots" / commit)
 
 
 def test_unsupported_architecture_lists_supported(tmp_path, model_dirs):

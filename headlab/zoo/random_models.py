@@ -97,24 +97,28 @@ def _decoder_config(config_cls, tokenizer, **extra):
     return config_cls(vocab_size=len(tokenizer), **_ids(tokenizer), **{**sizes, **extra})
 
 
-def _decoder(config_cls, model_cls, *, add_bos: bool, **extra):
+def _decoder(config_name: str, model_name: str, *, add_bos: bool, **extra):
+    """A builder of a decoder-only model; the classes are looked up by name when it runs, so importing
+    this module does not import every architecture's modeling code."""
+
     def build(path: Path) -> None:
         tokenizer = _train_tokenizer(300, add_bos=add_bos)
-        model_cls(_decoder_config(config_cls, tokenizer, **extra)).save_pretrained(path)
+        config = _decoder_config(getattr(tf, config_name), tokenizer, **extra)
+        getattr(tf, model_name)(config).save_pretrained(path)
         tokenizer.save_pretrained(path)
 
     return build
 
 
-_llama = _decoder(tf.LlamaConfig, tf.LlamaForCausalLM, add_bos=True)
-_qwen2 = _decoder(tf.Qwen2Config, tf.Qwen2ForCausalLM, add_bos=False)
+_llama = _decoder("LlamaConfig", "LlamaForCausalLM", add_bos=True)
+_qwen2 = _decoder("Qwen2Config", "Qwen2ForCausalLM", add_bos=False)
 # Mistral with a sliding window shorter than the test prompts, so the window mask is exercised.
-_mistral = _decoder(tf.MistralConfig, tf.MistralForCausalLM, add_bos=True, sliding_window=6)
+_mistral = _decoder("MistralConfig", "MistralForCausalLM", add_bos=True, sliding_window=6)
 # Gemma 2: attention soft-capping (capped low, 2.0, so it binds on random weights; the real models use 50),
 # alternating sliding-window and full layers.
 _gemma2 = _decoder(
-    tf.Gemma2Config,
-    tf.Gemma2ForCausalLM,
+    "Gemma2Config",
+    "Gemma2ForCausalLM",
     add_bos=True,
     head_dim=16,
     query_pre_attn_scalar=16,

@@ -14,9 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import transformers as tf
-
 from headlab.errors import HeadlabError, ModelLoadError
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -133,6 +130,9 @@ def train(
 ) -> Path:
     """Train zoo model `name` from its recipe into `out` (default: the shipped location), evaluate it and
     write its `zoo.json`. seed: default the shipped weights' seed. Returns the directory."""
+    import torch
+    import transformers as tf
+
     from headlab.loading import load
 
     model = entry(name)
