@@ -49,7 +49,9 @@ def wall_times(command: list[str], repeats: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per command (default 5)")
     parser.add_argument("--quick", action="store_true", help="one timed run each, results not saved")
     args = parser.parse_args()

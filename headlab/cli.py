@@ -11,8 +11,10 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from headlab.compat import cli_exceptions
 from headlab.errors import HeadlabError, InputError
 
 app = typer.Typer(help="headlab: capture, analyse and intervene on attention heads.", no_args_is_help=True)
@@ -38,10 +40,33 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except HeadlabError as err:
-            console.print(f"[bold red]headlab:[/] {err}")
+            _say_error(str(err))
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _say_error(message: str) -> None:
+    """One `headlab: ...` line; the message is printed as text, never read as rich markup."""
+    console.print(f"[bold red]headlab:[/] {escape(message)}")
+
+
+def main() -> None:
+    """The `headlab` console script: the typer app, with a usage error (a bad option value, a missing
+    argument) printed as one `headlab:` line like every other error, exit code 2."""
+    errors = cli_exceptions()
+    try:
+        code = app(standalone_mode=False)
+    except errors.NoArgsIsHelpError as err:
+        err.show()
+        code = 2
+    except errors.UsageError as err:
+        command = err.ctx.command_path if err.ctx is not None else "headlab"
+        _say_error(f"{err.format_message()} (see `{command} --help`)")
+        code = 2
+    except errors.Abort:
+        code = 130
+    raise SystemExit(code or 0)
 
 
 @app.command()
@@ -109,6 +134,8 @@ def stats(
     import headlab as hl
     from headlab.inputs import prepare
 
+    if out is not None:
+        _check_table_path(out, "--out")
     lm = hl.load(model)
     inputs = prepare(lm, prompt, image or [])
     frame = _capture_stats(lm, inputs)
@@ -127,7 +154,29 @@ def _capture_stats(lm, inputs):
     return rec.head_stats
 
 
+_TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+def _check_table_path(path: Path, option: str) -> None:
+    """A table can be written at `path` (.csv or .parquet, not a folder); checked before any work."""
+    if path.suffix not in _TABLE_SUFFIXES:
+        raise InputError(f"{option} {path} must end in .csv or .parquet")
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder; give a file name ending in .csv or .parquet")
+    _check_creatable(path.parent, option)
+
+
+def _check_creatable(folder: Path, option: str) -> None:
+    """`folder` is a folder or can be made one: its nearest existing ancestor is a folder."""
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise InputError(f"{option} {folder}: {existing} is a file, not a folder; give a folder path")
+            return
+
+
 def _write(frame, out: Path) -> None:
+    _check_table_path(out, "the output")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".parquet":
         frame.to_parquet(out, index=False)
@@ -144,9 +193,7 @@ def _layers(text: str) -> tuple[int, ...] | None:
     try:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise HeadlabError(
-            f"--attention takes 'all', 'none' or comma-separated layers, got {text!r}"
-        ) from None
+        raise InputError(f"--attention takes 'all', 'none' or comma-separated layers, got {text!r}") from None
 
 
 @app.command("capture")
@@ -156,18 +203,30 @@ def capture_cmd(
     data: Annotated[Path, typer.Option(help="JSONL of prompts: {'id', 'prompt', 'image'?, ...}")],
     out: Annotated[Path, typer.Option(help="the store directory (created if missing)")],
     condition: Annotated[str, typer.Option(help="name of this condition (e.g. with_image)")] = "default",
-    images: Annotated[Path | None, typer.Option(help="directory the image paths are relative to")] = None,
-    batch_size: int = 8,
+    images: Annotated[
+        Path | None, typer.Option(help="folder the image paths are relative to (default: the data file's)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="examples per forward pass")] = 8,
     attention: Annotated[
         str, typer.Option(help="layers whose compact attention is stored: all, none or 0,3")
     ] = "all",
 ) -> None:
-    """Capture a prompt file into a store (resumable: a rerun skips committed examples)."""
+    """Capture a prompt file into a store (resumable: a rerun skips committed examples).
+
+    Exit code: 0 every example of the file is in the store; 1 some lines were bad (listed) but the others
+    are in the store; 2 nothing of the file is in the store, or an error stopped it first; 130 interrupted.
+    """
     import headlab as hl
     from headlab.datasets.prompts import read_prompts
     from headlab.store import Store
     from headlab.store.batch import capture_to_store
 
+    attention_layers = _layers(attention)
+    if not data.is_file():
+        raise InputError(f"--data {data} does not exist (or is not a file)")
+    if images is not None and not images.is_dir():
+        raise InputError(f"--images {images} is not a folder")
+    _check_creatable(out, "--out")
     lm = hl.load(model)
     prompts = read_prompts(data, images_dir=images, need_images=lm.family is not hl.Family.LLM)
     store = Store.create(out, lm, exist_ok=True)
@@ -177,56 +236,142 @@ def capture_cmd(
         prompts.items,
         condition=condition,
         batch_size=batch_size,
-        attention_layers=_layers(attention),
+        attention_layers=attention_layers,
     )
-    console.print(
-        f"{report.done} captured, {report.skipped} already in the store, "
-        f"{len(prompts.problems) + len(report.failed)} bad -> {out}"
-    )
-    for problem in prompts.problems + report.failed:
+    _capture_summary(report, prompts.problems, out, data)
+
+
+def _capture_summary(report, problems: list[str], out: Path, data: Path) -> None:
+    """Print the counts and every skipped line; exit with the code `capture_cmd` documents."""
+    bad = problems + report.failed
+    in_store = report.done + report.skipped
+    console.print(f"{report.done} captured, {report.skipped} already in the store, {len(bad)} bad -> {out}")
+    for problem in bad:
         console.print(f"  [yellow]skipped[/] {problem}")
     if report.interrupted:
         console.print("[bold]interrupted[/]: every committed batch is kept; rerun the same command to resume")
         raise typer.Exit(130)
+    if not in_store:
+        what = f"all {len(bad)} lines are bad (listed above)" if bad else "it holds no examples"
+        console.print(f"[bold red]headlab:[/] nothing of {data} is in the store: {what}")
+        raise typer.Exit(2)
+    if bad:
+        raise typer.Exit(1)
 
 
 @store_app.command("verify")
 @_friendly
-def store_verify(store: Annotated[Path, typer.Argument(help="store directory")]) -> None:
-    """Check every committed shard against its checksums and schema (exit 1 on a problem)."""
-    from headlab.store import Store
+def store_verify(
+    store: Annotated[Path, typer.Argument(help="store directory")],
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="move what cannot be trusted to STORE/quarantine/ (nothing is deleted) and remove stale "
+            ".tmp-* folders of writers that are gone",
+        ),
+    ] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(help="with --repair: the model that wrote the store, to rebuild its manifest"),
+    ] = None,
+) -> None:
+    """Check every file of a store against its checksums and schema; --repair quarantines what fails.
 
-    report = Store.open(store).verify()
+    Exit code: 0 the store reads cleanly (notes are harmless); 1 problems remain (listed); 2 not a store.
+    """
+    from rich.markup import escape
+
+    from headlab.store import Store
+    from headlab.store.integrity import verify_store
+
+    if model is not None and not repair:
+        raise InputError("--model is for --repair (it rebuilds a broken manifest); add --repair")
+    if repair:
+        import headlab as hl
+
+        result = Store.repair(store, hl.load(model) if model else None)
+        console.print(
+            escape("\n".join(f"repaired: {action}" for action in result.actions) or "nothing to repair")
+        )
+        report = result.after
+    else:
+        report = verify_store(store)
     for note in report.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {escape(note)}")
     for problem in report.problems:
-        console.print(f"[bold red]problem[/]: {problem}")
+        console.print(f"[bold red]problem[/]: {escape(problem)}")
     console.print(
         f"{report.shards} shards, {report.files} files checked: {'OK' if report.ok else 'PROBLEMS'}"
     )
     if not report.ok:
+        if not repair:
+            console.print(
+                escape(f"`headlab store verify {store} --repair` moves what cannot be trusted to quarantine/")
+            )
         raise typer.Exit(1)
 
 
 @store_app.command("info")
 @_friendly
 def store_info(store: Annotated[Path, typer.Argument(help="store directory")]) -> None:
-    """Summarise a store: model, examples, conditions, shards, size."""
+    """Summarise a store: model, ids, (example, condition) rows, conditions, towers, what is stored, results."""
+    from rich.markup import escape
+
     from headlab.store import Store
 
+    labels = {"examples": "examples (ids)", "rows": "(example, condition) rows"}
     for key, value in Store.open(store).info().items():
-        console.print(f"{key:>15}: {value}")
+        if key == "stored":
+            for condition, what in value.items():
+                shown = ", ".join(f"{name} {n}" for name, n in what.items()) or "nothing"
+                console.print(escape(f"{'stored [' + condition + ']':>26}: {shown}"))
+            continue
+        shown = (", ".join(map(str, value)) or "none") if isinstance(value, list) else value
+        console.print(escape(f"{labels.get(key, key.replace('_', ' ')):>26}: {shown}"))
 
 
-def _option_value(text: str):
-    """CLI option values: JSON where it parses (numbers, true/false, lists), else the string itself."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+def _option_pairs(items: list[str]) -> dict[str, str]:
+    """-o KEY=VALUE items as {key: value text}; the analysis' option declarations parse the text."""
+    pairs: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"--option expects KEY=VALUE, got {item!r}")
+        if key in pairs:
+            raise InputError(f"--option {key} is given twice ({pairs[key]!r} and {value!r}); give it once")
+        pairs[key] = value
+    return pairs
 
 
-@app.command()
+def _analyses_list() -> None:
+    """Each analysis, then each option: what it takes, its default, its help."""
+    from rich.markup import escape
+
+    from headlab.analyses.registry import as_text, registered
+
+    for entry in registered().values():
+        console.print(f"[bold]{entry.name}[/bold]: {escape(entry.description)}")
+        for key, opt in entry.options.items():
+            console.print(escape(f"    {key}: {opt.describe()}, default {as_text(opt.default)}. {opt.help}"))
+
+
+def _check_file_target(path: Path, option: str) -> None:
+    """A file can be written at `path`: it is not a folder and its folder exists or can be made."""
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder; give a file name")
+    _check_creatable(path.parent, option)
+
+
+_ANALYZE_EXIT = (
+    "Exit code: 0 the result is saved in the store (and written to --csv); 1 it is saved but has no rows "
+    "(nothing passed the analysis), or --csv could not be written; 2 nothing was saved: a bad option, "
+    "store or model (checked before any work) or an error while computing (one line says why)."
+)
+
+
+@app.command(epilog=_ANALYZE_EXIT)
 @_friendly
 def analyze(
     name: Annotated[str, typer.Argument(help="the analysis; `headlab analyze list` lists them")],
@@ -237,53 +382,86 @@ def analyze(
     csv: Annotated[Path | None, typer.Option(help="also write the result as CSV")] = None,
 ) -> None:
     """Run an analysis on a store and save its result into the store (results/NAME.parquet)."""
-    from headlab.analyses.registry import _collect, run_analysis
+    from headlab.analyses.registry import analysis, run_analysis
     from headlab.store import Store
 
     if name == "list":
-        for entry in _collect().values():
-            opts = ", ".join(f"{k}={d!r}" for k, (d, _) in entry.options.items())
-            console.print(f"[bold]{entry.name}[/bold]: {entry.description} ({opts})")
+        _analyses_list()
         return
+    options = _option_pairs(option or [])
+    analysis(name).parse(options)  # the options' own rules, before the store is opened
     if store is None:
         raise InputError(f"headlab analyze {name} needs the store directory: headlab analyze {name} STORE")
-    options = {}
-    for item in option or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"--option expects KEY=VALUE, got {item!r}")
-        options[key.strip()] = _option_value(value)
+    if csv is not None:
+        _check_file_target(csv, "--csv")
     frame = run_analysis(name, Store.open(store), **options)
     console.print(frame.head(20).to_string(index=False))
-    if csv is not None:
-        frame.to_csv(csv, index=False)
     console.print(f"saved the {name} result ({len(frame)} rows) in {store / 'results'}")
+    if csv is not None:
+        _write_csv(frame, csv)
+    if not len(frame):
+        console.print(
+            f"[bold]the {name} result has no rows[/]: nothing passed the analysis with these options"
+        )
+        raise typer.Exit(1)
+
+
+def _write_csv(frame, csv: Path) -> None:
+    """The --csv copy of a result already saved in the store (exit 1 if it cannot be written)."""
+    try:
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(csv, index=False)
+    except OSError as err:
+        console.print(
+            f"[bold red]headlab:[/] could not write --csv {csv} ({err.strerror or err}); the result is saved "
+            "in the store"
+        )
+        raise typer.Exit(1) from None
+    console.print(f"wrote {len(frame)} rows to {csv}")
 
 
 @app.command()
 @_friendly
 def dash(
     store: Annotated[Path, typer.Argument(help="store directory")],
-    port: Annotated[int, typer.Option(help="port to serve on")] = 8050,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port to serve on")] = 8050,
     host: Annotated[str, typer.Option(help="address to bind (127.0.0.1: this machine only)")] = "127.0.0.1",
     model: Annotated[bool, typer.Option(help="load the model for token strings, patch grids")] = True,
 ) -> None:
     """Browse a store's heads in the browser: heat maps, conditions, A - B, click a head for its attention."""
     from headlab.dashboards.app import serve
+    from headlab.store import Store
 
+    Store.open(store)  # a missing or broken store is one line, before the port is tried
+    _check_servable(host, port)
     serve(store, host=host, port=port, model=model)
+
+
+def _check_servable(host: str, port: int) -> None:
+    """`host:port` can be bound now (the socket is closed again at once; the server binds it next)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as err:
+        raise InputError(
+            f"cannot serve on {host}:{port} ({err.strerror or err}); pass a free --port or another --host"
+        ) from None
 
 
 @zoo_app.command("random")
 @_friendly
 def zoo_random(
     name: Annotated[str, typer.Argument(help="gpt2, llama, qwen2, llava, vit or clip_vision")],
-    out: Annotated[Path, typer.Argument(help="directory to write the model into")],
-    seed: int = 0,
+    out: Annotated[Path, typer.Argument(help="directory to write the model into (created if missing)")],
+    seed: Annotated[int, typer.Option(min=0, help="seed of the random weights")] = 0,
 ) -> None:
     """Build a tiny random-weight model of a real architecture (with tokenizer/processor) for offline use."""
     from headlab.zoo.random_models import build_random
 
+    _check_creatable(out, "OUT")
     path = build_random(name, out, seed=seed)
     console.print(f"wrote a tiny random {name} to {path}")
 
@@ -313,8 +491,8 @@ def zoo_train(
     out: Annotated[
         Path | None, typer.Option(help="directory to write into (default: the shipped location)")
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="default: the shipped weights' seed")] = None,
-    steps: Annotated[int | None, typer.Option(help="training steps (default: the recipe's)")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="default: the shipped weights' seed")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="training steps (default: the recipe's)")] = None,
 ) -> None:
     """Reproduce a zoo model from its recipe (deterministic seeds), evaluate it and write its zoo.json."""
     import json
@@ -324,6 +502,8 @@ def zoo_train(
     from headlab.zoo.registry import entry, train
 
     entry(name)
+    if out is not None:
+        _check_creatable(out, "--out")
     bar = tqdm(total=None, desc=f"training {name}", unit="step")
 
     def progress(step: int, total: int, loss: float) -> None:
@@ -347,7 +527,7 @@ def _act_layers(text: str, n_layers: int) -> tuple[int, ...] | None:
     try:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise HeadlabError(f"--layers takes 'code', 'all' or comma-separated layers, got {text!r}") from None
+        raise InputError(f"--layers takes 'code', 'all' or comma-separated layers, got {text!r}") from None
 
 
 @act_app.command("search")
@@ -357,29 +537,34 @@ def act_search(
     task: Annotated[str, typer.Option(help="calibration task: colored_objects, multi_doc_qa or ioi")],
     out: Annotated[Path, typer.Option(help="write the per-head table here (.csv or .json)")],
     n: Annotated[int, typer.Option(help="calibration examples")] = 64,
-    seed: Annotated[int, typer.Option(help="seed of the calibration examples")] = 30_000,
+    seed: Annotated[int, typer.Option(min=0, help="seed of the calibration examples")] = 30_000,
     layers: Annotated[
         str, typer.Option(help="'code' (as the official code: not the first two, not the last), 'all' or 0,1")
     ] = "code",
     tau: Annotated[float, typer.Option(help="threshold on the received-attention score")] = 0.1,
     beta: Annotated[float, typer.Option(help="share of attention a hidden sink keeps")] = 0.4,
-    eval_n: Annotated[int, typer.Option(help="held-out examples to compare plain vs ACT on (0 = skip)")] = 0,
-    eval_seed: Annotated[int, typer.Option(help="seed of the held-out examples")] = 10_000,
-    batch_size: int = 32,
+    eval_n: Annotated[
+        int, typer.Option(min=0, help="held-out examples to compare plain vs ACT on (0 = skip)")
+    ] = 0,
+    eval_seed: Annotated[int, typer.Option(min=0, help="seed of the held-out examples")] = 10_000,
+    batch_size: Annotated[int, typer.Option(min=1, help="examples per forward pass")] = 32,
 ) -> None:
     """Search the heads whose ACT calibration alone improves a task's zero-shot accuracy (keep/skip)."""
     from tqdm import tqdm
 
     import headlab as hl
     from headlab.interventions import intervene
-    from headlab.interventions.act import search_heads
+    from headlab.interventions.act import ACT, search_heads
     from headlab.interventions.act import task as act_task
 
     if out.suffix not in (".csv", ".json"):
-        raise HeadlabError(f"--out must end in .csv or .json, got {out.name!r}")
+        raise InputError(f"--out must end in .csv or .json, got {out.name!r}")
+    _check_file_target(out, "--out")
+    ACT(heads=(), tau=tau, beta=beta)  # ACT's own rules for tau and beta, before any work
     spec = act_task(task)
     examples = spec.examples(n, seed)
     lm = hl.load(model)
+    chosen = _act_layers(layers, lm.n_layers)
 
     def score(lm, examples) -> float:
         return spec.accuracy(lm, examples, batch_size=batch_size)
@@ -391,7 +576,6 @@ def act_search(
         bar.update(done - bar.n)
 
     try:
-        chosen = _act_layers(layers, lm.n_layers)
         result = search_heads(lm, examples, score, layers=chosen, tau=tau, beta=beta, progress=progress)
     finally:
         bar.close()
@@ -451,25 +635,46 @@ def _report_progress(unit: str):
 
 
 def _answered(run, out: Path) -> None:
+    failed = f", {len(run.failed)} failed (listed in the report)" if run.failed else ""
     console.print(
-        f"{run.done} answered, {run.skipped} already in {out / 'answers.jsonl'} ({run.seconds:.1f} s)"
+        f"{run.done} answered, {run.skipped} already in {out / 'answers.jsonl'}{failed} ({run.seconds:.1f} s)"
     )
 
 
-def _report_done(html: Path, interrupted: bool) -> None:
-    """The report's path last; an interrupted run says how to resume and exits 130."""
-    if interrupted:
-        console.print("[bold]interrupted[/]: every answer so far is kept; rerun the same command to resume")
+def _report_done(html: Path, outcome: dict) -> None:
+    """The report's path last, then exit with its outcome's code (`reports.output.Outcome`): 0 complete,
+    1 partial (listed in the report), 2 nothing answered, 130 interrupted (rerun to resume)."""
+    if outcome["status"] == "interrupted":
+        console.print(
+            "[bold]interrupted[/]: everything done so far is kept; rerun the same command to resume"
+        )
     console.print(f"report: {html}")
-    if interrupted:
-        raise typer.Exit(130)
+    bad = f"{outcome['failed']} failed, {outcome['bad_input']} bad input records"
+    if outcome["status"] == "partial":
+        console.print(
+            f"[yellow]partial[/]: {outcome['answered']} of {outcome['items']} items done ({bad}: see the report)"
+        )
+    if outcome["status"] == "empty":
+        console.print(f"[bold red]headlab:[/] nothing was answered ({bad}: see the report)")
+    if outcome["exit_code"]:
+        raise typer.Exit(outcome["exit_code"])
 
 
-@report_app.command("pope")
+_REPORT_EXIT = (
+    "Exit code: 0 complete, 1 partial (a report was written; what is missing is listed in it), "
+    "2 nothing answered or an error, 130 interrupted."
+)
+_REPORT_MODEL = (
+    "local model directory, hub id or zoo:NAME "
+    "(default: the model OUT/answers.jsonl was written with, else zoo:llava)"
+)
+
+
+@report_app.command("pope", epilog=_REPORT_EXIT)
 @_friendly
 def report_pope(
     out: Annotated[Path, typer.Option(help="report folder (answers.jsonl, report.json/.md/.html)")],
-    model: Annotated[str, typer.Option(help="local model directory, hub id or zoo:NAME")] = "zoo:llava",
+    model: Annotated[str | None, typer.Option(help=_REPORT_MODEL)] = None,
     data: Annotated[
         list[Path] | None,
         typer.Option(help="POPE question file (repeat per split; default: synthetic files in OUT/data)"),
@@ -484,35 +689,36 @@ def report_pope(
     vhd_images: Annotated[int, typer.Option(help="images for the per-head VHD heat map (0 = none)")] = 4,
 ) -> None:
     """POPE accuracy / precision / recall / F1 / yes-ratio per split and intervention, resumable."""
+    from headlab.reports.output import fmt
     from headlab.reports.pope import parse_conditions, pope_report
 
+    conditions = parse_conditions(interventions)
     with _report_progress("question") as progress:
         result = pope_report(
             out,
             model=model,
             data=data or (),
             images=images,
-            conditions=parse_conditions(interventions),
+            conditions=conditions,
             n=n,
             max_new_tokens=max_new_tokens,
             var_tau=var_tau,
             vhd_images=vhd_images,
             progress=progress,
         )
-    run = result.run
-    _answered(run, out)
+    _answered(result.run, out)
     for name, split in result.report["splits"].items():
-        accs = ", ".join(f"{c} {m['accuracy']:.3f}" for c, m in split["metrics"].items())
+        accs = ", ".join(f"{c} {fmt(m['accuracy'])}" for c, m in split["metrics"].items())
         bad = len(split["malformed_lines"]) + len(split["missing_images"])
         console.print(f"  {name}: accuracy {accs}" + (f" ({bad} skipped: see the report)" if bad else ""))
-    _report_done(result.html, run.interrupted)
+    _report_done(result.html, result.report["outcome"])
 
 
-@report_app.command("mme")
+@report_app.command("mme", epilog=_REPORT_EXIT)
 @_friendly
 def report_mme(
     out: Annotated[Path, typer.Option(help="report folder (answers.jsonl, results/, report.json/.md/.html)")],
-    model: Annotated[str, typer.Option(help="local model directory, hub id or zoo:NAME")] = "zoo:llava",
+    model: Annotated[str | None, typer.Option(help=_REPORT_MODEL)] = None,
     data: Annotated[
         list[Path] | None,
         typer.Option(
@@ -529,30 +735,31 @@ def report_mme(
 ) -> None:
     """MME hallucination subset: acc / acc+ / score per subtask and intervention, resumable."""
     from headlab.reports.lvlm import mme_report
+    from headlab.reports.output import fmt
     from headlab.reports.pope import parse_conditions
 
+    conditions = parse_conditions(interventions)
     with _report_progress("question") as progress:
         result = mme_report(
             out,
             model=model,
             data=data or (),
             images=images,
-            conditions=parse_conditions(interventions),
+            conditions=conditions,
             n=n,
             max_new_tokens=max_new_tokens,
             var_tau=var_tau,
             progress=progress,
         )
-    run = result.run
-    _answered(run, out)
+    _answered(result.run, out)
     for name, sub in result.report["subtasks"].items():
-        scores = ", ".join(f"{c} {m['score']:.1f}" for c, m in sub["metrics"].items())
+        scores = ", ".join(f"{c} {fmt(m['score'], '.1f')}" for c, m in sub["metrics"].items())
         bad = len(sub["malformed_lines"]) + len(sub["missing_images"])
         console.print(f"  {name}: score {scores}" + (f" ({bad} skipped: see the report)" if bad else ""))
-    _report_done(result.html, run.interrupted)
+    _report_done(result.html, result.report["outcome"])
 
 
-@report_app.command("sinks")
+@report_app.command("sinks", epilog=_REPORT_EXIT)
 @_friendly
 def report_sinks(
     out: Annotated[Path, typer.Option(help="report folder (store/, report.json/.md/.html)")],
@@ -579,11 +786,7 @@ def report_sinks(
         f"{rep['hidden_sinks']['n_hits']} hidden-sink hits, "
         f"{rep['massive_activations']['n']} massive activations"
     )
-    if run.interrupted:
-        console.print("[bold]interrupted[/]: every captured batch is kept; rerun the same command to resume")
-    console.print(f"report: {result.html}")
-    if run.interrupted:
-        raise typer.Exit(130)
+    _report_done(result.html, rep["outcome"])
 
 
 @report_app.command("position-bias")
@@ -613,11 +816,11 @@ def report_position_bias(
     console.print(f"report: {result.html}")
 
 
-@report_app.command("amber")
+@report_app.command("amber", epilog=_REPORT_EXIT)
 @_friendly
 def report_amber(
     out: Annotated[Path, typer.Option(help="report folder (answers.jsonl, report.json/.md/.html)")],
-    model: Annotated[str, typer.Option(help="local model directory, hub id or zoo:NAME")] = "zoo:llava",
+    model: Annotated[str | None, typer.Option(help=_REPORT_MODEL)] = None,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -633,41 +836,41 @@ def report_amber(
     var_tau: Annotated[float, typer.Option(help="VAR's sink threshold tau (paper: 20)")] = 20.0,
 ) -> None:
     """AMBER: CHAIR / Cover / Hal / Cog, discriminative accuracy / F1 and the AMBER score, resumable."""
-    from headlab.reports.lvlm import amber_report
+    from headlab.reports.amber import amber_report
+    from headlab.reports.output import fmt
     from headlab.reports.pope import parse_conditions
 
+    conditions = parse_conditions(interventions)
     with _report_progress("question") as progress:
         result = amber_report(
             out,
             model=model,
             data=data,
             images=images,
-            conditions=parse_conditions(interventions),
+            conditions=conditions,
             n=n,
             max_new_tokens=max_new_tokens,
             gen_tokens=gen_tokens,
             var_tau=var_tau,
             progress=progress,
         )
-    run = result.run
-    _answered(run, out)
+    _answered(result.run, out)
     for c, m in result.report["metrics"].items():
-        amber = m["amber_score"]
         console.print(
-            f"  {c}: CHAIR {m['chair']:.3f}, Cover {m['cover']:.3f}, Hal {m['hal']:.3f}, Cog {m['cog']:.3f}"
-            + (f", AMBER score {amber:.3f}" if amber is not None else "")
+            f"  {c}: CHAIR {fmt(m['chair'])}, Cover {fmt(m['cover'])}, Hal {fmt(m['hal'])}, Cog {fmt(m['cog'])}"
+            f", AMBER score {fmt(m['amber_score'])}"
         )
     bad = sum(len(p) for p in result.report["problems"].values())
     if bad:
         console.print(f"  {bad} problems: see the report")
-    _report_done(result.html, run.interrupted)
+    _report_done(result.html, result.report["outcome"])
 
 
-@report_app.command("chair")
+@report_app.command("chair", epilog=_REPORT_EXIT)
 @_friendly
 def report_chair(
     out: Annotated[Path, typer.Option(help="report folder (answers.jsonl, report.json/.md/.html)")],
-    model: Annotated[str, typer.Option(help="local model directory, hub id or zoo:NAME")] = "zoo:llava",
+    model: Annotated[str | None, typer.Option(help=_REPORT_MODEL)] = None,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -682,27 +885,28 @@ def report_chair(
 ) -> None:
     """CHAIR on generated descriptions: CHAIR_s, CHAIR_i, recall, length per condition, resumable."""
     from headlab.reports.chair import chair_report
+    from headlab.reports.output import fmt
     from headlab.reports.pope import parse_conditions
 
+    conditions = parse_conditions(interventions)
     with _report_progress("question") as progress:
         result = chair_report(
             out,
             model=model,
             data=data,
             images=images,
-            conditions=parse_conditions(interventions),
+            conditions=conditions,
             n=n,
             gen_tokens=gen_tokens,
             var_tau=var_tau,
             progress=progress,
         )
-    run = result.run
-    _answered(run, out)
+    _answered(result.run, out)
     for c, m in result.report["metrics"].items():
         console.print(
-            f"  {c}: CHAIR_s {m['chair_s']:.3f}, CHAIR_i {m['chair_i']:.3f}, recall {m['recall']:.3f}"
+            f"  {c}: CHAIR_s {fmt(m['chair_s'])}, CHAIR_i {fmt(m['chair_i'])}, recall {fmt(m['recall'])}"
         )
-    _report_done(result.html, run.interrupted)
+    _report_done(result.html, result.report["outcome"])
 
 
 _DEMO_PROMPTS = {

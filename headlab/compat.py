@@ -5,23 +5,31 @@ offers (`make test-oldest`, `make test-latest`). Whatever changed between those 
 and nowhere else; the probe, the interventions and the reports ask this module instead of reading a
 keyword themselves.
 
+Importing this module is cheap (versions are read from package metadata; nothing heavy is imported).
+
 What changed so far:
 - the KV cache keyword. Up to 5.23 a model's forward takes (and `generate()` passes) `past_key_values=`;
   from 5.24 it is `cache=` (the old name is still accepted by `forward` through a deprecation shim, so a
   forward pre-hook may see either), and model outputs carry the cache as `.cache` instead of
   `.past_key_values`.
+- typer 0.2x vendors its own copy of click (`typer._click`); the usage-error classes the CLI catches live
+  there, and in `click` for older typer releases.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from importlib.metadata import version
+from types import ModuleType
 from typing import Any
 
-import transformers
 
-TRANSFORMERS_VERSION: tuple[int, ...] = tuple(
-    int(part) for part in transformers.__version__.split("+")[0].split(".")[:3] if part.isdigit()
-)
+def _release(package: str) -> tuple[int, ...]:
+    """(major, minor, patch) of an installed package, from its metadata (without importing it)."""
+    return tuple(int(part) for part in version(package).split("+")[0].split(".")[:3] if part.isdigit())
+
+
+TRANSFORMERS_VERSION = _release("transformers")
 
 # the keyword this release's forward and generate() use for the KV cache
 CACHE_KWARG = "cache" if TRANSFORMERS_VERSION >= (5, 24) else "past_key_values"
@@ -58,3 +66,13 @@ def cache_of(output: Any) -> Any:
 def with_cache(cache: Any) -> dict[str, Any]:
     """Keyword arguments that hand `cache` to a model forward in this release's spelling."""
     return {CACHE_KWARG: cache}
+
+
+def cli_exceptions() -> ModuleType:
+    """The module holding the click exception classes (UsageError, NoArgsIsHelpError, Abort) that the
+    installed typer raises."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # typer releases that use click itself
+        from click import exceptions
+    return exceptions

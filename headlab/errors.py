@@ -29,4 +29,5 @@ class InputError(HeadlabError):
 
 
 class StoreError(HeadlabError):
-    """An activation store is missing, corrupted, from a newer headlab, or for another model."""
+    """Stored data cannot be used or written: an activation store that is missing, corrupted, from a newer
+    headlab or for another model, or an output file (a report, an answer log) that cannot be written."""

@@ -1,35 +1,95 @@
-"""Turning prompts (and images) into model inputs for any supported family, with clear errors."""
+"""Turning prompts (and images) into model inputs for any supported family, with clear errors.
+
+The contract, for every caller (capture, `headlab stats`, the reports, the dashboard):
+- `image_path(name, folder)` is where a data file's image lies: `name` is a relative path that stays inside
+  `folder` after following `..` and symbolic links. An absolute name, or one that leads outside the folder,
+  raises `InputError` saying to pass `--images` with the folder that holds the images.
+- `open_image(image)` is the one place headlab opens an image. It returns an RGB image or raises
+  `InputError` naming the file: missing, more than `MAX_IMAGE_PIXELS` pixels (checked from the header before
+  anything is decoded, so a decompression bomb costs nothing), or any failure of the decoder (truncated,
+  corrupt, not an image).
+- `prepare(lm, prompts, images)` builds one padded batch. An LVLM prompt must hold exactly one image token
+  (e.g. `<image>`) for its one image; an LLM prompt must not be empty (or only white space). Any exception the
+  tokenizer or processor raises becomes an `InputError` naming the model, so a caller that prepares items one
+  by one can skip the bad one and keep the rest.
+Importing this module does not import torch (the dataset readers use `image_path` and `open_image`).
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
-from headlab.errors import InputError
-from headlab.loading import Family, LoadedModel
+from headlab.errors import HeadlabError, InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from headlab.loading import LoadedModel
+
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default limit (about 9459 x 9459): larger images are refused
 
 
-def _open(image) -> Image.Image:
+def image_path(name: str, folder: str | Path) -> Path:
+    """The file of the image `name` (relative to `folder`), refused if it would lie outside `folder`."""
+    if not isinstance(name, str) or not name:
+        raise InputError("the image is not a file name (expected a non-empty string)")
+    hint = "image paths are relative to the image folder: pass --images with the folder that holds the images"
+    if Path(name).is_absolute():
+        raise InputError(f"image path {name!r} is absolute; {hint}")
+    try:
+        root = Path(folder).resolve()
+        path = (root / name).resolve()
+    except (OSError, ValueError) as err:  # a NUL byte, a symlink loop
+        raise InputError(f"image path {name!r} is unusable ({err}); {hint}") from None
+    if not path.is_relative_to(root):
+        raise InputError(f"image path {name!r} leads outside {root}; {hint}")
+    return path
+
+
+def open_image(image: str | Path | Image.Image) -> Image.Image:
+    """An RGB copy of `image` (a path or a PIL image); InputError if it cannot be used (module docstring)."""
     if isinstance(image, Image.Image):
+        _check_pixels(image.size, "(in memory)")
         return image.convert("RGB")
     path = Path(image)
     if not path.is_file():
         raise InputError(f"image {path} does not exist")
     try:
-        return Image.open(path).convert("RGB")
-    except OSError as err:
-        raise InputError(f"could not read image {path}: {err}") from err
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _check_pixels decides
+            with Image.open(path) as img:
+                _check_pixels(img.size, path)
+                return img.convert("RGB")
+    except HeadlabError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise InputError(f"image {path} is too large to open safely ({err})") from None
+    except Exception as err:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, ...
+        raise InputError(f"could not read image {path} ({type(err).__name__}: {err})") from None
+
+
+def _check_pixels(size: tuple[int, int], what) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(
+            f"image {what} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} headlab opens "
+            "(a decompression bomb, or a scan to downsize first)"
+        )
 
 
 def prepare(lm: LoadedModel, prompts: Sequence[str], images: Sequence = ()) -> dict[str, torch.Tensor]:
     """A padded batch for `lm`: token ids for LLMs, ids + pixels for LVLMs, pixels for ViTs."""
+    from headlab.loading import Family
+
     if lm.family is Family.VIT:
         if not images:
             raise InputError("a vision model needs images: pass --image PATH")
-        return dict(lm.processor([_open(i) for i in images], return_tensors="pt"))
+        return _call(lm, lm.processor, [open_image(i) for i in images], return_tensors="pt")
     if lm.processor is None:
         raise InputError(f"{lm.source} has no tokenizer or processor files; tokenize the inputs yourself")
     if lm.family is Family.LVLM:
@@ -37,9 +97,37 @@ def prepare(lm: LoadedModel, prompts: Sequence[str], images: Sequence = ()) -> d
             raise InputError(
                 f"got {len(prompts)} prompts and {len(images)} images; an LVLM needs one image per prompt"
             )
-        return dict(
-            lm.processor(
-                images=[_open(i) for i in images], text=list(prompts), return_tensors="pt", padding=True
+        _check_image_tokens(lm, prompts)
+        opened = [open_image(i) for i in images]
+        return _call(lm, lm.processor, images=opened, text=list(prompts), return_tensors="pt", padding=True)
+    empty = [i for i, prompt in enumerate(prompts) if not prompt.strip()]
+    if empty:
+        where = f"prompt {empty[0]} of the batch" if len(prompts) > 1 else "the prompt"
+        raise InputError(f"{where} is empty; give it some text")
+    return _call(lm, lm.tokenizer, list(prompts), return_tensors="pt", padding=True)
+
+
+def _check_image_tokens(lm: LoadedModel, prompts: Sequence[str]) -> None:
+    token = getattr(lm.processor, "image_token", None)
+    if token is None:
+        return
+    for i, prompt in enumerate(prompts):
+        n = prompt.count(token)
+        if n != 1:
+            where = f"prompt {i} of the batch" if len(prompts) > 1 else "the prompt"
+            raise InputError(
+                f"{where} holds {n} {token} tokens for its one image; put exactly one {token} where the "
+                f"image goes (e.g. 'USER: {token}\\nWhat is in the image? ASSISTANT:')"
             )
-        )
-    return dict(lm.tokenizer(list(prompts), return_tensors="pt", padding=True))
+
+
+def _call(lm: LoadedModel, fn, *args, **kwargs) -> dict[str, torch.Tensor]:
+    """Run the tokenizer or processor; whatever it raises becomes an InputError naming the model."""
+    try:
+        return dict(fn(*args, **kwargs))
+    except HeadlabError:
+        raise
+    except Exception as err:
+        raise InputError(
+            f"the processor of {lm.source} could not prepare this input ({type(err).__name__}: {err})"
+        ) from err

@@ -7,17 +7,28 @@ whether the tower is causal, the patch grid of vision towers, and how an LVLM's 
 
 Towers are discovered from the model's real module tree: every attention module that routes through
 transformers' AttentionInterface sits at `<tower prefix>.<layer index>.<attention attr>`.
+
+A checkpoint that cannot be loaded as it is meant is a `ModelLoadError` naming the file and what to do,
+never a half-random model: an unreadable config.json, a folder without weights, a truncated or corrupt
+weights file, weights whose shapes do not fit the config, weights the config needs but the checkpoint
+lacks (only a missing output head, e.g. a classifier, is a warning: attention is unaffected), and
+tokenizer / processor files that are present but unreadable.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import re
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers as tf
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from headlab.errors import ModelLoadError, UnsupportedModelError
@@ -148,6 +159,10 @@ def _resolve(source: str | Path) -> str:
         return str(zoo_path(source.removeprefix("zoo:")))
     path = Path(source).expanduser()
     if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"{path} is a file; pass the model directory that holds its config.json and weights"
+            )
         if not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"{path} exists but holds no config.json; pass a directory written by save_pretrained"
@@ -164,13 +179,25 @@ def _resolve(source: str | Path) -> str:
 def _load_config(source: str) -> tf.PretrainedConfig:
     try:
         return tf.AutoConfig.from_pretrained(source)
-    except OSError as err:
-        if Path(source).exists():
-            raise ModelLoadError(f"could not read the config in {source}: {err}") from err
+    except (OSError, ValueError, StrictDataclassError) as err:
+        if Path(source).exists() or not isinstance(err, OSError):
+            where = (
+                Path(source) / "config.json" if Path(source).exists() else f"the config.json of {source!r}"
+            )
+            raise ModelLoadError(
+                f"{where} is not a usable model config ({_reason(err)}); restore it from the model's source, "
+                "or re-save the model with save_pretrained"
+            ) from err
         raise ModelLoadError(
             f"could not fetch {source!r} from the Hugging Face hub (offline or unknown id). Download it where the "
             f"hub is reachable (e.g. `huggingface-cli download {source} --local-dir DIR`) and pass the local path."
         ) from err
+
+
+def _reason(err: Exception) -> str:
+    """An exception's message on one line, at most about 200 characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 200 else text[:199] + "…"
 
 
 def _tower(name: str, prefix: str, n_layers: int, config, spec: _ArchSpec) -> Tower:
@@ -246,15 +273,136 @@ def describe(model: nn.Module, *, source: str = "<in memory>", processor=None) -
     )
 
 
+# files a tokenizer or processor is read from; a bare checkpoint has none of them
+_PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+# files `from_pretrained` reads weights from (besides the shards an index names)
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
 def _load_processor(source: str, family: Family):
+    """The tokenizer or processor, or None for a bare checkpoint without their files (inputs then come
+    from the user). Files that are present but unreadable are a ModelLoadError."""
     loader = tf.AutoTokenizer if family is Family.LLM else tf.AutoProcessor
     if family is Family.VIT:
         loader = tf.AutoImageProcessor
+    present = [name for name in _PROCESSOR_FILES if (Path(source) / name).is_file()]
     try:
         return loader.from_pretrained(source)
-    except (OSError, ValueError, KeyError):
-        return (
-            None  # a bare checkpoint without tokenizer/processor files still loads; inputs come from the user
+    except Exception as err:  # tokenizers raises bare Exceptions on a corrupt file
+        if not present:
+            if isinstance(err, OSError | ValueError | KeyError):
+                return None
+            raise
+        raise ModelLoadError(
+            f"could not read the tokenizer / processor files {', '.join(present)} in {source} "
+            f"({_reason(err)}); restore them from the model's source, or remove them to load the bare "
+            "model and pass inputs yourself"
+        ) from err
+
+
+def _check_weight_files(folder: Path) -> None:
+    """A local checkpoint has a weights file, and every safetensors file's header is readable and covers
+    the file exactly (a truncated or corrupt file is named before transformers reads it)."""
+    tensors = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if not tensors and not any((folder / name).is_file() for name in _WEIGHT_FILES):
+        raise ModelLoadError(
+            f"{folder} holds no weights file ({', '.join(_WEIGHT_FILES)}); copy the weights next to its "
+            "config.json, or re-save the model with save_pretrained"
+        )
+    for path in tensors:
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ModelLoadError(
+                f"the weights file {path} is unreadable ({_reason(err)}): it is truncated or corrupt; "
+                "download or save it again"
+            ) from err
+
+
+def _not_a_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def _no_load_report():
+    """transformers logs a table of missing, unexpected and mismatched weights; `_check_weights` says the
+    same in one line, so that table (and only it) is held back while loading."""
+    log = logging.getLogger("transformers.modeling_utils")
+    log.addFilter(_not_a_load_report)
+    try:
+        yield
+    finally:
+        log.removeFilter(_not_a_load_report)
+
+
+def _load_model(resolved: str, spec: _ArchSpec, dtype, attn_implementation: str | None) -> nn.Module:
+    if Path(resolved).is_dir():
+        _check_weight_files(Path(resolved))
+    try:
+        with _no_load_report():
+            model, info = spec.auto_class.from_pretrained(
+                resolved,
+                dtype=dtype,
+                attn_implementation=attn_implementation or spec.attention,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported by _check_weights, as an error
+            )
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise ModelLoadError(
+            f"could not load the model in {resolved} ({_reason(err)}); check that its config.json and "
+            "weights belong together and are complete, or re-save the model with save_pretrained"
+        ) from err
+    _check_weights(model, resolved, info)
+    return model
+
+
+def _check_weights(model: nn.Module, source: str, info: dict) -> None:
+    """No weight of the model is left at its random initialisation, except an output head (a warning)."""
+    hint = "config.json and the weights do not belong together: restore both from the model's source"
+    mismatched = sorted(info.get("mismatched_keys") or (), key=str)
+    if mismatched:
+        first = mismatched[0]  # (key, shape in the file, shape the config asks for)
+        if isinstance(first, tuple) and len(first) == 3:
+            first = f"{first[0]}: {list(first[1])} in the file, {list(first[2])} by the config"
+        raise ModelLoadError(
+            f"{len(mismatched)} weights in {source} do not fit the shapes in its config.json (e.g. {first}); "
+            f"{hint}"
+        )
+    missing = sorted(info.get("missing_keys") or ())
+    prefix = f"{model.base_model_prefix}."
+    backbone = [k for k in missing if model.base_model is model or k.startswith(prefix)]
+    if backbone:
+        raise ModelLoadError(
+            f"the weights in {source} lack {len(backbone)} tensors its config.json needs (e.g. "
+            f"{', '.join(backbone[:3])}), which would be random; {hint}"
+        )
+    if missing:
+        warnings.warn(
+            f"{source} has no weights for the output head ({', '.join(missing)}): it is random, so logits "
+            "and analyses that score them are meaningless; attention and head statistics are not affected",
+            stacklevel=4,
+        )
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        warnings.warn(
+            f"{source} holds {len(unexpected)} tensors its config.json does not use (e.g. {unexpected[0]}); "
+            "the model built is the config's",
+            stacklevel=4,
         )
 
 
@@ -269,8 +417,9 @@ def load(
     mode, with its processor. `attn_implementation` is the model's own attention outside headlab's blocks
     (None: the architecture's usual one, SDPA; eager for Gemma 2, whose soft-cap SDPA cannot express).
 
-    Raises ModelLoadError for a missing path or a hub id that cannot be fetched, UnsupportedModelError for
-    an architecture headlab does not know (the message lists the supported ones).
+    Raises ModelLoadError for a missing path, a hub id that cannot be fetched or a checkpoint that cannot be
+    loaded as it is meant (module docstring), UnsupportedModelError for an architecture headlab does not
+    know (the message lists the supported ones).
     """
     resolved = _resolve(source)
     config = _load_config(resolved)
@@ -279,11 +428,6 @@ def load(
             f"headlab does not support the architecture {config.model_type!r} yet; supported: {sorted(SUPPORTED)}"
         )
     spec = SUPPORTED[config.model_type]
-    try:
-        model = spec.auto_class.from_pretrained(
-            resolved, dtype=dtype, attn_implementation=attn_implementation or spec.attention
-        )
-    except OSError as err:
-        raise ModelLoadError(f"could not load the weights of {resolved}: {err}") from err
+    model = _load_model(resolved, spec, dtype, attn_implementation)
     model.to(device).eval()
     return describe(model, source=resolved, processor=_load_processor(resolved, spec.family))

@@ -52,7 +52,7 @@ def test_stats_only_rules_and_registry_entry(zoo_store):
     )
     assert "sink" in role[0, 1] and "previous-token" in role[0, 0] and "previous-token" in role[0, 2]
     entry = atlas.ANALYSES["atlas"]
-    options = {key: default for key, (default, _help) in entry.options.items()}
+    options = entry.parse({})
     assert len(entry.run(zoo_store, options)) == 8
     with pytest.raises(hl.StoreError, match="no head statistics"):
         atlas.stat_features(zoo_store, condition="missing")

@@ -138,14 +138,11 @@ def test_analyses_entries_run_and_validate_options(zoo_lm):
         "circuit-overlap",
     }
     entry = C.ANALYSES["attribution-patching"]
-    options = {k: default for k, (default, _help) in entry.options.items()} | {
-        "n": 4,
-        "positions": "all,last",
-    }
+    options = entry.parse({"n": 4, "positions": "all,last"})
     frame = entry.run(_Store(zoo_lm.source), options)
     assert len(frame) == 8 * 2 * 2 and {"layer", "head", "score", "task"} <= set(frame.columns)
     with pytest.raises(SelectionError, match="directions"):
-        entry.run(_Store(zoo_lm.source), options | {"directions": "sideways"})
+        entry.parse({"directions": "sideways"})
     with pytest.raises(SelectionError, match="no patching task"):
         C.patching_data(zoo_lm, "sudoku")
 

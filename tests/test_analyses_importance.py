@@ -165,7 +165,7 @@ def test_vit_partial_pruning_local_and_global_differ(zoo_vit):
 def test_analyses_entries_run_on_a_store(zoo_lm, tmp_path):
     store = Store.create(tmp_path / "s", zoo_lm)
     entry = imp.ANALYSES["importance-gradient"]
-    options = {key: default for key, (default, _help) in entry.options.items()}
+    options = entry.parse({})
     frame = entry.run(store, {**options, "n": 8})
     assert {"layer", "head", "importance", "rank"} <= set(frame.columns) and len(frame) == 8
     assert set(imp.ANALYSES) == {"importance-gradient", "importance-ablation"}

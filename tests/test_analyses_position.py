@@ -74,7 +74,7 @@ def test_zoo_lm_slot_profiles_through_a_store(zoo_lm, tmp_path):
     store = hl.Store.create(tmp_path / "store", zoo_lm)
     store.append(rec, meta=meta)
     entry = position.ANALYSES["slot-profile"]
-    options = {key: default for key, (default, _help) in entry.options.items()}
+    options = entry.parse({})
     out = entry.run(store, options)
     assert len(out) == 8 and out.n_examples.eq(6).all() and out.k.eq(4).all()
     slots = out[[f"slot_{s}" for s in range(4)]].to_numpy()

@@ -76,8 +76,7 @@ def test_sae_ranks_the_induction_circuit_above_chance_and_is_deterministic(zoo_l
 def test_registry_entry_runs_on_a_store(zoo_lm, tmp_path):
     store = hl.Store.create(tmp_path / "s", zoo_lm)
     entry = sae.ANALYSES["sae-circuit"]
-    options = {key: default for key, (default, _help) in entry.options.items()}
-    options.update(n=16, steps=50, truth="0.0,0.2,1.0")
+    options = entry.parse({"n": 16, "steps": 50, "truth": "0.0,0.2,1.0"})
     frame = entry.run(store, options)
     assert list(frame[["layer", "head"]].itertuples(index=False, name=None))[:2] == [(0, 0), (0, 1)]
     assert frame.in_truth.sum() == 3 and 0.0 <= frame.auc.iloc[0] <= 1.0

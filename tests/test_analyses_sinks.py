@@ -145,7 +145,7 @@ def test_zoo_lm_first_token_sink_through_a_store(zoo_lm, tmp_path):
     store = hl.Store.create(tmp_path / "store", zoo_lm)
     store.append(rec, examples=list(range(100, 108)))
     entry = sinks.ANALYSES["sinks"]
-    options = {key: default for key, (default, _help) in entry.options.items()}
+    options = entry.parse({})
     scores = entry.run(store, options)
     strongest = scores.loc[scores.alpha.idxmax()]
     assert (strongest.layer, strongest["head"]) == (0, 1) and strongest.alpha > 0.3

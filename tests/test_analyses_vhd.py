@@ -67,5 +67,5 @@ def test_analyze_cli_saves_the_result(filled):
     assert listed.exit_code == 0 and "vhd" in listed.output
     bad = runner.invoke(app, ["analyze", "vhd", str(store.root), "-o", "nope=1"])
     assert bad.exit_code == 2 and "has no option" in bad.output
-    with pytest.raises(hl.StoreError, match="no head outputs under both"):
+    with pytest.raises(hl.SelectionError, match="with_condition=vhr is not a condition in"):
         run_analysis("vhd", store, with_condition="vhr")

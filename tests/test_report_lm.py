@@ -18,9 +18,9 @@ runner = CliRunner()
 N = 3
 
 
-def _invoke(*args):
+def _invoke(*args, code: int = 0):
     result = runner.invoke(app, ["report", *map(str, args)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == code, result.output
     return result.output
 
 
@@ -99,7 +99,7 @@ def test_sinks_escapes_prompts_and_lists_bad_lines(tmp_path):
     ]
     data.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
     out = tmp_path / "report"
-    _invoke("sinks", "--out", out, "--data", data)
+    _invoke("sinks", "--out", out, "--data", data, code=1)  # partial: a bad line
     html = (out / "report.html").read_text()
     assert "<script>alert(1)</script>" not in html and "<b>bold</b>" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
@@ -156,7 +156,7 @@ def test_position_rerun_uses_cache(position_run, monkeypatch):
 
     monkeypatch.setattr(position, "lost_in_the_middle", boom)
     monkeypatch.setattr(position, "judge_position_bias", boom)
-    monkeypatch.setattr(hl, "load", boom)  # nothing missing: the model is not even loaded
+    # the model is still loaded: the cache is matched on its fingerprint, not on the --model text
     output = _invoke("position-bias", "--out", out, "--n", N)
     assert "0 parts computed, 4 from the cache" in output
     assert (out / lm_report.POSITION_CACHE).read_bytes() == cache

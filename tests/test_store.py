@@ -170,7 +170,7 @@ def test_cli_capture_reports_bad_lines_and_resumes(model_dirs, tmp_path):
     data = _prompts(tmp_path / "p.jsonl", 6, bad=True)
     args = _capture_args(model_dirs["gpt2"], data, tmp_path / "s", 2)
     first = CliRunner().invoke(app, args)
-    assert first.exit_code == 0, first.output
+    assert first.exit_code == 1, first.output  # 1: some lines bad, the others in the store
     assert "6 captured" in first.output and "2 bad" in first.output
     assert "p.jsonl:4: not valid JSON" in first.output and "p.jsonl:6: no prompt" in first.output
     again = CliRunner().invoke(app, args)

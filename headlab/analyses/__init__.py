@@ -12,6 +12,6 @@ Contract for every module here:
   the dashboard and the reports read it.
 """
 
-from headlab.analyses.registry import ANALYSES, Analysis, run_analysis, store_model
+from headlab.analyses.registry import ANALYSES, Analysis, Option, StoreValues, run_analysis, store_model
 
-__all__ = ["ANALYSES", "Analysis", "run_analysis", "store_model"]
+__all__ = ["ANALYSES", "Analysis", "Option", "StoreValues", "run_analysis", "store_model"]

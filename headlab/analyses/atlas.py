@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from headlab.analyses.registry import Analysis
+from headlab.analyses.registry import Analysis, Option, StoreValues
 from headlab.errors import SelectionError, StoreError
 from headlab.store import Store
 
@@ -47,7 +47,8 @@ N_NEIGHBORS = 15
 def stat_features(store: Store, *, condition: str | None = None) -> pd.DataFrame:
     """One row per (tower, layer, head): every head statistic averaged over examples, one column per
     (stat, role) ("stat" alone when the statistic has no role)."""
-    stats = store.head_stats(condition=condition)
+    missing = condition is not None and condition not in store.conditions()
+    stats = pd.DataFrame() if missing else store.head_stats(condition=condition)
     if not len(stats):
         raise StoreError(
             f"{store.root} holds no head statistics{f' for condition {condition!r}' if condition else ''}; "
@@ -67,6 +68,8 @@ def stat_features(store: Store, *, condition: str | None = None) -> pd.DataFrame
 def pattern_features(store: Store, *, condition: str = "default", pattern_examples: int = 8) -> pd.DataFrame:
     """prev_token, first_token and self per (tower, layer, head) from full stored patterns of the first
     `pattern_examples` examples; an empty frame when the store holds no full patterns."""
+    if condition not in store.conditions():  # asking the store for a condition it lacks is an error
+        return pd.DataFrame(columns=KEY)
     ex = store.examples(condition=condition)
     if not len(ex):
         return pd.DataFrame(columns=KEY)
@@ -76,7 +79,7 @@ def pattern_features(store: Store, *, condition: str = "default", pattern_exampl
         found = []
         for example in sorted(ex.example.unique())[:pattern_examples]:
             try:
-                a = store.pattern(int(example), int(layer), int(head), tower=tower, condition=condition)
+                a = store.pattern(example, int(layer), int(head), tower=tower, condition=condition)
             except StoreError:
                 continue
             if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 2:
@@ -189,8 +192,8 @@ def head_atlas(
 
 def _run(store: Store, options: dict) -> pd.DataFrame:
     induction = None
-    if options["induction"]:
-        found = store.result(str(options["induction"]))
+    if options["induction"] is not None:
+        found = store.result(options["induction"])
         column = "induction" if "induction" in found else "score"
         if column not in found:
             raise StoreError(f"result {options['induction']!r} has neither an induction nor a score column")
@@ -201,10 +204,10 @@ def _run(store: Store, options: dict) -> pd.DataFrame:
         }
     return head_atlas(
         store,
-        condition=options["condition"] or None,
+        condition=options["condition"],
         induction=induction,
-        clusters=int(options["clusters"]),
-        seed=int(options["seed"]),
+        clusters=options["clusters"],
+        seed=options["seed"],
     )
 
 
@@ -217,10 +220,24 @@ ANALYSES = {
         ),
         run=_run,
         options={
-            "condition": ("", "condition to use (empty: all conditions pooled)"),
-            "clusters": (4, "KMeans clusters"),
-            "seed": (0, "random_state of UMAP and KMeans"),
-            "induction": ("", "a stored result with layer, head and an induction (or score) column"),
+            "condition": Option(
+                type=str,
+                default=None,
+                optional=True,
+                among=StoreValues.CONDITIONS,
+                help="condition to use (none: all conditions pooled)",
+            ),
+            "clusters": Option(
+                type=int, default=4, ge=1, help="KMeans clusters (at most one per head: fewer heads, fewer)"
+            ),
+            "seed": Option(type=int, default=0, ge=0, help="random_state of UMAP and KMeans"),
+            "induction": Option(
+                type=str,
+                default=None,
+                optional=True,
+                among=StoreValues.RESULTS,
+                help="a stored result with layer, head and an induction (or score) column",
+            ),
         },
     )
 }

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from headlab.analyses.registry import Analysis, store_model
+from headlab.analyses.registry import Analysis, Option, store_model
 from headlab.datasets import synthetic
 from headlab.errors import InputError, SelectionError, UnsupportedModelError
 from headlab.interventions.core import AttentionCall, Intervention, Patch, intervene
@@ -569,36 +569,31 @@ def circuit_overlap(
 # --------------------------------------------------------------------------------------------- analyses
 
 
-def _split(value: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
-    parts = tuple(p.strip() for p in str(value).split(",") if p.strip())
-    bad = [p for p in parts if p not in allowed]
-    if bad or not parts:
-        raise SelectionError(f"{what} must be a comma-separated list of {list(allowed)}, got {value!r}")
-    return parts
-
-
 _DATA_OPTIONS = {
-    "task": ("ioi", f"clean/corrupted task: one of {sorted(PAIR_TASKS)}"),
-    "n": (32, "number of prompt pairs"),
-    "seed": (0, "generator seed"),
+    "task": Option(type=str, default="ioi", choices=tuple(PAIR_TASKS), help="clean/corrupted task"),
+    "n": Option(type=int, default=32, ge=1, help="number of prompt pairs"),
+    "seed": Option(type=int, default=0, ge=0, help="generator seed"),
 }
 _PATCH_OPTIONS = {
     **_DATA_OPTIONS,
-    "directions": ("denoising,noising", "comma-separated: denoising, noising"),
-    "positions": ("all", "comma-separated: all (every query position), last (last token only)"),
+    "directions": Option(
+        type=str, default=DIRECTIONS, choices=DIRECTIONS, many=True, help="patching directions"
+    ),
+    "positions": Option(
+        type=str,
+        default=("all",),
+        choices=POSITIONS,
+        many=True,
+        help="all (every query position), last (last token only)",
+    ),
 }
 
 
 def _patching_run(method):
     def run(store, options: dict) -> pd.DataFrame:
         lm = store_model(store)
-        data = patching_data(lm, options["task"], int(options["n"]), int(options["seed"]))
-        frame = method(
-            lm,
-            data,
-            directions=_split(options["directions"], DIRECTIONS, "directions"),
-            positions=_split(options["positions"], POSITIONS, "positions"),
-        )
+        data = patching_data(lm, options["task"], options["n"], options["seed"])
+        frame = method(lm, data, directions=options["directions"], positions=options["positions"])
         return frame.assign(task=options["task"])
 
     return run
@@ -606,10 +601,9 @@ def _patching_run(method):
 
 def _run_path(store, options: dict) -> pd.DataFrame:
     lm = store_model(store)
-    data = patching_data(lm, options["task"], int(options["n"]), int(options["seed"]))
-    (positions,) = _split(options["positions"], POSITIONS, "positions (one)")
-    components = _split(options["components"], COMPONENTS, "components")
-    return path_patching(lm, data, components=components, positions=positions).assign(task=options["task"])
+    data = patching_data(lm, options["task"], options["n"], options["seed"])
+    frame = path_patching(lm, data, components=options["components"], positions=options["positions"])
+    return frame.assign(task=options["task"])
 
 
 def _run_overlap(store, options: dict) -> pd.DataFrame:
@@ -617,9 +611,9 @@ def _run_overlap(store, options: dict) -> pd.DataFrame:
         store_model(store),
         options["task_a"],
         options["task_b"],
-        n=int(options["n"]),
-        seed=int(options["seed"]),
-        threshold=float(options["threshold"]),
+        n=options["n"],
+        seed=options["seed"],
+        threshold=options["threshold"],
         method=options["method"],
         direction=options["direction"],
     )
@@ -631,39 +625,49 @@ def _run_overlap(store, options: dict) -> pd.DataFrame:
 
 ANALYSES: dict[str, Analysis] = {
     "activation-patching": Analysis(
-        "activation-patching",
-        "per-head activation patching (denoising and noising) of the logit difference on clean/corrupted pairs",
-        _patching_run(activation_patching),
-        _PATCH_OPTIONS,
+        name="activation-patching",
+        description="per-head activation patching (denoising and noising) of the logit difference on clean/corrupted pairs",
+        run=_patching_run(activation_patching),
+        options=_PATCH_OPTIONS,
     ),
     "attribution-patching": Analysis(
-        "attribution-patching",
-        "per-head attribution patching: first-order estimate of activation patching from one backward pass",
-        _patching_run(attribution_patching),
-        _PATCH_OPTIONS,
+        name="attribution-patching",
+        description="per-head attribution patching: first-order estimate of activation patching from one backward pass",
+        run=_patching_run(attribution_patching),
+        options=_PATCH_OPTIONS,
     ),
     "path-patching": Analysis(
-        "path-patching",
-        "sender -> receiver (q/k/v) and sender -> logits path patching, noising score",
-        _run_path,
-        {
+        name="path-patching",
+        description="sender -> receiver (q/k/v) and sender -> logits path patching, noising score",
+        run=_run_path,
+        options={
             **_DATA_OPTIONS,
-            "positions": ("all", "sender positions patched: all or last"),
-            "components": ("q,k,v", "receiver inputs, comma-separated: q, k, v, qkv"),
+            "positions": Option(type=str, default="all", choices=POSITIONS, help="sender positions patched"),
+            "components": Option(
+                type=str, default=("q", "k", "v"), choices=COMPONENTS, many=True, help="receiver inputs"
+            ),
         },
     ),
     "circuit-overlap": Analysis(
-        "circuit-overlap",
-        "circuits (heads with patching score >= threshold) on two tasks and their overlap coefficient and IoU",
-        _run_overlap,
-        {
-            "task_a": ("ioi", f"first task: one of {sorted(PAIR_TASKS)}"),
-            "task_b": ("colored_objects", "second task"),
-            "n": (32, "number of prompt pairs per task"),
-            "seed": (0, "generator seed"),
-            "threshold": (0.1, "minimum normalised score of a circuit head"),
-            "method": ("activation", "activation or attribution"),
-            "direction": ("denoising", "denoising or noising"),
+        name="circuit-overlap",
+        description="circuits (heads with patching score >= threshold) on two tasks and their overlap coefficient and IoU",
+        run=_run_overlap,
+        options={
+            "task_a": Option(type=str, default="ioi", choices=tuple(PAIR_TASKS), help="first task"),
+            "task_b": Option(
+                type=str, default="colored_objects", choices=tuple(PAIR_TASKS), help="second task"
+            ),
+            "n": Option(type=int, default=32, ge=1, help="number of prompt pairs per task"),
+            "seed": Option(type=int, default=0, ge=0, help="generator seed"),
+            "threshold": Option(
+                type=float,
+                default=0.1,
+                ge=0,
+                le=1,
+                help="minimum normalised score of a circuit head (1 = the whole clean-vs-corrupted change)",
+            ),
+            "method": Option(type=str, default="activation", choices=tuple(METHODS), help="patching method"),
+            "direction": Option(type=str, default="denoising", choices=DIRECTIONS, help="patching direction"),
         },
     ),
 }

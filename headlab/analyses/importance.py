@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from headlab.analyses.registry import Analysis, store_model
+from headlab.analyses.registry import Analysis, Option, store_model
 from headlab.datasets import scenes, synthetic
 from headlab.errors import InputError, SelectionError, UnsupportedModelError
 from headlab.interventions.core import AttentionCall, Intervention, Patch, intervene
@@ -454,18 +454,14 @@ def ablation_importance(
 
 
 def _task_options(options: dict) -> dict:
-    return {"task": options["task"], "n": int(options["n"]), "seed": int(options["seed"])}
+    return {"task": options["task"], "n": options["n"], "seed": options["seed"]}
 
 
 def _run_gradient(store: Store, options: dict) -> pd.DataFrame:
     lm = store_model(store)
     data = task_data(lm, **_task_options(options), loss=options["loss"])
     return gradient_importance(
-        lm,
-        data,
-        variant=options["variant"],
-        normalize=bool(options["normalize"]),
-        batch_size=int(options["batch_size"]),
+        lm, data, variant=options["variant"], normalize=options["normalize"], batch_size=options["batch_size"]
     )
 
 
@@ -475,42 +471,55 @@ def _run_ablation(store: Store, options: dict) -> pd.DataFrame:
     data = task_data(lm, **task)
     reference = task_data(lm, **{**task, "seed": task["seed"] + 1}) if options["kind"] == "mean" else None
     return ablation_importance(
-        lm, data, kind=options["kind"], reference=reference, batch_size=int(options["batch_size"])
+        lm, data, kind=options["kind"], reference=reference, batch_size=options["batch_size"]
     )
 
 
-_TASK_HELP = (
-    f"task: 'auto' (induction for LLMs, scenes for ViTs), {', '.join(sorted(synthetic.TASKS))} or scenes"
-)
 _COMMON = {
-    "task": ("auto", _TASK_HELP),
-    "n": (64, "number of examples"),
-    "seed": (0, "seed of the task's generator (mean ablation's reference set uses seed + 1)"),
-    "batch_size": (32, "examples per forward pass"),
+    "task": Option(
+        type=str,
+        default="auto",
+        choices=("auto", *sorted(synthetic.TASKS), VIT_TASK),
+        help="auto: induction for LLMs, scenes for ViTs",
+    ),
+    "n": Option(type=int, default=64, ge=1, help="number of examples"),
+    "seed": Option(
+        type=int,
+        default=0,
+        ge=0,
+        help="seed of the task's generator (mean ablation's reference set uses seed + 1)",
+    ),
+    "batch_size": Option(type=int, default=32, ge=1, help="examples per forward pass"),
 }
 
 ANALYSES: dict[str, Analysis] = {
     "importance-gradient": Analysis(
-        "importance-gradient",
-        "Michel et al. 2019 head importance E|dL/dxi_h| from gates on the head outputs",
-        _run_gradient,
-        {
+        name="importance-gradient",
+        description="Michel et al. 2019 head importance E|dL/dxi_h| from gates on the head outputs",
+        run=_run_gradient,
+        options={
             **_COMMON,
-            "variant": (
-                "token",
-                f"one of {VARIANTS}: |.| per token (paper code), per example, per batch (HF)",
+            "variant": Option(
+                type=str,
+                default="token",
+                choices=VARIANTS,
+                help="|.| per token (paper code), per example, per batch (HF)",
             ),
-            "normalize": (True, "divide each layer by its L2 norm (Michel et al.)"),
-            "loss": (
-                "answer",
-                "answer: cross-entropy of the answer token; lm: next-token loss on prompt + answer",
+            "normalize": Option(
+                type=bool, default=True, help="divide each layer by its L2 norm (Michel et al.)"
+            ),
+            "loss": Option(
+                type=str,
+                default="answer",
+                choices=LOSSES,
+                help="answer: cross-entropy of the answer token; lm: next-token loss on prompt + answer",
             ),
         },
     ),
     "importance-ablation": Analysis(
-        "importance-ablation",
-        "accuracy / confidence / loss change when one head is ablated (zero, mean or resample)",
-        _run_ablation,
-        {**_COMMON, "kind": ("zero", f"one of {ABLATIONS}")},
+        name="importance-ablation",
+        description="accuracy / confidence / loss change when one head is ablated (zero, mean or resample)",
+        run=_run_ablation,
+        options={**_COMMON, "kind": Option(type=str, default="zero", choices=ABLATIONS, help="the ablation")},
     ),
 }

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from headlab.analyses.registry import Analysis
+from headlab.analyses.registry import Analysis, Option, StoreValues
 from headlab.analyses.sinks import HEAD, Source, example_frame, stat_frame
 from headlab.errors import InputError, SelectionError
 from headlab.loading import LoadedModel
@@ -79,10 +79,10 @@ def slot_masses(
 def _segment_lengths(source: Source, frame: pd.DataFrame) -> np.ndarray:
     """The length of each row's segment, from the example meta `spans` ([[start, end), ...])."""
     ex = example_frame(source)
-    spans = {(c, int(e)): m.get("spans") for c, e, m in zip(ex.condition, ex.example, ex.meta, strict=True)}
+    spans = {(c, e): m.get("spans") for c, e, m in zip(ex.condition, ex.example, ex.meta, strict=True)}
     lengths = []
     for c, e, s in zip(frame.condition, frame.example, frame.slot, strict=True):
-        span = spans.get((c, int(e)))
+        span = spans.get((c, e))
         if not span or s >= len(span):
             raise InputError(
                 f"per_token slot profiles need the segment spans: store them in the example meta as "
@@ -94,10 +94,10 @@ def _segment_lengths(source: Source, frame: pd.DataFrame) -> np.ndarray:
 
 def _golds(source: Source, gold: Mapping[int, int] | None) -> dict[tuple[str, int], int]:
     if gold is not None:
-        return {("default", int(e)): int(g) for e, g in gold.items()}
+        return {("default", e): int(g) for e, g in gold.items()}  # example ids as stored: int or str
     ex = example_frame(source)
     return {
-        (c, int(e)): int(m["gold"])
+        (c, e): int(m["gold"])
         for c, e, m in zip(ex.condition, ex.example, ex.meta, strict=True)
         if isinstance(m, dict) and "gold" in m
     }
@@ -120,8 +120,7 @@ def slot_profiles(
     masses = slot_masses(source, stat=stat, tower=tower, per_token=per_token)
     golds = _golds(source, gold)
     is_gold = [
-        golds.get((c, int(e))) == s
-        for c, e, s in zip(masses.condition, masses.example, masses.slot, strict=True)
+        golds.get((c, e)) == s for c, e, s in zip(masses.condition, masses.example, masses.slot, strict=True)
     ]
     masses = masses.assign(gold_share=masses.share.where(is_gold))
     keys = [*HEAD, "k"]
@@ -267,14 +266,7 @@ def _checked_methods(methods: Iterable[str]) -> list[str]:
 
 
 def _run_slots(store: Store, options: dict) -> pd.DataFrame:
-    return slot_profiles(
-        store, stat=options["stat"], tower=options["tower"], per_token=_flag(options["per_token"])
-    )
-
-
-def _flag(value) -> bool:
-    """An option given as a bool or as CLI text ("true", "1", "yes")."""
-    return value.strip().lower() in ("1", "true", "yes") if isinstance(value, str) else bool(value)
+    return slot_profiles(store, stat=options["stat"], tower=options["tower"], per_token=options["per_token"])
 
 
 def _run_distance(store: Store, options: dict) -> pd.DataFrame:
@@ -282,10 +274,11 @@ def _run_distance(store: Store, options: dict) -> pd.DataFrame:
 
 
 def _run_vit(store: Store, options: dict) -> pd.DataFrame:
-    size = options["patch_size"]
-    return vit_attention_distance(
-        store, tower=options["tower"], patch_size=None if size is None else int(size)
-    )
+    return vit_attention_distance(store, tower=options["tower"], patch_size=options["patch_size"])
+
+
+def _tower(default: str, text: str) -> Option:
+    return Option(type=str, default=default, among=StoreValues.TOWERS, help=text)
 
 
 ANALYSES: dict[str, Analysis] = {
@@ -294,24 +287,37 @@ ANALYSES: dict[str, Analysis] = {
         description="per-head attention over segments: primacy, recency, U-depth, KL to uniform, gold tracking",
         run=_run_slots,
         options={
-            "stat": ("mass_last", "'mass_last' (the last token's attention) or 'mass' (mean over queries)"),
-            "tower": ("lm", "the tower whose heads are profiled"),
-            "per_token": (False, "divide each segment's mass by its length (needs meta 'spans')"),
+            "stat": Option(
+                type=str,
+                default="mass_last",
+                choices=("mass_last", "mass"),
+                help="the last token's attention (mass_last) or the mean over queries (mass)",
+            ),
+            "tower": _tower("lm", "the tower whose heads are profiled"),
+            "per_token": Option(
+                type=bool, default=False, help="divide each segment's mass by its length (needs meta 'spans')"
+            ),
         },
     ),
     "distance-profile": Analysis(
         name="distance-profile",
         description="per-head mean attended distance in tokens (and its RMS)",
         run=_run_distance,
-        options={"tower": ("lm", "the text tower")},
+        options={"tower": _tower("lm", "the text tower")},
     ),
     "vit-distance": Analysis(
         name="vit-distance",
         description="per-head ViT mean attention distance over the patch grid (patches, or pixels)",
         run=_run_vit,
         options={
-            "tower": ("vision", "the vision tower"),
-            "patch_size": (None, "pixels per patch, to also report the distance in pixels"),
+            "tower": _tower("vision", "the vision tower"),
+            "patch_size": Option(
+                type=int,
+                default=None,
+                optional=True,
+                ge=1,
+                help="pixels per patch, to also report the distance in pixels",
+            ),
         },
     ),
 }

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from headlab.analyses.importance import VIT_TASK, TaskData, _all_heads, _drops, _evaluate, task_data
-from headlab.analyses.registry import Analysis, store_model
+from headlab.analyses.registry import Analysis, Option, store_model
 from headlab.errors import SelectionError, UnsupportedModelError
 from headlab.interventions.core import AttentionCall, Intervention, Patch
 from headlab.interventions.heads import Head, HeadAblation
@@ -195,27 +195,36 @@ class _Recording(Intervention):
 
 def _run_partial(store: Store, options: dict) -> pd.DataFrame:
     lm = store_model(store)
-    data = task_data(lm, VIT_TASK, n=int(options["n"]), seed=int(options["seed"]))
+    data = task_data(lm, VIT_TASK, n=options["n"], seed=options["seed"])
     return partial_pruning(
         lm,
         data,
-        radius=float(options["radius"]),
-        renormalize=bool(options["renormalize"]),
-        batch_size=int(options["batch_size"]),
+        radius=options["radius"],
+        renormalize=options["renormalize"],
+        batch_size=options["batch_size"],
     )
 
 
 ANALYSES: dict[str, Analysis] = {
     "vit-partial-pruning": Analysis(
-        "vit-partial-pruning",
-        "ViT heads with only their local or only their global patch attention removed (Li et al. 2023)",
-        _run_partial,
-        {
-            "n": (128, "number of scene images"),
-            "seed": (0, "seed of the scenes"),
-            "batch_size": (64, "images per forward pass"),
-            "radius": (2.0, "local = patches within this Euclidean distance on the grid (in patches)"),
-            "renormalize": (True, "kept keys share the removed mass (else the removed mass is dropped)"),
+        name="vit-partial-pruning",
+        description="ViT heads with only their local or only their global patch attention removed (Li et al. 2023)",
+        run=_run_partial,
+        options={
+            "n": Option(type=int, default=128, ge=1, help="number of scene images"),
+            "seed": Option(type=int, default=0, ge=0, help="seed of the scenes"),
+            "batch_size": Option(type=int, default=64, ge=1, help="images per forward pass"),
+            "radius": Option(
+                type=float,
+                default=2.0,
+                ge=0,
+                help="local = patches within this Euclidean distance on the grid (in patches; 0: the patch itself)",
+            ),
+            "renormalize": Option(
+                type=bool,
+                default=True,
+                help="kept keys share the removed mass (else the removed mass is dropped)",
+            ),
         },
     ),
 }

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from headlab.analyses.registry import Analysis, store_model
+from headlab.analyses.registry import Analysis, Option, store_model
 from headlab.datasets import synthetic
 from headlab.errors import InputError, SelectionError, UnsupportedModelError
 from headlab.interventions.heads import head_outputs
@@ -326,22 +326,33 @@ def parse_heads(text: str) -> list[Head]:
     return heads
 
 
+def _check_truth(truth: list[Head], lm: LoadedModel) -> None:
+    """The ground-truth heads exist in the model and leave some heads out (a ROC AUC needs both classes)."""
+    info = lm.tower("lm")
+    outside = [f"{la}.{h}" for la, h in truth if not (0 <= la < info.n_layers and 0 <= h < info.n_heads)]
+    if outside or len(set(truth)) == info.n_layers * info.n_heads:
+        raise SelectionError(
+            f"analysis 'sae-circuit': option truth must name some but not all heads of the model "
+            f"({info.n_layers} layers x {info.n_heads} heads)"
+            + (f"; {', '.join(outside)} are outside it" if outside else "")
+        )
+
+
 def _run(store: Store, options: dict) -> pd.DataFrame:
+    truth = parse_heads(options["truth"] or "")  # before any work
     lm = store_model(store)
-    positives, negatives = task_prompts(options["task"], int(options["n"]), seed=int(options["seed"]))
+    _check_truth(truth, lm)
+    positives, negatives = task_prompts(options["task"], options["n"], seed=options["seed"])
     frame = sae_head_scores(
-        lm,
-        positives,
-        negatives,
-        width=int(options["codes"]),
-        steps=int(options["steps"]),
-        seed=int(options["seed"]),
+        lm, positives, negatives, width=options["codes"], steps=options["steps"], seed=options["seed"]
     )
-    truth = parse_heads(str(options["truth"]))
     frame["in_truth"] = [(int(r.layer), int(r.head)) in set(truth) for r in frame.itertuples()]
     frame["auc"] = roc_auc(frame, truth) if truth else float("nan")
     return frame
 
+
+# tasks with negatives: induction's are built here, the others' are their corrupted prompts
+_TASKS = tuple(sorted(set(synthetic.TASKS) - {"multi_doc_qa"}))
 
 ANALYSES = {
     "sae-circuit": Analysis(
@@ -352,12 +363,27 @@ ANALYSES = {
         ),
         run=_run,
         options={
-            "task": ("induction", f"synthetic task: {', '.join(sorted(synthetic.TASKS))} (not multi_doc_qa)"),
-            "n": (250, "positive prompts (and as many negatives)"),
-            "seed": (0, "seed of the prompts, the SAE initialisation and its training examples"),
-            "codes": (WIDTH, "SAE width m: the number of discrete codes"),
-            "steps": (STEPS, "full-batch Adam steps"),
-            "truth": ("", "ground-truth heads as layer.head,... (e.g. 0.0,0.2,1.0) for the ROC AUC"),
+            "task": Option(type=str, default="induction", choices=_TASKS, help="synthetic task"),
+            "n": Option(type=int, default=250, ge=1, help="positive prompts (and as many negatives)"),
+            "seed": Option(
+                type=int,
+                default=0,
+                ge=0,
+                help="seed of the prompts, the SAE initialisation and its training examples",
+            ),
+            "codes": Option(
+                type=int,
+                default=WIDTH,
+                ge=2,
+                help="SAE width m: the number of discrete codes (with one, no code can be unique to positives)",
+            ),
+            "steps": Option(type=int, default=STEPS, ge=1, help="full-batch Adam steps"),
+            "truth": Option(
+                type=str,
+                default=None,
+                optional=True,
+                help="ground-truth heads as layer.head,... (e.g. 0.0,0.2,1.0) for the ROC AUC",
+            ),
         },
     )
 }

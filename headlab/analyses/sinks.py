@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from headlab.analyses.registry import Analysis
+from headlab.analyses.registry import Analysis, Option, StoreValues
 from headlab.errors import InputError
 from headlab.probe.record import Record
 from headlab.store import Store
@@ -64,7 +64,7 @@ def stat_frame(source: Source, stat: str | Iterable[str], *, tower: str | None =
         return pd.DataFrame(columns=[*HEAD, "example", "stat", "role", "value"])
     if "condition" not in frame:
         frame = frame.assign(condition="default")
-    return frame.astype({"layer": int, "head": int, "example": int, "value": float})
+    return frame.astype({"layer": int, "head": int, "value": float})  # example ids: int or str, as stored
 
 
 def example_frame(source: Source) -> pd.DataFrame:
@@ -295,9 +295,9 @@ def _is_image(found: pd.DataFrame, image_positions) -> pd.Series:
     if image_positions is None:
         return pd.Series(pd.NA, index=found.index, dtype="boolean")
     if isinstance(image_positions, Mapping):
-        sets = {int(e): set(map(int, p)) for e, p in image_positions.items()}
+        sets = {e: set(map(int, p)) for e, p in image_positions.items()}  # example ids as stored: int or str
         return pd.Series(
-            [int(p) in sets.get(int(e), set()) for e, p in zip(found.example, found.position, strict=True)],
+            [int(p) in sets.get(e, set()) for e, p in zip(found.example, found.position, strict=True)],
             index=found.index,
             dtype="boolean",
         )
@@ -309,18 +309,19 @@ def _is_image(found: pd.DataFrame, image_positions) -> pd.Series:
 
 
 def _run_sinks(store: Store, options: dict) -> pd.DataFrame:
-    return sink_scores(store, epsilon=float(options["epsilon"]), tower=options["tower"])
+    return sink_scores(store, epsilon=options["epsilon"], tower=options["tower"])
 
 
 def _run_hidden(store: Store, options: dict) -> pd.DataFrame:
-    c = options["c"]
-    return hidden_sinks(
-        store, tau=float(options["tau"]), c=None if c is None else float(c), tower=options["tower"]
-    )
+    return hidden_sinks(store, tau=options["tau"], c=options["c"], tower=options["tower"])
 
 
 def _run_massive(store: Store, options: dict) -> pd.DataFrame:
-    return massive_activations(store, threshold=float(options["threshold"]), ratio=float(options["ratio"]))
+    return massive_activations(store, threshold=options["threshold"], ratio=options["ratio"])
+
+
+def _tower(text: str) -> Option:
+    return Option(type=str, default=None, optional=True, among=StoreValues.TOWERS, help=text)
 
 
 ANALYSES: dict[str, Analysis] = {
@@ -329,8 +330,14 @@ ANALYSES: dict[str, Analysis] = {
         description="per-head first-token sink score (Gu et al.'s alpha_0, mean over examples) and sink flag",
         run=_run_sinks,
         options={
-            "epsilon": (EPSILON, "a head is a sink when its mean alpha_0 exceeds this (Gu et al.: 0.3)"),
-            "tower": (None, "only this tower (default: every tower with alpha statistics)"),
+            "epsilon": Option(
+                type=float,
+                default=EPSILON,
+                gt=0,
+                le=1,
+                help="a head is a sink when its mean alpha_0 (a share of attention) exceeds this (Gu et al.: 0.3)",
+            ),
+            "tower": _tower("only this tower (default: every tower with alpha statistics)"),
         },
     ),
     "hidden-sinks": Analysis(
@@ -338,9 +345,17 @@ ANALYSES: dict[str, Analysis] = {
         description="ACT's hidden sinks: keys after the first with received attention alpha_k > tau",
         run=_run_hidden,
         options={
-            "tau": (HIDDEN_TAU, "absolute alpha threshold (ACT: 0.1)"),
-            "c": (None, "relative threshold c / (T - k) instead of tau (detector spec: c ~ 5)"),
-            "tower": (None, "only this tower"),
+            "tau": Option(
+                type=float, default=HIDDEN_TAU, gt=0, le=1, help="absolute alpha threshold (ACT: 0.1)"
+            ),
+            "c": Option(
+                type=float,
+                default=None,
+                optional=True,
+                gt=0,
+                help="relative threshold c / (T - k) instead of tau (detector spec: c ~ 5)",
+            ),
+            "tower": _tower("only this tower (default: every tower with alpha statistics)"),
         },
     ),
     "massive-activations": Analysis(
@@ -348,8 +363,18 @@ ANALYSES: dict[str, Analysis] = {
         description="residual scalars with |x| > 100 and >= 1000x the median |x| (Sun et al.)",
         run=_run_massive,
         options={
-            "threshold": (MASSIVE_ABS, "absolute |x| threshold (Sun et al.: 100)"),
-            "ratio": (MASSIVE_RATIO, "minimum multiple of the state's median |x| (Sun et al.: 1000)"),
+            "threshold": Option(
+                type=float,
+                default=MASSIVE_ABS,
+                ge=0,
+                help="absolute |x| threshold (Sun et al.: 100; 0: the ratio alone decides)",
+            ),
+            "ratio": Option(
+                type=float,
+                default=MASSIVE_RATIO,
+                ge=0,
+                help="minimum multiple of the state's median |x| (Sun et al.: 1000; 0: the threshold alone)",
+            ),
         },
     ),
 }

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from headlab.analyses.registry import Analysis
-from headlab.errors import InputError, StoreError
+from headlab.analyses.registry import Analysis, Option, StoreValues
+from headlab.errors import InputError, SelectionError, StoreError
 from headlab.interventions.vhr import select_heads
 from headlab.loading import Family, LoadedModel
 from headlab.store import Store
@@ -40,6 +40,8 @@ def vhd_per_example(
         try:
             idx_w, z_w = store.head_outputs(layer, condition=with_condition, position="last")
             idx_o, z_o = store.head_outputs(layer, condition=without_condition, position="last")
+        except SelectionError:
+            break  # past the last layer with stored head outputs (or a condition that is not stored)
         except StoreError:
             raise StoreError(
                 "VHD needs head outputs at the last position under both conditions; fill the store with "
@@ -139,12 +141,22 @@ def _run_vhd(store: Store, options: dict) -> pd.DataFrame:
 
 ANALYSES = {
     "vhd": Analysis(
-        "vhd",
-        "vision-aware head divergence per head (with vs without image, head outputs at the last position)",
-        _run_vhd,
-        {
-            "with_condition": ("with_image", "condition holding the with-image captures"),
-            "without_condition": ("no_image", "condition holding the text-only captures"),
+        name="vhd",
+        description="vision-aware head divergence per head (with vs without image, head outputs at the last position)",
+        run=_run_vhd,
+        options={
+            "with_condition": Option(
+                type=str,
+                default="with_image",
+                among=StoreValues.CONDITIONS,
+                help="condition holding the with-image captures",
+            ),
+            "without_condition": Option(
+                type=str,
+                default="no_image",
+                among=StoreValues.CONDITIONS,
+                help="condition holding the text-only captures",
+            ),
         },
     )
 }

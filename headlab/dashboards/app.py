@@ -97,7 +97,7 @@ def _token_heat(labels: list[str], row: np.ndarray) -> list[html.Span]:
 def pattern_outputs(
     data: BrowserData,
     click: dict | None,
-    example: int | None,
+    example: int | str | None,
     tower: str,
     condition: str | None,
     query: int | None,
@@ -107,12 +107,12 @@ def pattern_outputs(
     if head is None:
         blank = _message_figure("click a head on the heat map")
         return blank, [], blank, "click a head on the heat map to see its attention"
-    if example is None or condition is None:
+    if example in (None, "") or condition is None:
         blank = _message_figure("type an example id and pick condition A")
         return blank, [], blank, "type an example id and pick condition A"
     layer, h = head
     try:
-        view = data.pattern(int(example), layer, h, tower=tower, condition=condition, query=query)
+        view = data.pattern(data.example_id(example), layer, h, tower=tower, condition=condition, query=query)
     except HeadlabError as err:
         blank = _message_figure(str(err))
         return blank, [], blank, f"layer {layer} head {h}: {err}"
@@ -291,7 +291,8 @@ def build_layout(data: BrowserData) -> html.Div:
     pattern_controls = html.Div(
         [
             html.Label(f"example id ({count} stored, {low}..{high}) "),
-            dcc.Input(id="example", type="number", value=low, min=low, max=high, step=1, debounce=True),
+            # text, not a number field: string-id stores ("COCO_val2014_000000000042") are typed as stored
+            dcc.Input(id="example", type="text", value=str(low), debounce=True),
             html.Label(" query position (empty = last) "),
             dcc.Input(id="query", type="number", value=None, step=1, debounce=True),
         ]

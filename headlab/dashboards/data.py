@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,7 +22,7 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
-from headlab.errors import SelectionError, StoreError
+from headlab.errors import SelectionError
 from headlab.store import Store
 
 KEY_COLUMNS = ("tower", "layer", "head", "condition", "example", "step", "cluster")
@@ -112,15 +113,29 @@ class BrowserData:
     def towers(self) -> list[str]:
         return sorted(self._examples.tower.unique()) if len(self._examples) else []
 
-    def example_ids(self) -> tuple[int, int, int]:
-        """(count, smallest, largest) of the stored example ids."""
-        ids = self._examples.example
-        return int(ids.nunique()), int(ids.min()), int(ids.max())
+    def example_ids(self) -> tuple[int, int | str, int | str]:
+        """(count, first, last) of the stored example ids, in order (integers by value, strings as text)."""
+        ids = sorted(self._examples.example.unique().tolist())
+        return len(ids), ids[0], ids[-1]
+
+    def example_id(self, value: object) -> int | str:
+        """An example id typed in the browser, as the store keeps it: an integer store takes digits ("42"
+        or 42), a string store takes the text as typed ("000042" stays "000042")."""
+        if self.store.id_kind == "int" and isinstance(value, str):
+            text = value.strip()
+            if not re.fullmatch(r"-?\d+", text):
+                raise SelectionError(f"example ids of this store are integers; {value!r} is not one")
+            value = int(text)
+        if self.store.id_kind == "str" and isinstance(value, int | float) and not isinstance(value, bool):
+            raise SelectionError(
+                f"example ids of this store are strings; type the id as stored, not {value!r}"
+            )
+        return value
 
     def sources(self) -> list[Source]:
         """Every stat (with its roles) of the first stored example, then every numeric result column."""
         first = self._examples.iloc[0]
-        sample = self.store.head_stats(examples=[int(first.example)], condition=first.condition)
+        sample = self.store.head_stats(examples=[first.example], condition=first.condition)
         found = [
             Source(kind="stat", name=s, column=r)
             for s, r in sample[["stat", "role"]].drop_duplicates().itertuples(index=False)
@@ -179,20 +194,24 @@ class BrowserData:
         return frame if {"x", "y", "layer", "head"} <= set(frame.columns) else None
 
     def pattern(
-        self, example: int, layer: int, head: int, *, tower: str, condition: str, query: int | None
+        self, example: int | str, layer: int, head: int, *, tower: str, condition: str, query: int | None
     ) -> PatternView:
-        """One head's attention for one example; the full [q, k] when short, else just the query row."""
+        """One head's attention for one example; the full [q, k] when short, else just the query row.
+        `example` as the store keeps it, or as typed (`example_id`)."""
+        example = self.example_id(example)
         info = self._examples[
             (self._examples.example == example)
             & (self._examples.condition == condition)
             & (self._examples.tower == tower)
         ]
         if not len(info):
-            raise StoreError(f"example {example} is not stored under condition {condition!r} ({tower} tower)")
+            raise SelectionError(
+                f"example {example!r} is not stored under condition {condition!r} ({tower} tower)"
+            )
         n = int(info.n_tokens.iloc[0])
         q = n - 1 if query is None else int(query)
         if not -n <= q < n:
-            raise SelectionError(f"query {q} is outside example {example}'s {n} tokens (0..{n - 1})")
+            raise SelectionError(f"query {q} is outside example {example!r}'s {n} tokens (0..{n - 1})")
         q %= n
         full = n <= 256
         rows = self.store.pattern(

@@ -52,8 +52,10 @@ together are the hallucination vocabulary. `safe_words.txt` lists words that are
 
 Departures from the official script besides noun extraction: a truth or hallu object missing from
 relation.json has no associations (the official code raises KeyError); malformed response entries (not an
-object, no integer id, an id that is not a generative annotation, a non-string response) are counted and
-listed with their index instead of crashing; empty denominators give 0.0.
+object, no valid id, an id that is not a generative annotation, a non-string response) are counted and
+listed with their index instead of crashing; with no valid response every metric is None (n/a), otherwise
+an empty denominator gives 0.0 (the same for the discriminative scores). Ids follow `records.example_id`
+(integers or non-empty strings, as given; true, 1.0 and null are refused).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from headlab.datasets.chair import singularize
-from headlab.datasets.records import read_records
+from headlab.datasets.records import example_id, read_records
 from headlab.errors import InputError
 
 DIMENSIONS = {
@@ -100,7 +102,7 @@ def load_amber_annotations(path: str | Path) -> tuple[dict[int, AmberQuestion], 
         if kind == "generative":
             continue
         truth = str(obj.get("truth", "")).lower()
-        if kind not in DIMENSIONS or truth not in ("yes", "no") or not isinstance(obj.get("id"), int):
+        if kind not in DIMENSIONS or truth not in ("yes", "no") or not _is_id(obj.get("id")):
             problems.append(
                 f"{path}[{index}]: not a discriminative AMBER entry (type {kind!r}, truth {truth!r})"
             )
@@ -119,16 +121,18 @@ def normalize_yes_no(text: str) -> str:
 @dataclass(frozen=True)
 class AmberScore:
     n: int
-    accuracy: float
-    precision: float
-    recall: float
-    f1: float
+    accuracy: float | None  # None: no response scored
+    precision: float | None
+    recall: float | None
+    f1: float | None
     invalid: int  # responses that were not exactly Yes/No (counted wrong)
 
 
 def _score(pairs: list[tuple[str, str]]) -> AmberScore:
     """pairs of (truth "yes"/"no", response "Yes"/"No"/other)."""
     n = len(pairs)
+    if not n:
+        return AmberScore(0, None, None, None, None, 0)
     correct = sum(resp.lower() == truth for truth, resp in pairs if resp in ("Yes", "No"))
     pred_no = sum(resp == "No" for _, resp in pairs)
     truth_no = sum(truth == "no" for truth, _ in pairs)
@@ -137,7 +141,7 @@ def _score(pairs: list[tuple[str, str]]) -> AmberScore:
     recall = correct_no / truth_no if truth_no else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     invalid = sum(resp not in ("Yes", "No") for _, resp in pairs)
-    return AmberScore(n, correct / n if n else 0.0, precision, recall, f1, invalid)
+    return AmberScore(n, correct / n, precision, recall, f1, invalid)
 
 
 def score_amber_discriminative(
@@ -159,8 +163,8 @@ def load_amber_responses(path: str | Path) -> tuple[dict[int, str], list[str]]:
     records = read_records(path)
     responses, problems = {}, list(records.problems)
     for where, obj in records.items:
-        if not isinstance(obj.get("id"), int) or not isinstance(obj.get("response"), str):
-            problems.append(f"{path}:{where}: needs an integer id and a string response")
+        if not _is_id(obj.get("id")) or not isinstance(obj.get("response"), str):
+            problems.append(f"{path}:{where}: needs an id (an integer or a string) and a string response")
             continue
         responses[obj["id"]] = obj["response"]
     return responses, problems
@@ -186,7 +190,12 @@ _CAN_CUES = frozenset(_CAN_CUE_WORDS.split())
 
 
 def _is_id(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """`value` follows the id rule of `records.example_id`."""
+    try:
+        example_id(value)
+    except InputError:
+        return False
+    return True
 
 
 def _is_word_list(value: object) -> bool:
@@ -215,7 +224,7 @@ def load_amber_generative(path: str | Path) -> tuple[dict[int, AmberObjects], li
         if kind != "generative" or not _is_id(oid) or not _is_word_list(truth) or not _is_word_list(hallu):
             problems.append(
                 f"{path}[{index}]: not a generative AMBER entry (type {kind!r}; "
-                "needs an integer id and word lists 'truth' and 'hallu')"
+                "needs an id and word lists 'truth' and 'hallu')"
             )
             continue
         if oid in entries:
@@ -229,8 +238,8 @@ def load_amber_relations(path: str | Path) -> dict[str, tuple[str, ...]]:
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"could not read the AMBER word associations {path}: {err}") from err
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: also JSON and UTF-8 errors
+        raise InputError(f"could not read the AMBER word associations {path}: {err}") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path} must hold a JSON object {{word: [associated words]}}")
     bad = [key for key, words in raw.items() if not _is_word_list(words)]
@@ -244,8 +253,8 @@ def load_safe_words(path: str | Path) -> frozenset[str]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise InputError(f"could not read the AMBER safe words {path}: {err}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"could not read the AMBER safe words {path}: {err}") from None
     return frozenset(line.strip() for line in text.splitlines() if line.strip())
 
 
@@ -370,10 +379,10 @@ class AmberResponseDetail:
 
 @dataclass(frozen=True)
 class AmberGenerativeScore:
-    chair: float  # hallucinated nouns / kept nouns
-    cover: float  # covered truth objects / truth objects
-    hal: float  # responses with a hallucinated noun / responses
-    cog: float  # mentioned hallu objects / hallu objects
+    chair: float | None  # hallucinated nouns / kept nouns; None (all four): no valid response
+    cover: float | None  # covered truth objects / truth objects
+    hal: float | None  # responses with a hallucinated noun / responses
+    cog: float | None  # mentioned hallu objects / hallu objects
     n_responses: int  # valid responses scored
     n_nouns: int
     n_hallucinated: int
@@ -470,7 +479,7 @@ def score_amber_generative(
 
     responses: a response file (JSON list or JSON Lines of {id, response}), the parsed list, or {id: text};
     every entry is scored, duplicates included, as in the official script. Entries that are not an object,
-    have no integer id, have an id that is not in `annotations`, or a non-string response are skipped,
+    have no valid id, have an id that is not in `annotations`, or a non-string response are skipped,
     counted in `n_invalid` and listed in `problems` with their index (so a response file that also holds
     discriminative answers lists each of them: give this scorer the generative entries only).
     annotations: from `load_amber_generative`; relations: from `load_amber_relations`.
@@ -507,7 +516,7 @@ def score_amber_generative(
             continue
         rid, text = obj.get("id"), obj.get("response")
         if not _is_id(rid):
-            problems.append(f"{where}: needs an integer id, got {rid!r}")
+            problems.append(f"{where}: needs an integer id or a string id, got {rid!r}")
         elif rid not in annotations:
             problems.append(f"{where}: id {rid} is not a generative AMBER entry")
         elif not isinstance(text, str):
@@ -522,10 +531,10 @@ def score_amber_generative(
     n_truth = sum(d.n_truth for d in details)
     n_hallu = sum(d.n_hallu for d in details)
     return AmberGenerativeScore(
-        chair=n_hallucinated / n_nouns if n_nouns else 0.0,
-        cover=sum(len(d.covered) for d in details) / n_truth if n_truth else 0.0,
-        hal=sum(bool(d.hallucinated) for d in details) / n if n else 0.0,
-        cog=sum(len(d.mentioned_hallu) for d in details) / n_hallu if n_hallu else 0.0,
+        chair=(n_hallucinated / n_nouns if n_nouns else 0.0) if n else None,
+        cover=(sum(len(d.covered) for d in details) / n_truth if n_truth else 0.0) if n else None,
+        hal=sum(bool(d.hallucinated) for d in details) / n if n else None,
+        cog=(sum(len(d.mentioned_hallu) for d in details) / n_hallu if n_hallu else 0.0) if n else None,
         n_responses=n,
         n_nouns=n_nouns,
         n_hallucinated=n_hallucinated,

@@ -16,7 +16,11 @@ when "toilet" is mentioned. Every mention counts (duplicates kept).
 
 Metrics (x100 when reported): CHAIR_i = hallucinated mentions / mentions; CHAIR_s = captions with a
 hallucinated mention / captions; recall = sum |GT & mentioned| / sum |GT|; length = mean word tokens per
-caption after merging.
+caption after merging. With no caption every metric is None (n/a); otherwise an empty denominator gives 0.0.
+
+Ids follow `records.example_id` (integers or non-empty strings, as given). The ground truth is a JSON object,
+whose keys are always strings: a key written as a plain integer ("42") stands for the integer id 42, any
+other key ("000000042", "COCO_val2014_42") for that string id, so "000000042" and 42 are two images.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from headlab.datasets.records import read_records
+from headlab.datasets.records import INT64_MAX, INT64_MIN, example_id, read_records
 from headlab.errors import InputError
 
 _IRREGULAR = {
@@ -52,6 +56,7 @@ _IRREGULAR = {
     "glasses": "glass",
     "dishes": "dish",
 }
+_PLAIN_INT = re.compile(r"-?(0|[1-9][0-9]*)")
 _ANIMALS = {"bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal"}
 _RENAMES = {
     ("passenger", "jet"): "jet",
@@ -89,8 +94,14 @@ class Vocabulary:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"synonyms file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(
+                f"could not read the synonyms file {path} ({err}); save it as UTF-8 text"
+            ) from None
         vocab = cls()
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             words = [w.strip().lower() for w in line.split(",") if w.strip()]
             if not words:
                 continue
@@ -138,15 +149,17 @@ def mentions(caption: str, vocab: Vocabulary) -> tuple[list[str], int]:
 @dataclass(frozen=True)
 class ChairScore:
     captions: int
-    chair_s: float
-    chair_i: float
-    recall: float
-    length: float
+    chair_s: float | None  # None (all four): no caption
+    chair_i: float | None
+    recall: float | None
+    length: float | None
     mentions: int
     hallucinated: int
 
 
-def score_chair(captions: Mapping[int, str], truth: Mapping[int, set[str]], vocab: Vocabulary) -> ChairScore:
+def score_chair(
+    captions: Mapping[int | str, str], truth: Mapping[int | str, set[str]], vocab: Vocabulary
+) -> ChairScore:
     """CHAIR over captions whose image has ground truth (images without it raise an InputError)."""
     missing = sorted(set(captions) - set(truth))
     if missing:
@@ -163,12 +176,14 @@ def score_chair(captions: Mapping[int, str], truth: Mapping[int, set[str]], voca
         recalled += len(gt & set(nodes))
         n_truth += len(gt)
     n = len(captions)
+    if not n:
+        return ChairScore(0, None, None, None, None, 0, 0)
     return ChairScore(
         captions=n,
-        chair_s=n_bad_captions / n if n else 0.0,
+        chair_s=n_bad_captions / n,
         chair_i=n_hallu / n_mentions if n_mentions else 0.0,
         recall=recalled / n_truth if n_truth else 0.0,
-        length=n_words / n if n else 0.0,
+        length=n_words / n,
         mentions=n_mentions,
         hallucinated=n_hallu,
     )
@@ -180,27 +195,51 @@ def load_captions(
     records = read_records(path)
     captions, problems = {}, list(records.problems)
     for where, obj in records.items:
-        if not isinstance(obj.get(id_key), int) or not isinstance(obj.get(caption_key), str):
-            problems.append(f"{path}:{where}: needs an integer {id_key!r} and a string {caption_key!r}")
+        try:
+            image_id = example_id(obj.get(id_key))
+        except InputError as err:
+            problems.append(f"{path}:{where}: {id_key}: {err}")
             continue
-        captions[obj[id_key]] = obj[caption_key]
+        if not isinstance(obj.get(caption_key), str):
+            problems.append(f"{path}:{where}: needs a string {caption_key!r}")
+            continue
+        captions[image_id] = obj[caption_key]
     return captions, problems
 
 
-def load_truth(path: str | Path, vocab: Vocabulary) -> dict[int, set[str]]:
-    """{image_id: set of node words} from a JSON object of object-word lists (synonyms are mapped)."""
+def truth_key(key: str) -> int | str:
+    """A ground-truth key as an image id: a plain integer ("42") is the int 42, any other key stays a string."""
+    if _PLAIN_INT.fullmatch(key) and INT64_MIN <= int(key) <= INT64_MAX:
+        return int(key)
+    return key
+
+
+def load_truth(path: str | Path, vocab: Vocabulary, *, problems: list[str] | None = None) -> dict:
+    """{image_id (`truth_key`): set of node words} from a JSON object of object-word lists (synonyms are
+    mapped). A bad entry (not a list of words, or a word outside the vocabulary) raises InputError, or, when a
+    `problems` list is given, is listed there and left out (its image then has no ground truth)."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"could not read the ground truth {path}: {err}") from err
+    except (OSError, ValueError, RecursionError) as err:  # also UnicodeDecodeError
+        raise InputError(f"could not read the ground truth {path}: {err}") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path} must hold a JSON object {{image_id: [objects]}}")
     truth = {}
     for key, objects in raw.items():
-        nodes = {vocab.node(w.lower()) for w in objects}
-        unknown = [w for w in objects if vocab.node(w.lower()) is None]
-        if unknown:
-            raise InputError(f"{path}: image {key}: {unknown} are not in the object vocabulary")
-        truth[int(key)] = nodes
+        try:
+            truth[truth_key(key)] = _truth_nodes(objects, vocab, f"{path}: image {key}")
+        except InputError as err:
+            if problems is None:
+                raise
+            problems.append(str(err))
     return truth
+
+
+def _truth_nodes(objects: object, vocab: Vocabulary, where: str) -> set[str]:
+    if not isinstance(objects, list) or not all(isinstance(w, str) for w in objects):
+        raise InputError(f"{where}: expected a list of object words")
+    unknown = [w for w in objects if vocab.node(w.lower()) is None]
+    if unknown:
+        raise InputError(f"{where}: {unknown} are not in the object vocabulary")
+    return {vocab.node(w.lower()) for w in objects}

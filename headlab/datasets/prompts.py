@@ -1,19 +1,27 @@
-"""A prompt file for batch capture: JSON Lines, one example per line.
+"""A prompt file for batch capture: JSON Lines (or one JSON array), one example per record.
 
-Each line is an object with a prompt under "prompt" (or "text", or "question"), optionally an "id" (or
-"question_id"; default: the line number, 0-based among the non-empty lines) and an "image" path (relative to
-`images_dir`, or to the file's own directory). Every other field is kept as the example's meta.
+Each record is an object with a prompt under "prompt" (or "text", or "question": the first of these keys
+present is the prompt and must be a string), optionally an "id" (or "question_id"; default: the record's
+0-based position among the file's non-blank records) and an "image" path. Every other field is kept as the
+example's meta.
 
-Bad lines never stop a run: each one is reported as "file:line: what is wrong" and skipped.
+- The file is read by `records.iter_records` (UTF-8, a leading byte-order mark ignored, bad lines listed).
+- Ids follow `records.example_id`: integers within int64 or non-empty strings, kept as given; a repeated id
+  is a problem on the later line.
+- Image paths are relative to `images_dir` (default: the file's own folder) and must stay inside it
+  (`inputs.image_path`); the file must exist there.
+
+Bad records never stop a run: each one is reported as "file:line: what is wrong" and skipped.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from headlab.datasets.records import Entry, example_id, iter_records, json_kind
 from headlab.errors import InputError
+from headlab.inputs import image_path
 
 _PROMPT_KEYS = ("prompt", "text", "question")
 _ID_KEYS = ("id", "question_id")
@@ -21,11 +29,16 @@ _ID_KEYS = ("id", "question_id")
 
 @dataclass(frozen=True)
 class PromptItem:
-    id: int
+    id: int | str
     prompt: str
     image: Path | None
     meta: dict
     line: int
+    where: str = ""  # "file:line", the prefix of every message about this item
+
+    def describe(self) -> str:
+        """Where the item comes from and its id, for messages: "file:line: id 42"."""
+        return f"{self.where or f'line {self.line}'}: id {self.id!r}"
 
 
 @dataclass
@@ -37,50 +50,49 @@ class PromptFile:
 def read_prompts(
     path: str | Path, *, images_dir: str | Path | None = None, need_images: bool = False
 ) -> PromptFile:
+    """The usable prompts of `path` and the problems of the others (module docstring: the rules)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file {path} does not exist")
     base = Path(images_dir) if images_dir is not None else path.parent
+    if not base.is_dir():
+        raise InputError(f"image folder {base} does not exist (or is not a folder); check --images")
     out = PromptFile()
-    seen: set[int] = set()
-    with open(path, encoding="utf-8", errors="replace") as f:
-        index = -1
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            index += 1
-            where = f"{path}:{number}"
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as err:
-                out.problems.append(f"{where}: not valid JSON ({err.msg})")
-                continue
-            if not isinstance(obj, dict):
-                out.problems.append(f"{where}: expected a JSON object")
-                continue
-            prompt = next((obj[k] for k in _PROMPT_KEYS if isinstance(obj.get(k), str)), None)
-            if prompt is None:
-                out.problems.append(f"{where}: no prompt (one of {', '.join(_PROMPT_KEYS)})")
-                continue
-            raw_id = next((obj[k] for k in _ID_KEYS if k in obj), index)
-            try:
-                example_id = int(raw_id)
-            except (TypeError, ValueError):
-                out.problems.append(f"{where}: id {raw_id!r} is not an integer")
-                continue
-            if example_id in seen:
-                out.problems.append(f"{where}: duplicate id {example_id}")
-                continue
-            image = None
-            if obj.get("image"):
-                image = base / str(obj["image"])
-                if not image.is_file():
-                    out.problems.append(f"{where}: image {image} does not exist")
-                    continue
-            elif need_images:
-                out.problems.append(f"{where}: no image, and this model needs one")
-                continue
-            seen.add(example_id)
-            meta = {k: v for k, v in obj.items() if k not in (*_PROMPT_KEYS, *_ID_KEYS)}
-            out.items.append(PromptItem(example_id, prompt, image, {"prompt": prompt, **meta}, number))
+    first: dict[int | str, str] = {}
+    for index, entry in enumerate(iter_records(path)):
+        if entry.obj is None:
+            out.problems.append(entry.problem)
+            continue
+        try:
+            item = _item(entry, index, base, need_images)
+        except InputError as err:
+            out.problems.append(f"{entry.where}: {err}")
+            continue
+        if item.id in first:
+            out.problems.append(f"{entry.where}: duplicate id {item.id!r} (first at {first[item.id]})")
+            continue
+        first[item.id] = entry.where
+        out.items.append(item)
     return out
+
+
+def _item(entry: Entry, index: int, base: Path, need_images: bool) -> PromptItem:
+    """One record as a PromptItem, or an InputError saying what is wrong with it."""
+    obj = entry.obj
+    key = next((k for k in _PROMPT_KEYS if k in obj), None)
+    if key is None:
+        raise InputError(f"no prompt (one of {', '.join(_PROMPT_KEYS)})")
+    prompt = obj[key]
+    if not isinstance(prompt, str):
+        raise InputError(f"the prompt {key!r} is {json_kind(prompt)}, not a string")
+    id_key = next((k for k in _ID_KEYS if k in obj), None)
+    ident = example_id(obj[id_key]) if id_key is not None else index
+    image = None
+    if obj.get("image") is not None and obj.get("image") != "":
+        image = image_path(obj["image"], base)
+        if not image.is_file():
+            raise InputError(f"image {image} does not exist; pass --images with the folder that holds it")
+    elif need_images:
+        raise InputError("no image, and this model needs one")
+    meta = {k: v for k, v in obj.items() if k not in (*_PROMPT_KEYS, *_ID_KEYS)}
+    return PromptItem(ident, prompt, image, {"prompt": prompt, **meta}, entry.position, entry.where)

@@ -12,6 +12,11 @@ vhr / var, as the POPE report), answers appended to `answers.jsonl` (a rerun res
 `headlab.datasets.chair.score_chair`: CHAIR_s (captions with a hallucinated object), CHAIR_i (hallucinated
 mentions / mentions), recall, length. Differences from `none` come with a paired bootstrap 95% CI over
 images for CHAIR_s (per-caption indicator) and as plain differences for the rest.
+
+Built on `reports.pope` (answers, bad items and exit codes follow its rules): an images.json entry that is
+malformed, has an id breaking the id rule (`records.example_id`), has no usable ground truth (a truth.json
+entry that is not a list of vocabulary words is listed, not fatal) or whose image is missing, is listed and
+left out; an image whose description fails is listed per condition; with no description a metric is None.
 """
 
 from __future__ import annotations
@@ -24,18 +29,32 @@ import numpy as np
 
 from headlab.datasets import chair, scenes
 from headlab.datasets.pope import PopeQuestion
+from headlab.datasets.records import example_id, read_records
 from headlab.errors import InputError
+from headlab.reports.answers import ANSWERS, AnswerLog
 from headlab.reports.html import Page
-from headlab.reports.lvlm import BOOTSTRAP, LvlmReportResult, _md_table, _write
+from headlab.reports.output import (
+    check_folder,
+    check_out,
+    fmt,
+    md_table,
+    minus,
+    synthetic_data,
+    write_report_files,
+)
 from headlab.reports.pope import (
-    ANSWERS,
-    AnswerLog,
+    BOOTSTRAP,
     Progress,
+    ReportResult,
     Split,
     answer_all,
     check_options,
-    condition_interventions,
     load_lvlm,
+    outcome,
+    problems_html,
+    problems_markdown,
+    report_head,
+    split_problems,
 )
 from headlab.zoo.llava import CAPTION_PROMPT
 
@@ -65,36 +84,36 @@ def load_chair_split(data: Path, images: Path | None, n: int | None) -> tuple[Sp
     if missing:
         raise InputError(f"CHAIR folder {data} lacks {missing} (synonyms.txt, truth.json, images.json)")
     vocab = chair.Vocabulary.from_file(data / "synonyms.txt")
-    truth = chair.load_truth(data / "truth.json", vocab)
-    folder = images if images is not None else data / "images"
-    split = Split(SPLIT, data / "images.json", folder, [])
-    try:
-        entries = json.loads((data / "images.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InputError(f"{data / 'images.json'} is not valid JSON: {err}") from err
-    for i, entry in enumerate(entries if isinstance(entries, list) else []):
-        ok = (
-            isinstance(entry, dict)
-            and isinstance(entry.get("image_id"), int)
-            and isinstance(entry.get("image"), str)
-        )
-        if not ok or entry["image_id"] not in truth:
+    split = Split(SPLIT, data / "images.json", images if images is not None else data / "images", [])
+    truth = chair.load_truth(data / "truth.json", vocab, problems=split.problems)
+    records = read_records(data / "images.json")
+    split.problems += records.problems
+    for index, entry in records.items:
+        where = f"images.json[{index}]"
+        try:
+            image_id = example_id(entry.get("image_id"))
+        except InputError as err:
+            split.problems.append(f"{where}: image_id: {err}")
+            continue
+        if not isinstance(entry.get("image"), str) or not entry["image"]:
+            split.problems.append(f"{where}: image {image_id!r} needs an image file name")
+            continue
+        if image_id not in truth:
             split.problems.append(
-                f"images.json entry {i} ({json.dumps(entry)[:120]}): needs an integer image_id with ground "
-                "truth and an image name"
+                f"{where}: image {image_id!r} ({entry['image']}) has no ground truth in truth.json"
             )
             continue
         if n is not None and len(split.questions) >= n:
             break
-        if not (folder / entry["image"]).is_file():
-            split.missing_images.append(f"image {entry['image_id']}: {folder / entry['image']}")
-            continue
-        split.questions.append(PopeQuestion(entry["image_id"], entry["image"], CAPTION_PROMPT, ""))
+        split.add(PopeQuestion(image_id, entry["image"], CAPTION_PROMPT, ""), f"{where}: image {image_id!r}")
     return split, vocab, truth
 
 
 def _bootstrap_chair_s(before: np.ndarray, after: np.ndarray) -> dict:
-    """Paired bootstrap over images of the CHAIR_s difference (after - before), 95% interval."""
+    """Paired bootstrap over images of the CHAIR_s difference (after - before), 95% interval; None (n/a)
+    without an image described under both conditions."""
+    if not len(before):
+        return {"delta": None, "ci_low": None, "ci_high": None}
     rng = np.random.default_rng(BOOTSTRAP["seed"])
     idx = rng.integers(0, len(before), size=(BOOTSTRAP["resamples"], len(before)))
     deltas = after[idx].mean(1) - before[idx].mean(1)
@@ -102,16 +121,13 @@ def _bootstrap_chair_s(before: np.ndarray, after: np.ndarray) -> dict:
     return {"delta": float(after.mean() - before.mean()), "ci_low": float(low), "ci_high": float(high)}
 
 
-def build_chair_report(
-    model, split, vocab, truth, conditions, log, n_layers, *, var_tau, gen_tokens, interrupted
-):
+def _chair_metrics(split, vocab, truth, conditions, log: AnswerLog) -> tuple[dict, dict, dict]:
+    """Per condition: the CHAIR metrics, the hallucinated objects per image, and example captions."""
     ids = [q.question_id for q in split.questions]
     metrics, hallucinated, examples = {}, {}, {}
     for condition in conditions:
         answers = log.get(condition, SPLIT)
         captions = {i: answers[i] for i in ids if i in answers}
-        if not captions:
-            continue
         score = chair.score_chair(captions, truth, vocab)
         metrics[condition] = {k: getattr(score, k) for k in KEYS}
         hallucinated[condition] = {
@@ -122,45 +138,54 @@ def build_chair_report(
             for i in ids[:8]
             if i in captions
         ]
+    return metrics, hallucinated, examples
+
+
+def build_chair_report(identity, split, vocab, truth, conditions, log, run, n_layers, *, var_tau, gen_tokens):
+    metrics, hallucinated, examples = _chair_metrics(split, vocab, truth, conditions, log)
+    ids = [q.question_id for q in split.questions]
     differences = {}
-    if "none" in metrics:
-        for condition in [c for c in metrics if c != "none"]:
-            shared = [i for i in ids if i in hallucinated["none"] and i in hallucinated[condition]]
-            before = np.array([bool(hallucinated["none"][i]) for i in shared], dtype=float)
-            after = np.array([bool(hallucinated[condition][i]) for i in shared], dtype=float)
-            differences[condition] = {
-                "chair_s": _bootstrap_chair_s(before, after),
-                **{k: metrics[condition][k] - metrics["none"][k] for k in ("chair_i", "recall", "length")},
-            }
-    notes = {c: condition_interventions(c, n_layers, var_tau=var_tau)[1] for c in conditions}
-    return {
-        "benchmark": "CHAIR",
-        "model": model,
-        "conditions": notes,
-        "metrics": metrics,
-        "differences": differences,
-        "examples": examples,
+    for condition in conditions[1:]:
+        shared = [i for i in ids if i in hallucinated["none"] and i in hallucinated[condition]]
+        before = np.array([bool(hallucinated["none"][i]) for i in shared], dtype=float)
+        after = np.array([bool(hallucinated[condition][i]) for i in shared], dtype=float)
+        differences[condition] = {
+            "chair_s": _bootstrap_chair_s(before, after),
+            **{k: minus(metrics[condition][k], metrics["none"][k]) for k in ("chair_i", "recall", "length")},
+        }
+    report = report_head(identity, conditions, n_layers, var_tau, log)
+    splits = {SPLIT: {"malformed_lines": split.problems, "missing_images": split.missing_images}}
+    splits[SPLIT]["failed"] = run.failures(SPLIT)
+    report |= {"benchmark": "CHAIR", "metrics": metrics, "differences": differences, "examples": examples}
+    report |= {
         "gen_tokens": gen_tokens,
         "images": len(ids),
-        "problems": split.problems + split.missing_images + log.problems,
         "bootstrap": BOOTSTRAP,
-        "interrupted": interrupted,
+        "interrupted": run.interrupted,
     }
+    report["problems"]["images"] = split_problems(splits)
+    bad = len(split.problems) + len(split.missing_images)
+    report["outcome"] = outcome([split], conditions, log, run, bad).as_dict()
+    return report
+
+
+def _ci(d: dict) -> str:
+    if d["delta"] is None:
+        return "n/a"
+    return f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
 
 
 def render_chair_markdown(report) -> str:
     lines = [f"# CHAIR report: {report['model']}", ""]
-    lines += _md_table(
+    lines += md_table(
         ["condition", *KEYS], [[c, *(m[k] for k in KEYS)] for c, m in report["metrics"].items()]
     )
     for c, d in report["differences"].items():
-        s = d["chair_s"]
         lines.append(
-            f"- {c} - none: CHAIR_s {s['delta']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}], "
-            f"CHAIR_i {d['chair_i']:+.3f}, recall {d['recall']:+.3f}"
+            f"- {c} - none: CHAIR_s {_ci(d['chair_s'])}, CHAIR_i {fmt(d['chair_i'], '+.3f')}, "
+            f"recall {fmt(d['recall'], '+.3f')}"
         )
-    lines += ["", f"Problems ({len(report['problems'])}):", *[f"- {p}" for p in report["problems"]]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + problems_markdown(report, report["problems"]["images"])) + "\n"
 
 
 def render_chair_html(report) -> str:
@@ -168,6 +193,8 @@ def render_chair_html(report) -> str:
 
     page = Page(f"CHAIR report: {report['model']}")
     page.bullets([f"{c}: {note}" for c, note in report["conditions"].items()])
+    if report.get("interrupted"):
+        page.paragraph("Interrupted: the numbers cover the images described so far; rerun to finish.")
     page.heading("Metrics")
     page.table(["condition", *KEYS], [[c, *(m[k] for k in KEYS)] for c, m in report["metrics"].items()])
     if report["differences"]:
@@ -175,13 +202,7 @@ def render_chair_html(report) -> str:
         page.table(
             ["condition", "CHAIR_s (95% CI)", "CHAIR_i", "recall", "length"],
             [
-                [
-                    c,
-                    f"{d['chair_s']['delta']:+.3f} [{d['chair_s']['ci_low']:+.3f}, {d['chair_s']['ci_high']:+.3f}]",
-                    d["chair_i"],
-                    d["recall"],
-                    d["length"],
-                ]
+                [c, _ci(d["chair_s"]), d["chair_i"], d["recall"], d["length"]]
                 for c, d in report["differences"].items()
             ],
         )
@@ -199,15 +220,14 @@ def render_chair_html(report) -> str:
             ["image", "caption", "hallucinated"],
             [[r["image_id"], r["caption"], ", ".join(r["hallucinated"])] for r in rows],
         )
-    page.heading(f"Problems ({len(report['problems'])})")
-    page.bullets(report["problems"])
+    problems_html(page, report, report["problems"]["images"])
     return page.render()
 
 
 def chair_report(
     out: Path,
     *,
-    model: str = "zoo:llava",
+    model: str | None = None,
     data: Path | None = None,
     images: Path | None = None,
     conditions: Sequence[str] = ("none", "vhr", "var"),
@@ -215,32 +235,30 @@ def chair_report(
     gen_tokens: int = 16,
     var_tau: float = 20.0,
     progress: Progress | None = None,
-) -> LvlmReportResult:
-    """Describe, score and write the CHAIR report; `n` = the first N images."""
-    out = Path(out)
+) -> ReportResult:
+    """Describe, score and write the CHAIR report; `n` = the first N images; `model` as in `pope_report`."""
+    out = check_out(out)
+    check_folder(images, "--images")
+    conditions = check_options(n, gen_tokens, conditions, var_tau)
     out.mkdir(parents=True, exist_ok=True)
-    conditions = check_options(n, gen_tokens, conditions)
-    if data is None:
-        data = out / "data"
-        if not (data / "truth.json").is_file():
-            write_chair_benchmark(data)
-    split, vocab, truth = load_chair_split(Path(data), images, n)
-    lm = load_lvlm(model, "CHAIR")
-    log = AnswerLog(out / ANSWERS, model)
+    data = Path(data) if data is not None else synthetic_data(out / "data", write_chair_benchmark)
+    split, vocab, truth = load_chair_split(data, images, n)
+    lm, identity = load_lvlm(out, model, "CHAIR")
+    log = AnswerLog(out / ANSWERS, identity)
     run = answer_all(
         lm, [split], conditions, log, max_new_tokens=gen_tokens, var_tau=var_tau, progress=progress
     )
     report = build_chair_report(
-        model,
+        identity,
         split,
         vocab,
         truth,
         conditions,
         log,
+        run,
         lm.tower("lm").n_layers,
         var_tau=var_tau,
         gen_tokens=gen_tokens,
-        interrupted=run.interrupted,
     )
-    html = _write(out, report, render_chair_markdown(report), render_chair_html(report))
-    return LvlmReportResult(html, report, run)
+    html = write_report_files(out, report, render_chair_markdown(report), render_chair_html(report))
+    return ReportResult(html, report, run)

@@ -4,7 +4,8 @@ figures, in one file that loads nothing from the network.
 Contract: every piece of text given to a `Page` is HTML-escaped (`html.escape`, quotes too), so dataset text
 such as a question holding `<script>` shows as text and never runs. Only the figures' own markup (plotly's
 `to_html`) goes in unescaped. The plotly.js bundle is inlined once, with the first figure; later figures
-reuse it. The page uses no external stylesheet, font, script or image.
+reuse it. The page uses no external stylesheet, font, script or image. A missing number (None: a metric
+over zero answered items) shows as "n/a". `Page.write` replaces the file atomically (`reports.output`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 from pathlib import Path
+
+from headlab.reports.output import write_text_atomic
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -29,6 +32,8 @@ def esc(value: object) -> str:
 
 
 def _cell(value: object) -> str:
+    if value is None:
+        return "<td>n/a</td>"
     if isinstance(value, float):
         return f"<td>{value:.4f}</td>" if value == value else "<td>-</td>"
     if isinstance(value, int):
@@ -82,5 +87,5 @@ class Page:
     def write(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.render(), encoding="utf-8")
+        write_text_atomic(path, self.render())
         return path

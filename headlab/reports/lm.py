@@ -7,14 +7,21 @@ and are saved into it (`Store.save_result`): "sinks" (per-head alpha_0), "hidden
 "massive-activations" and "sink-dimensions". Prompts: a JSON Lines file (`datasets.prompts.read_prompts`) or,
 by default, `n` each of the synthetic induction, IOI and multi-document QA tasks.
 
+A batch that fails is retried one prompt at a time, so only the prompts that fail alone are listed
+("failed"); the report's `Outcome` (reports.output) is complete, partial (bad prompt lines or failed prompts)
+or, when nothing was captured, a HeadlabError.
+
 Position bias: accuracy by gold position on synthetic multi-document QA (`lost_in_the_middle`) and the
 pairwise-judge flip rate / accuracy (`judge_position_bias`), plain and with PINE. Each (part, method) result is
-cached in `out/position_cache.json` as soon as it is computed, so a rerun recomputes nothing (and does not
-even load the model when everything is cached). A model PINE cannot run on (no RoPE, ...) gets "PINE
-unavailable: <reason>" and the plain numbers.
+cached in `out/position_cache.json` as soon as it is computed (atomically), so a rerun recomputes nothing.
+The cache is tied to the model's fingerprint (`reports.answers.ModelIdentity`), not to the --model text: the
+model is loaded (and fingerprinted) on every run, the same model under another path reuses the cache, another
+model is refused. A cache from before fingerprints is used when its model text equals --model, and then
+recorded under the fingerprint. A model PINE cannot run on (no RoPE, ...) gets "PINE unavailable: <reason>"
+and the plain numbers.
 
 Both write report.json (every number), report.md and report.html (through `reports.html.Page`, so every text,
-prompts included, is escaped).
+prompts included, is escaped), atomically (`reports.output.write_report_files`).
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from headlab.errors import HeadlabError, InputError
+from headlab.errors import HeadlabError, InputError, StoreError
+from headlab.reports.answers import ModelIdentity
+from headlab.reports.output import Outcome, check_out, write_report_files, write_text_atomic
 
 Progress = Callable[[str, int], Callable[[], None]]  # (description, total) -> tick, as in reports.pope
 FIRST_K = 4
@@ -51,13 +60,6 @@ def _records(frame: pd.DataFrame) -> list[dict]:
             clean[key] = value
         out.append(clean)
     return out
-
-
-def _write(out: Path, report: Mapping, markdown: str, page) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False), encoding="utf-8")
-    (out / "report.md").write_text(markdown, encoding="utf-8")
-    return page.write(out / "report.html")
 
 
 def _check_n(n: int | None) -> None:
@@ -106,12 +108,8 @@ class CaptureRun:
 
 def capture_sinks(lm, store, items, *, batch_size: int = 8, progress: Progress | None = None) -> CaptureRun:
     """Capture Stats(first_k=FIRST_K) of every head and the residuals of every layer for each item not yet
-    committed in `store` (condition "default"); a failing batch is listed, never fatal."""
-    import torch
-
-    from headlab.inputs import prepare
-    from headlab.probe import Select, Stats, capture
-
+    committed in `store` (condition "default"); a failing batch is retried one item at a time, and an item
+    that fails alone is listed, never fatal."""
     run = CaptureRun()
     _check_same_prompts(store, items)
     done = store.committed("default")
@@ -121,31 +119,45 @@ def capture_sinks(lm, store, items, *, batch_size: int = 8, progress: Progress |
     try:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            try:
-                inputs = prepare(lm, [it.prompt for it in batch], [])
-                with torch.no_grad(), capture(lm, stats=Stats(first_k=FIRST_K), residuals=Select()) as rec:
-                    lm.model(**inputs)
-            except HeadlabError as err:
-                run.failed += [f"id {it.id} (line {it.line}): {err}" for it in batch]
-                continue
-            finally:
-                for _ in batch:
-                    if tick:
-                        tick()
-            store.append(rec, examples=[it.id for it in batch], meta=[it.meta for it in batch])
-            run.done += len(batch)
+            if not _capture_batch(lm, store, batch, run) and len(batch) > 1:
+                for it in batch:
+                    _capture_batch(lm, store, [it], run)
+            for _ in batch:
+                if tick:
+                    tick()
     except KeyboardInterrupt:
         run.interrupted = True
     return run
 
 
+def _capture_batch(lm, store, batch, run: CaptureRun) -> bool:
+    """Capture and commit one batch; False when it failed (a lone item's failure is listed in `run`)."""
+    import torch
+
+    from headlab.inputs import prepare
+    from headlab.probe import Select, Stats, capture
+    from headlab.reports.output import reason
+
+    try:
+        inputs = prepare(lm, [it.prompt for it in batch], [])
+        with torch.no_grad(), capture(lm, stats=Stats(first_k=FIRST_K), residuals=Select()) as rec:
+            lm.model(**inputs)
+    except Exception as err:  # a prompt's failure is listed; only Ctrl-C stops the run
+        if len(batch) == 1:
+            run.failed.append(f"id {batch[0].id!r} (line {batch[0].line}): {reason(err)}")
+        return False
+    store.append(rec, examples=[it.id for it in batch], meta=[it.meta for it in batch])
+    run.done += len(batch)
+    return True
+
+
 def _check_same_prompts(store, items) -> None:
     """A store's examples must hold the same prompts under the same ids (else the resume would be wrong)."""
-    ex = store.examples(condition="default")
-    if not len(ex):
+    if not store.committed("default"):
         return
+    ex = store.examples(condition="default")
     stored = {
-        int(e): json.loads(m).get("prompt") if isinstance(m, str) else None
+        e.item() if hasattr(e, "item") else e: json.loads(m).get("prompt") if isinstance(m, str) else None
         for e, m in zip(ex.example, ex.meta, strict=True)
     }
     for it in items:
@@ -369,10 +381,10 @@ def sinks_report(
     from headlab.datasets.prompts import read_prompts
     from headlab.store import Store
 
+    out = check_out(out)
     _check_n(n)
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
-    out = Path(out)
     problems: list[str] = []
     if data is None:
         items, source = default_prompts(n or 8), f"synthetic {', '.join(TASKS)} ({n or 8} each)"
@@ -386,11 +398,19 @@ def sinks_report(
     out.mkdir(parents=True, exist_ok=True)
     store = Store.create(out / "store", lm, exist_ok=True)
     run = capture_sinks(lm, store, items, batch_size=batch_size, progress=progress)
-    if not store.committed("default"):
+    committed = store.committed("default")
+    if not committed:
         raise HeadlabError(f"nothing was captured: {'; '.join(run.failed[:3]) or 'interrupted'}")
     res = sink_analyses(store)
     report = build_sinks_report(model, items, source, problems, run, res)
-    html = _write(out, report, render_sinks_markdown(report), render_sinks_html(report))
+    report["outcome"] = Outcome(
+        items=len(items),
+        answered=sum(it.id in committed for it in items),
+        failed=len(run.failed),
+        bad_input=len(problems),
+        interrupted=run.interrupted,
+    ).as_dict()
+    html = write_report_files(out, report, render_sinks_markdown(report), render_sinks_html(report).render())
     return SinksReportResult(html, report, run)
 
 
@@ -398,33 +418,45 @@ def sinks_report(
 
 
 class PositionCache:
-    """`position_cache.json`: {"model": M, "entries": {key: rows}}; written after every entry."""
+    """`position_cache.json`: {"model", "model_path", "fingerprint", "entries": {key: rows}}, rewritten
+    atomically after every entry; tied to the model's fingerprint (module docstring)."""
 
-    def __init__(self, path: Path, model: str) -> None:
+    def __init__(self, path: Path, model: ModelIdentity) -> None:
         self.path, self.model, self.entries = path, model, {}
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                entries = data["entries"]
-                if not isinstance(entries, dict):
-                    raise TypeError("entries is not an object")
-            except (ValueError, KeyError, TypeError) as err:
-                raise HeadlabError(f"{path} is malformed ({err}); delete it to recompute") from None
-            if data.get("model") != model:
-                raise HeadlabError(
-                    f"{path} holds results of model {data.get('model')!r}, not {model!r}; "
-                    "use another --out folder for another model"
-                )
-            self.entries = entries
+        if not path.is_file():
+            return
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            entries = data["entries"]
+            if not isinstance(entries, dict):
+                raise TypeError("entries is not an object")
+        except (ValueError, KeyError, TypeError, RecursionError) as err:
+            raise StoreError(f"{path} is malformed ({err}); delete it to recompute") from None
+        if "fingerprint" in data:
+            model.refuse_other(data["fingerprint"], path, "results")
+        elif data.get("model") != model.given:
+            raise StoreError(
+                f"{path} holds results of model {data.get('model')!r}, not {model.given!r}; "
+                "use another --out folder for another model"
+            )
+        self.entries = entries
+        if "fingerprint" not in data:
+            self._save()  # a cache from before fingerprints: recorded under this model's
 
     def get(self, key: str):
         return self.entries.get(key)
 
     def put(self, key: str, value) -> None:
         self.entries[key] = value
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"model": self.model, "entries": self.entries}, indent=1), encoding="utf-8")
-        tmp.replace(self.path)
+        self._save()
+
+    def _save(self) -> None:
+        head = {
+            "model": self.model.given,
+            "model_path": self.model.path,
+            "fingerprint": self.model.fingerprint,
+        }
+        write_text_atomic(self.path, json.dumps(head | {"entries": self.entries}, indent=1))
 
 
 @dataclass
@@ -434,10 +466,10 @@ class PositionRun:
 
 
 def position_results(
-    model: str, cache: PositionCache, *, n: int, k: int, seed: int, progress: Progress | None = None
+    lm, cache: PositionCache, *, n: int, k: int, seed: int, progress: Progress | None = None
 ) -> tuple[dict, PositionRun]:
     """{"curve": {method: rows}, "judge": {method: row}, "unavailable": {method: reason}}, from the cache or
-    computed (the model is loaded only when something is missing)."""
+    computed."""
     from headlab.analyses.position import judge_position_bias, lost_in_the_middle
 
     jobs = [(part, m) for part in ("curve", "judge") for m in METHODS]
@@ -447,7 +479,6 @@ def position_results(
     }
     todo = [j for j in jobs if cache.get(key[j]) is None]
     run = PositionRun(cached=len(jobs) - len(todo))
-    lm = _load_llm(model, "position-bias") if todo else None
     tick = progress("position bias", len(todo)) if progress and todo else None
     for part, method in todo:
         try:
@@ -572,13 +603,18 @@ def position_report(
     progress: Progress | None = None,
 ) -> PositionReportResult:
     """Lost in the middle and the judge flip rate, plain vs PINE, cached in `out` (module docstring)."""
+    out = check_out(out)
     _check_n(n)
     if k < 2:
         raise InputError(f"--k must be at least 2 documents, got {k}")
-    out = Path(out)
+    lm = _load_llm(model, "position-bias")
     out.mkdir(parents=True, exist_ok=True)
-    cache = PositionCache(out / POSITION_CACHE, model)
-    res, run = position_results(model, cache, n=n, k=k, seed=seed, progress=progress)
+    cache = PositionCache(out / POSITION_CACHE, ModelIdentity.of(lm, model))
+    res, run = position_results(lm, cache, n=n, k=k, seed=seed, progress=progress)
     report = build_position_report(model, res, n=n, k=k, seed=seed, run=run)
-    html = _write(out, report, render_position_markdown(report), render_position_html(report))
+    parts = run.computed + run.cached  # every part is computed or cached, or an error stopped the report
+    report["outcome"] = Outcome(items=parts, answered=parts, failed=0, bad_input=0).as_dict()
+    html = write_report_files(
+        out, report, render_position_markdown(report), render_position_html(report).render()
+    )
     return PositionReportResult(html, report, run)

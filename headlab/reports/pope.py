@@ -5,46 +5,87 @@ Conditions: "none" (the plain model), "vhr" (`VHR()`, paper defaults) and "var" 
 whose default VAR range 2..L-2 is empty, i.e. with at most 3 language layers, get layers (0, 1) and the
 report says so). Prompts use the LLaVA-1.5 format with POPE's usual suffix-free question.
 
-Answers are appended to `answers.jsonl` in the output folder as they come, one line per (condition, split,
-question_id) with the raw text, so a rerun skips what is there and Ctrl-C keeps everything answered so far.
-Malformed question lines (`load_pope` problems), missing images and malformed answer lines are counted and
-listed, never fatal. Differences vs "none" come with a bootstrap 95% confidence interval over the questions
-answered under both conditions (paired resampling, fixed seed). Outputs: report.json (every number),
-report.md (tables) and report.html (self-contained: tables, a bar chart per split, flipped examples).
+Answers go to `answers.jsonl` in the output folder as they come (`reports.answers`: one whole line per
+(condition, split, question_id), tied to the model's fingerprint), so a rerun skips what is there and
+Ctrl-C keeps everything answered so far.
+
+Bad items never stop the report; these rules hold for the MME, AMBER and CHAIR reports too, which run on
+`Split`, `answer_all` and `outcome` from here:
+- a malformed question record, and a question whose image path is unusable or names no file, are listed per
+  split ("malformed_lines", "missing_images") and left out before answering;
+- a question whose answer fails (its image does not decode, is a decompression bomb, the processor or the
+  model raises) is listed per split and condition ("failed": its id and the reason) and stays unanswered;
+  every other question is answered, and a rerun tries it again;
+- a metric over zero answered questions is None (n/a), and so is a difference involving one;
+- the run's `reports.output.Outcome` (complete / partial / empty / interrupted) gives the exit code.
+
+Differences vs "none" come with a bootstrap 95% confidence interval over the questions answered under both
+conditions (paired resampling, fixed seed). Outputs, written atomically (`reports.output`): report.json
+(every number), report.md (tables) and report.html (self-contained: tables, a bar chart per split, flipped
+examples, and the image maps of `reports.maps` on the first `vhd_images` images of the first split).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import torch
 
 from headlab.datasets.pope import PopeFile, PopeQuestion, load_pope, parse_answer, score_pope
-from headlab.errors import HeadlabError, InputError
+from headlab.errors import InputError
+from headlab.reports.answers import ANSWERS, AnswerLog, ModelIdentity, load_report_model
+from headlab.reports.output import (
+    Outcome,
+    check_folder,
+    check_out,
+    fmt,
+    reason,
+    synthetic_data,
+    write_report_files,
+)
 
 CONDITIONS = ("none", "vhr", "var")
 METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
-ANSWERS = "answers.jsonl"
+DEFAULT_MODEL = "zoo:llava"
+BOOTSTRAP = {"resamples": 1000, "seed": 0, "level": 0.95, "paired": True}
 Progress = Callable[[str, int], Callable[[], None]]  # (description, total) -> tick; see `answer_all`
 
 
 @dataclass
 class Split:
-    """One POPE question file: its questions (the first `n` valid ones) and what was wrong in it."""
+    """One question file: its usable questions (the first `n`), and the records left out with the reason."""
 
     name: str
     path: Path
     images: Path
     questions: list[PopeQuestion]
-    problems: list[str] = field(default_factory=list)  # malformed lines
-    missing_images: list[str] = field(default_factory=list)  # questions skipped: image not found
+    problems: list[str] = field(default_factory=list)  # malformed records
+    missing_images: list[str] = field(
+        default_factory=list
+    )  # questions left out: image path unusable or absent
+
+    def image_file(self, q: PopeQuestion) -> Path:
+        """The image file of `q` inside the image folder (`inputs.image_path`: InputError if it leads out)."""
+        from headlab.inputs import image_path
+
+        return image_path(q.image, self.images)
+
+    def add(self, q: PopeQuestion, where: str) -> None:
+        """Keep `q` when its image file exists; else list it in `missing_images` ("where: why")."""
+        try:
+            path = self.image_file(q)
+        except InputError as err:
+            self.missing_images.append(f"{where}: {err}")
+            return
+        if path.is_file():
+            self.questions.append(q)
+        else:
+            self.missing_images.append(f"{where}: image {path} does not exist")
 
 
 def load_splits(data: Sequence[Path], images: Path | None, n: int | None) -> list[Split]:
@@ -53,20 +94,17 @@ def load_splits(data: Sequence[Path], images: Path | None, n: int | None) -> lis
     splits, names = [], set()
     for path in map(Path, data):
         if not path.is_file():
-            raise InputError(f"POPE file {path} does not exist")
+            raise InputError(f"POPE file {path} does not exist (or is not a file)")
         if path.stem in names:
             raise InputError(f"two POPE files are named {path.stem!r}; give the splits distinct file names")
         names.add(path.stem)
         pope: PopeFile = load_pope(path)
-        folder = images if images is not None else path.parent / "images"
-        split = Split(path.stem, path, folder, [], list(pope.problems))
+        split = Split(path.stem, path, images if images is not None else path.parent / "images", [])
+        split.problems += pope.problems
         for q in pope.questions:
             if n is not None and len(split.questions) >= n:
                 break
-            if (folder / q.image).is_file():
-                split.questions.append(q)
-            else:
-                split.missing_images.append(f"{path.name}: question {q.question_id}: {folder / q.image}")
+            split.add(q, f"{path.name}: question {q.question_id!r}")
         splits.append(split)
     return splits
 
@@ -107,51 +145,41 @@ def parse_conditions(text: str) -> list[str]:
 # --------------------------------------------------------------------------------------------- answers
 
 
-class AnswerLog:
-    """`answers.jsonl`: the raw answer per (condition, split, question_id), appended and flushed one line at
-    a time. Malformed lines are listed in `problems` and their questions asked again."""
+@dataclass(frozen=True, kw_only=True)
+class Failure:
+    """One answer that could not be given in this run."""
 
-    def __init__(self, path: Path, model: str) -> None:
-        self.path, self.model = path, model
-        self.answers: dict[tuple[str, str], dict[int, str]] = {}
-        self.problems: list[str] = []
-        if path.is_file():
-            self._read()
+    condition: str
+    split: str
+    question_id: int | str
+    reason: str
 
-    def _read(self) -> None:
-        for i, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                key, qid, text = (
-                    (str(rec["condition"]), str(rec["split"])),
-                    int(rec["question_id"]),
-                    rec["answer"],
-                )
-                if not isinstance(text, str):
-                    raise TypeError("answer is not a string")
-            except (ValueError, KeyError, TypeError) as err:
-                self.problems.append(
-                    f"{self.path.name} line {i} is malformed ({err}); its question is asked again"
-                )
-                continue
-            if rec.get("model", self.model) != self.model:
-                raise HeadlabError(
-                    f"{self.path} holds answers of model {rec.get('model')!r}, not {self.model!r}; "
-                    "use another --out folder for another model"
-                )
-            self.answers.setdefault(key, {})[qid] = text
 
-    def get(self, condition: str, split: str) -> dict[int, str]:
-        return self.answers.get((condition, split), {})
+@dataclass
+class AnswerRun:
+    done: int = 0
+    skipped: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
 
-    def append(self, condition: str, split: str, question_id: int, text: str) -> None:
-        rec = {"model": self.model, "condition": condition, "split": split, "question_id": question_id}
-        rec.update(answer=text, parsed=parse_answer(text))
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-        self.answers.setdefault((condition, split), {})[question_id] = text
+    def then(self, more: AnswerRun) -> AnswerRun:
+        """This run followed by `more` (its interruption is the last word)."""
+        return AnswerRun(
+            self.done + more.done,
+            self.skipped + more.skipped,
+            self.failed + more.failed,
+            more.interrupted,
+            self.seconds + more.seconds,
+        )
+
+    def failures(self, split: str) -> dict[str, list[str]]:
+        """{condition: ["question ID: reason", ...]} of one split."""
+        out: dict[str, list[str]] = {}
+        for f in self.failed:
+            if f.split == split:
+                out.setdefault(f.condition, []).append(f"question {f.question_id!r}: {f.reason}")
+        return out
 
 
 def generate_answer(lm, prompt: str, image: Path, max_new_tokens: int) -> str:
@@ -174,14 +202,6 @@ def prompt_for(question: PopeQuestion) -> str:
     return conversation(question.text)
 
 
-@dataclass
-class AnswerRun:
-    done: int = 0
-    skipped: int = 0
-    interrupted: bool = False
-    seconds: float = 0.0
-
-
 def answer_all(
     lm,
     splits: Sequence[Split],
@@ -192,7 +212,8 @@ def answer_all(
     var_tau: float = 20.0,
     progress: Progress | None = None,
 ) -> AnswerRun:
-    """Answer every question not yet in `log`, per condition and split; Ctrl-C stops with `interrupted`."""
+    """Answer every question not yet in `log`, per condition and split; a failing question is listed in
+    `failed` and the others go on; Ctrl-C stops with `interrupted`."""
     from headlab.interventions import intervene
 
     run, start = AnswerRun(), time.perf_counter()
@@ -210,15 +231,44 @@ def answer_all(
                 scope = intervene(lm, *interventions) if interventions else contextlib.nullcontext()
                 with scope:
                     for q in todo:
-                        text = generate_answer(lm, prompt_for(q), split.images / q.image, max_new_tokens)
-                        log.append(condition, split.name, q.question_id, text)
-                        run.done += 1
+                        _answer_one(lm, split, q, condition, log, run, max_new_tokens)
                         if tick:
                             tick()
     except KeyboardInterrupt:
         run.interrupted = True
     run.seconds = time.perf_counter() - start
     return run
+
+
+def _answer_one(lm, split: Split, q: PopeQuestion, condition: str, log: AnswerLog, run: AnswerRun, tokens):
+    try:
+        text = generate_answer(lm, prompt_for(q), split.image_file(q), tokens)
+    except Exception as err:  # an item's failure is listed; only Ctrl-C stops the run
+        run.failed.append(
+            Failure(condition=condition, split=split.name, question_id=q.question_id, reason=reason(err))
+        )
+        return
+    log.append(condition, split.name, q.question_id, text)
+    run.done += 1
+
+
+def outcome(
+    splits: Sequence[Split], conditions: Sequence[str], log: AnswerLog, run: AnswerRun, bad_input: int
+):
+    """The run's `Outcome`: usable questions x conditions, how many are answered, what failed or was bad."""
+    items = answered = 0
+    for split in splits:
+        for c in conditions:
+            have = log.get(c, split.name)
+            items += len(split.questions)
+            answered += sum(q.question_id in have for q in split.questions)
+    return Outcome(
+        items=items,
+        answered=answered,
+        failed=len(run.failed),
+        bad_input=bad_input,
+        interrupted=run.interrupted,
+    )
 
 
 # ----------------------------------------------------------------------------------------- statistics
@@ -241,16 +291,17 @@ def paired_bootstrap(
     *,
     resamples: int = 1000,
     seed: int = 0,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, float | None]]:
     """Difference after - before of accuracy and F1 on the same questions (parsed "yes"/"no" answers), with a
-    percentile bootstrap 95% CI: questions resampled with replacement, the same draw for both conditions."""
+    percentile bootstrap 95% CI: questions resampled with replacement, the same draw for both conditions.
+    No question answered under both: every number is None (n/a)."""
     y = np.asarray([v == "yes" for v in labels], dtype=bool)
     a = np.asarray([v == "yes" for v in before], dtype=bool)
     b = np.asarray([v == "yes" for v in after], dtype=bool)
     if not len(y) == len(a) == len(b):
         raise InputError(f"paired bootstrap needs equal lengths, got {len(y)}, {len(a)}, {len(b)}")
     if len(y) == 0:
-        return {m: {"delta": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 0} for m in ("accuracy", "f1")}
+        return {m: {"delta": None, "ci_low": None, "ci_high": None, "n": 0} for m in ("accuracy", "f1")}
     idx = np.random.default_rng(seed).integers(0, len(y), size=(resamples, len(y)))  # [resample, question]
     point_a, point_b = _metrics(a, y), _metrics(b, y)
     boot_a, boot_b = _metrics(a[idx], y[idx]), _metrics(b[idx], y[idx])
@@ -267,7 +318,7 @@ def paired_bootstrap(
 
 
 def flipped(
-    questions: Sequence[PopeQuestion], before: Mapping[int, str], after: Mapping[int, str]
+    questions: Sequence[PopeQuestion], before: Mapping[int | str, str], after: Mapping[int | str, str]
 ) -> list[dict]:
     """The questions whose parsed answer differs between two conditions."""
     out = []
@@ -289,27 +340,33 @@ def flipped(
 # ------------------------------------------------------------------------------------------- the report
 
 
+def report_head(identity: ModelIdentity, conditions, n_layers: int, var_tau: float, log: AnswerLog) -> dict:
+    """The fields every LVLM report starts with: the model, the conditions, the answer log's problems."""
+    return {
+        "model": identity.given,
+        "model_path": identity.path,
+        "conditions": {c: condition_interventions(c, n_layers, var_tau=var_tau)[1] for c in conditions},
+        "problems": {"answers_file": list(log.problems)},
+        "notes": list(log.notes),
+    }
+
+
 def build_report(
-    model: str, splits: Sequence[Split], conditions: Sequence[str], log: AnswerLog, n_layers: int, **extra
+    identity: ModelIdentity,
+    splits: Sequence[Split],
+    conditions: Sequence[str],
+    log: AnswerLog,
+    run: AnswerRun,
+    n_layers: int,
+    **extra,
 ) -> dict:
     """Every number of the report as plain JSON-able data."""
-    report: dict = {
-        "model": model,
-        "conditions": {
-            c: condition_interventions(c, n_layers, var_tau=extra.get("var_tau", 20.0))[1] for c in conditions
-        },
-        "splits": {},
-        "problems": {"answers_file": list(log.problems)},
-        **extra,
-    }
+    report = report_head(identity, conditions, n_layers, extra.get("var_tau", 20.0), log)
+    report |= {"splits": {}, **extra}
     for split in splits:
-        entry: dict = {
-            "file": str(split.path),
-            "n_questions": len(split.questions),
-            "metrics": {},
-            "vs_none": {},
-        }
-        entry["malformed_lines"], entry["missing_images"] = split.problems, split.missing_images
+        entry: dict = {"file": str(split.path), "n_questions": len(split.questions), "metrics": {}}
+        entry |= {"vs_none": {}, "malformed_lines": split.problems, "missing_images": split.missing_images}
+        entry["failed"] = run.failures(split.name)
         for c in conditions:
             entry["metrics"][c] = asdict(score_pope(split.questions, log.get(c, split.name)))
         base = log.get("none", split.name)
@@ -322,10 +379,14 @@ def build_report(
                 [parse_answer(other[q.question_id]) for q in both],
             ) | {"flipped": flipped(split.questions, base, other)}
         report["splits"][split.name] = entry
+    bad = sum(len(s.problems) + len(s.missing_images) for s in splits)
+    report["outcome"] = outcome(splits, conditions, log, run, bad).as_dict()
     return report
 
 
-def _fmt_ci(d: Mapping) -> str:
+def fmt_ci(d: Mapping) -> str:
+    if d["delta"] is None:
+        return "n/a"
     return f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
 
 
@@ -336,26 +397,49 @@ def render_markdown(report: Mapping) -> str:
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for name, s in report["splits"].items():
         for c, m in s["metrics"].items():
-            cells = " | ".join(f"{m[k]:.3f}" for k in METRICS)
+            cells = " | ".join(fmt(m[k]) for k in METRICS)
             lines.append(f"| {name} | {c} | {m['n']} | {cells} | {m['unanswered']} |")
     lines += ["", "Difference vs none, bootstrap 95% CI (paired, 1000 resamples, seed 0):", ""]
     lines += ["| split | condition | Δ accuracy | Δ F1 | flipped |", "|---|---|---|---|---|"]
     for name, s in report["splits"].items():
         for c, d in s["vs_none"].items():
             lines.append(
-                f"| {name} | {c} | {_fmt_ci(d['accuracy'])} | {_fmt_ci(d['f1'])} | {len(d['flipped'])} |"
+                f"| {name} | {c} | {fmt_ci(d['accuracy'])} | {fmt_ci(d['f1'])} | {len(d['flipped'])} |"
             )
-    problems = _problems(report)
-    lines += ["", f"Problems ({len(problems)}):", ""] + [f"- {p}" for p in problems]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + problems_markdown(report, split_problems(report["splits"]))) + "\n"
 
 
-def _problems(report: Mapping) -> list[str]:
-    out = list(report["problems"]["answers_file"])
-    for s in report["splits"].values():
+def split_problems(splits: Mapping) -> list[str]:
+    """The listed problems of the splits (or subtasks) of a report: bad records, missing images, failures."""
+    out = []
+    for name, s in splits.items():
         out += [f"malformed line: {p}" for p in s["malformed_lines"]]
         out += [f"missing image: {p}" for p in s["missing_images"]]
+        out += [f"failed ({name} / {c}): {p}" for c, ps in s["failed"].items() for p in ps]
     return out
+
+
+def problems_markdown(report: Mapping, problems: list[str]) -> list[str]:
+    """The outcome line, the problems (answer log first) and the notes, as Markdown lines."""
+    problems = list(report["problems"]["answers_file"]) + problems
+    o = report["outcome"]
+    lines = ["", f"Outcome: {o['status']} ({o['answered']} of {o['items']} answers, {o['failed']} failed)"]
+    lines += ["", f"Problems ({len(problems)}):", ""] + [f"- {p}" for p in problems]
+    if report["notes"]:
+        lines += ["", f"Notes ({len(report['notes'])}):", ""] + [f"- {n}" for n in report["notes"]]
+    return lines
+
+
+def problems_html(page, report: Mapping, problems: list[str]) -> None:
+    """The outcome, the problems and the notes as HTML sections (see `problems_markdown`)."""
+    problems = list(report["problems"]["answers_file"]) + problems
+    o = report["outcome"]
+    page.heading(f"Problems ({len(problems)})")
+    page.paragraph(f"Outcome: {o['status']} ({o['answered']} of {o['items']} answers, {o['failed']} failed)")
+    page.bullets(problems)
+    if report["notes"]:
+        page.heading(f"Notes ({len(report['notes'])})")
+        page.bullets(report["notes"])
 
 
 def _flipped_section(page, report: Mapping) -> None:
@@ -375,6 +459,7 @@ def render_html(report: Mapping, vhd=None) -> str:
     import plotly.graph_objects as go
 
     from headlab.reports.html import Page
+    from headlab.reports.maps import render_maps
 
     page = Page(f"POPE report: {report['model']}")
     page.bullets([f"{c}: {note}" for c, note in report["conditions"].items()])
@@ -389,7 +474,7 @@ def render_html(report: Mapping, vhd=None) -> str:
     page.table(["split", "condition", "n", *METRICS, "unanswered"], rows)
     page.heading("Difference vs none (bootstrap 95% CI, paired, 1000 resamples)")
     rows = [
-        [name, c, _fmt_ci(d["accuracy"]), _fmt_ci(d["f1"]), len(d["flipped"])]
+        [name, c, fmt_ci(d["accuracy"]), fmt_ci(d["f1"]), len(d["flipped"])]
         for name, s in report["splits"].items()
         for c, d in s["vs_none"].items()
     ]
@@ -401,159 +486,65 @@ def render_html(report: Mapping, vhd=None) -> str:
         fig.update_layout(barmode="group", title=f"{name}", yaxis_range=[0, 1], height=340)
         page.heading(f"Split {name}")
         page.figure(fig)
-    maps = report.get("attention_maps") or {}
-    if maps.get("image_mass"):
-        frame = pd.DataFrame(maps["image_mass"]).pivot(index="layer", columns="head", values="mass")
-        fig = go.Figure(go.Heatmap(z=frame.values, x=list(frame.columns), y=list(frame.index)))
-        fig.update_layout(
-            title=f"attention mass on the image tokens at the last query (mean over {maps['images']} images)",
-            xaxis_title="head",
-            yaxis_title="layer",
-        )
-        page.heading("Image attention")
-        page.figure(fig)
-    if maps.get("visual_sinks"):
-        sinks = maps["visual_sinks"]
-        fig = go.Figure(go.Heatmap(z=sinks["phi"], colorscale="Magma"))
-        fig.update_layout(
-            title=f"visual-sink score phi per layer and image token (sink dims {sinks['dims']}; "
-            f"phi > {sinks['tau']:g} = visual sink)",
-            xaxis_title="image token (row-major over the patch grid)",
-            yaxis_title="layer input",
-        )
-        page.heading("Visual sinks")
-        page.paragraph(f"visual sinks per layer: {sinks['sinks_per_layer']}")
-        page.figure(fig)
-    if vhd is not None and len(vhd):
-        grid = vhd.pivot(index="layer", columns="head", values="vhd")
-        fig = go.Figure(
-            go.Heatmap(z=grid.values, x=list(grid.columns), y=list(grid.index), colorscale="Viridis")
-        )
-        fig.update_layout(title="VHD per head (mean over images)", xaxis_title="head", yaxis_title="layer")
-        page.heading("Vision-aware head divergence")
-        page.figure(fig)
+    render_maps(page, report.get("attention_maps") or {}, vhd)
     _flipped_section(page, report)
-    problems = _problems(report)
-    page.heading(f"Problems ({len(problems)})")
-    page.bullets(problems)
+    problems_html(page, report, split_problems(report["splits"]))
     return page.render()
 
 
 def write_report(report: Mapping, out: Path, vhd=None) -> Path:
-    """report.json, report.md and report.html in `out`; returns the HTML path."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-    (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
-    path = out / "report.html"
-    path.write_text(render_html(report, vhd), encoding="utf-8")
-    return path
+    """report.json, report.md and report.html in `out`, atomically; returns the HTML path."""
+    return write_report_files(out, report, render_markdown(report), render_html(report, vhd))
 
 
 @dataclass
-class PopeReportResult:
+class ReportResult:
+    """What a report function returns: the HTML path, every number, and the answering run."""
+
     html: Path
     report: dict
     run: AnswerRun
 
-
-def vhd_heatmap_data(lm, split: Split, out: Path, n_images: int):
-    """Per-head VHD (layer, head, vhd) from the first `n_images` distinct images of `split`, captured with and
-    without the image into `out/vhd_store` (reused on a rerun)."""
-    from headlab.analyses.vhd import capture_vhd_conditions, vhd_per_head
-    from headlab.store import Store
-
-    picks: dict[str, PopeQuestion] = {}
-    for q in split.questions:
-        if len(picks) < n_images:
-            picks.setdefault(q.image, q)
-    if not picks:
-        return None
-    root = out / "vhd_store"
-    fresh = not root.exists()
-    store = Store.create(root, lm, exist_ok=True)
-    if fresh:
-        qs = list(picks.values())
-        capture_vhd_conditions(
-            lm, store, [prompt_for(q) for q in qs], [_image(split.images / q.image) for q in qs]
-        )
-    return vhd_per_head(store)
+    @property
+    def outcome(self) -> dict:
+        return self.report["outcome"]
 
 
-@torch.no_grad()
-def attention_maps(lm, split: Split, n_images: int, *, tau: float = 20.0) -> dict:
-    """On the first `n_images` distinct images of `split` (with their first question): each language-model
-    head's attention mass on the image tokens at the last query (mean over images), and VAR's visual-sink
-    score phi = max over the sink dimensions |x_d| / RMS(x) of every image token entering each layer (mean
-    over images; sink dimensions found on the BOS token). Tokens with phi > tau are visual sinks."""
-    import headlab as hl
-    from headlab.interventions.var import sink_dims_from_states, sink_scores
-
-    picks: dict[str, PopeQuestion] = {}
-    for q in split.questions:
-        if len(picks) < n_images:
-            picks.setdefault(q.image, q)
-    if not picks:
-        return {}
-    masses, phis, dims = [], [], None
-    for q in picks.values():
-        inputs = lm.processor(
-            text=[prompt_for(q)], images=[_image(split.images / q.image)], return_tensors="pt"
-        )
-        with hl.capture(lm, stats=hl.Stats(which=("mass",), towers=("lm",))) as rec:
-            out = lm.model(**dict(inputs), output_hidden_states=True)
-        frame = rec.head_stats
-        masses.append(frame[(frame.stat == "mass_last") & (frame.role == "image")])
-        states = out.hidden_states[:-1]  # the input of each language-model layer
-        dims = dims or sink_dims_from_states(states, 0)
-        image = inputs["input_ids"][0] == lm.image_token_id
-        phis.append(torch.stack([sink_scores(h[0, image], dims) for h in states]))  # [layer, image token]
-    mass = pd.concat(masses).groupby(["layer", "head"]).value.mean().reset_index()
-    phi = torch.stack(phis).mean(0)
-    return {
-        "images": len(picks),
-        "image_mass": mass.rename(columns={"value": "mass"}).to_dict(orient="records"),
-        "visual_sinks": {
-            "dims": list(dims),
-            "tau": tau,
-            "phi": phi.tolist(),
-            "sinks_per_layer": (phi > tau).sum(-1).tolist(),
-            "grid": list(lm.tower("vision").grid) if "vision" in {t.name for t in lm.towers} else None,
-        },
-    }
-
-
-def _image(path: Path):
-    from PIL import Image
-
-    return Image.open(path).convert("RGB")
-
-
-def check_options(n: int | None, max_new_tokens: int, conditions: Sequence[str]) -> list[str]:
+def check_options(
+    n: int | None, max_new_tokens: int, conditions: Sequence[str], var_tau: float = 20.0
+) -> list[str]:
     """Validate the shared report options; returns the conditions (`none` first, the baseline)."""
     if n is not None and n < 1:
         raise InputError(f"--n must be at least 1, got {n}")
     if max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        raise InputError(f"the number of tokens to generate must be at least 1, got {max_new_tokens}")
+    if not math.isfinite(var_tau) or var_tau <= 0:
+        raise InputError(f"--var-tau must be a positive number, got {var_tau}")
     conditions = list(conditions)
     if not conditions or conditions[0] != "none":
         raise InputError("the conditions must start with 'none' (the baseline the others are compared to)")
+    for c in conditions:
+        if c not in CONDITIONS:
+            raise InputError(f"unknown condition {c!r}: choose from {', '.join(CONDITIONS)}")
     return conditions
 
 
-def load_lvlm(model: str, what: str):
-    import headlab as hl
+def load_lvlm(out: Path, model: str | None, what: str):
+    """(lm, identity) of the report's model (`answers.load_report_model`), refused unless an LVLM."""
     from headlab.loading import Family
 
-    lm = hl.load(model)
+    lm, identity = load_report_model(out, model, DEFAULT_MODEL)
     if lm.family is not Family.LVLM:
-        raise InputError(f"{what} needs a vision-language model; {model} is a {lm.family.value} model")
-    return lm
+        raise InputError(
+            f"{what} needs a vision-language model; {identity.given} is a {lm.family.value} model"
+        )
+    return lm, identity
 
 
 def pope_report(
     out: Path,
     *,
-    model: str = "zoo:llava",
+    model: str | None = None,
     data: Sequence[Path] = (),
     images: Path | None = None,
     conditions: Sequence[str] = CONDITIONS,
@@ -562,43 +553,51 @@ def pope_report(
     var_tau: float = 20.0,
     vhd_images: int = 4,
     progress: Progress | None = None,
-) -> PopeReportResult:
+) -> ReportResult:
     """Answer, score and write the report (see the module docstring). Without `data`, the three synthetic
-    POPE files of `scenes.write_pope_benchmark` are written into `out/data` (once) and used."""
+    POPE files of `scenes.write_pope_benchmark` are written into `out/data` (once) and used. `model`: None =
+    the model of `out/answers.jsonl`, else zoo:llava."""
     from headlab.datasets import scenes
 
-    out = Path(out)
+    out = check_out(out)
+    check_folder(images, "--images")
+    conditions = check_options(n, max_new_tokens, conditions, var_tau)
+    if vhd_images < 0:
+        raise InputError(f"--vhd-images must be 0 (no image maps) or more, got {vhd_images}")
     out.mkdir(parents=True, exist_ok=True)
     if not data:
-        folder = out / "data"
-        if not (folder / "pope_adversarial.json").is_file():
-            scenes.write_pope_benchmark(folder)
+        folder = synthetic_data(out / "data", scenes.write_pope_benchmark)
         data = [folder / f"pope_{s}.json" for s in ("random", "popular", "adversarial")]
-    conditions = check_options(n, max_new_tokens, conditions)
     splits = load_splits(data, images, n)
-    lm = load_lvlm(model, "POPE")
-    log = AnswerLog(out / ANSWERS, model)
+    lm, identity = load_lvlm(out, model, "POPE")
+    log = AnswerLog(out / ANSWERS, identity)
     run = answer_all(
         lm, splits, conditions, log, max_new_tokens=max_new_tokens, var_tau=var_tau, progress=progress
     )
-    n_layers = lm.tower("lm").n_layers
-    vhd = None
+    vhd, maps, notes = None, {}, []
     if vhd_images > 0 and splits and not run.interrupted:
-        vhd = vhd_heatmap_data(lm, splits[0], out, vhd_images)
+        from headlab.reports.maps import image_maps
+
+        try:
+            vhd, maps, notes = image_maps(lm, splits[0], out, vhd_images, var_tau)
+        except KeyboardInterrupt:
+            run.interrupted = True
     report = build_report(
-        model,
+        identity,
         splits,
         conditions,
         log,
-        n_layers,
+        run,
+        lm.tower("lm").n_layers,
         var_tau=var_tau,
         max_new_tokens=max_new_tokens,
         n_per_split=n,
         interrupted=run.interrupted,
-        bootstrap={"resamples": 1000, "seed": 0, "level": 0.95, "paired": True},
+        bootstrap=BOOTSTRAP,
     )
+    report["notes"] += notes
     if vhd is not None:
         report["vhd_per_head"] = vhd[["layer", "head", "vhd"]].to_dict(orient="records")
-    if vhd_images > 0 and splits and not run.interrupted:
-        report["attention_maps"] = attention_maps(lm, splits[0], vhd_images, tau=var_tau)
-    return PopeReportResult(write_report(report, out, vhd), report, run)
+    if maps:
+        report["attention_maps"] = maps
+    return ReportResult(write_report(report, out, vhd), report, run)

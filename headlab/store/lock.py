@@ -1,4 +1,10 @@
-"""A whole-store lock for the rare writes to manifest.json (shards need none: each writer owns its own)."""
+"""The store's lock (an flock on STORE/.lock), held only for short critical sections:
+- `Store.append`'s last step: re-read the committed shards, check the new ids against them, write shard.json
+  and rename the shard into place, so two local writers never commit the same (example, condition);
+- writes to manifest.json; and `store verify --repair` (quarantining while no shard is being committed).
+Writing a shard's files needs no lock (each writer owns its own temp folder). Readers never lock. On a
+filesystem where flock does not hold across hosts (some NFS), duplicates can still be committed; readers
+then keep the first commit (catalog.py)."""
 
 from __future__ import annotations
 

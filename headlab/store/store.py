@@ -1,8 +1,8 @@
 """The activation store: one directory that notebooks, the CLI, analyses and the dashboard all read.
 
 Layout:
-    manifest.json            schema version, model fingerprint, creation time, runs (written atomically)
-    shards/<id>/             one committed append (see shard.py): Parquet tables + Zarr v3 arrays + shard.json
+    manifest.json            schema version, model fingerprint, creation time, runs (manifest.py)
+    shards/<id>/             one committed append (shard.py): Parquet tables + Zarr v3 arrays + shard.json
         examples.parquet     example, condition, tower, n_tokens, roles, meta (JSON text)
         head_stats.parquet   example, condition, tower, step, layer, head, stat, role, value
         residuals.parquet    example, condition, tower, step, layer, position, norm, rms, max_abs, max_dim, median_abs
@@ -13,25 +13,33 @@ Layout:
                              q | lse then k | 0 (token rows start:stop; see write._pack_qk)
         rows_index.parquet   example, condition, tower, step, layer, head, query, start, length -> rows/values
     results/<name>.parquet   an analysis result (tidy table keyed by layer and head), written atomically,
-    results/<name>.json      with its parameters (`save_result` / `result`); a rerun replaces it
+    results/<name>.json      with its parameters and the parquet's sha256 (`save_result` / `result`)
+    quarantine/              what `headlab store verify --repair` moved aside; never read
 
-Reads are lazy: the small index tables are read once (and refreshed when new shards appear), and a
-pattern read touches only the few Zarr chunks of that example's rows of that head. Nothing is ever
-unpickled: JSON, Parquet and numeric Zarr arrays only. Example ids are the caller's (int64); the same
-example under several conditions ("with_image", "no_image", "vhr") is stored side by side and joins on
-(example, condition).
+Contract:
+- Ids. An example id is an int (within int64) or a non-empty str, kept as given (ids.py); one store holds
+  one kind (`id_kind`), and the `example` column of every table is int64 or string accordingly. Ids of the
+  other kind are a StoreError.
+- Verified reads. Every byte a reader returns was checked against shard.json or a chunk CRC first, or the
+  read fails with a StoreError naming the file (catalog.py). Nothing is ever unpickled.
+- First commit wins. For each (example, condition) the earliest committed shard that holds it is the truth;
+  later rows of it are ignored by every reader (catalog.py). `append` refuses ids already committed under
+  its condition; it checks and commits under the store's lock, so local writers never duplicate.
+- Selections. A condition, example, tower, layer, head, step or stat that the store does not hold is a
+  SelectionError saying what it holds; a `condition=None` where one is needed means the store's only
+  condition (several: an error listing them). A valid filter that matches no rows returns an empty frame.
+Reads are lazy: the small index tables are read once (again when shards appear), and a pattern read touches
+only the few Zarr chunks of that example's rows of that head.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import os
-import re
 import socket
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,40 +47,31 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 import torch
-import zarr
 
 import headlab
-from headlab.errors import StoreError
+from headlab.errors import SelectionError, StoreError
 from headlab.kernels.rebuild import rebuild_rows
 from headlab.loading import LoadedModel
 from headlab.probe.record import Record
+from headlab.store.catalog import Catalog, repair_hint
 from headlab.store.fingerprint import fingerprint
+from headlab.store.ids import checked_ids, describe_ids, examples_are
+from headlab.store.integrity import QUARANTINE, RepairReport, VerifyReport, repair_store, verify_store
 from headlab.store.lock import locked
-from headlab.store.shard import ARRAYS, SHARD_META, TMP_PREFIX, ShardWriter, sha256_of, write_json_atomic
+from headlab.store.manifest import MANIFEST, manifest_hint, new_manifest, read_manifest
+from headlab.store.results import RESULTS, read_result, result_names, result_sidecar, save_result
+from headlab.store.selection import at_position, ints, names, parquet_filter, positions, span
+from headlab.store.shard import SCHEMA_VERSION, ShardWriter, write_json_atomic
 from headlab.store.write import write_arrays, write_tables
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-RESULTS = "results"
-TABLES = ("examples", "head_stats", "residuals", "z_index", "attn_index", "rows_index")
-REQUIRED_COLUMNS = {
-    "examples": {"example", "condition", "tower", "n_tokens", "roles", "meta"},
-    "head_stats": {"example", "condition", "tower", "step", "layer", "head", "stat", "role", "value"},
+__all__ = ["SCHEMA_VERSION", "Store", "VerifyReport"]
+STORED = {  # file of a shard -> what it means that the shard's examples have, for `info`
+    "head_stats.parquet": "head stats",
+    "residuals.parquet": "residuals",
+    "z_index.parquet": "head outputs",
+    "attn_index.parquet": "compact attention",
+    "rows_index.parquet": "attention rows",
 }
-
-
-@dataclass
-class VerifyReport:
-    """What `Store.verify` found: problems (corrupt or missing files) and notes (uncommitted leftovers)."""
-
-    shards: int = 0
-    files: int = 0
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 class Store:
@@ -81,10 +80,9 @@ class Store:
     def __init__(self, root: Path, manifest: dict) -> None:
         self.root = root
         self.manifest = manifest
-        self._shards: dict[str, dict] = {}
-        self._tables: dict[str, pd.DataFrame] = {}
-        self._arrays: dict[tuple[str, str], zarr.Array] = {}
-        self._attn_lookup: tuple[pd.DataFrame, dict] | None = None  # (the index it was built from, lookup)
+        self._catalog = Catalog(root)
+        self._tables: dict[str, tuple[int, pd.DataFrame]] = {}  # name -> (catalog version, owned rows)
+        self._attn_lookup: tuple[int, dict] | None = None
         self._run = {
             "id": uuid.uuid4().hex[:12],
             "started": time.time(),
@@ -104,14 +102,10 @@ class Store:
                     f"{root} already holds a store; open it with Store.open or pass exist_ok=True"
                 )
             return cls.open(root, lm)
+        if (root / "shards").is_dir() and any((root / "shards").iterdir()):
+            raise StoreError(f"{root} has shards/ but no {MANIFEST}; {manifest_hint(root)}")
         (root / "shards").mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "fingerprint": fingerprint(lm),
-            "created": time.time(),
-            "headlab": headlab.__version__,
-            "runs": [],
-        }
+        manifest = new_manifest(fingerprint(lm))
         write_json_atomic(root / MANIFEST, manifest)
         return cls(root, manifest)
 
@@ -121,19 +115,7 @@ class Store:
     ) -> Store:
         """Open an existing store; with `lm`, check that it is the model that wrote the store."""
         root = Path(path)
-        if not (root / MANIFEST).is_file():
-            raise StoreError(f"{root} is not a headlab store (no {MANIFEST}); create one with Store.create")
-        try:
-            manifest = json.loads((root / MANIFEST).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise StoreError(f"{root / MANIFEST} is corrupted: {err}") from err
-        version = manifest.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{root} has schema version {version}, newer than this headlab reads "
-                f"({SCHEMA_VERSION}); upgrade headlab"
-            )
-        store = cls(root, manifest)
+        store = cls(root, read_manifest(root))
         if lm is not None and not allow_model_mismatch:
             store.check_model(lm)
         return store
@@ -147,126 +129,169 @@ class Store:
                     f"given {ours['source']!r}); pass allow_model_mismatch=True to open it anyway"
                 )
 
-    # ----- shards -------------------------------------------------------------------------------------
-    def shard_ids(self, *, refresh: bool = True) -> list[str]:
-        """Committed shards (directories with a shard.json), oldest first; refreshes the read caches."""
-        if refresh:
-            found = sorted(
-                p
-                for p in (self.root / "shards").iterdir()
-                if not p.name.startswith(".") and (p / SHARD_META).is_file()
-            )
-            new = [p for p in found if p.name not in self._shards]
-            for p in new:
-                self._shards[p.name] = json.loads((p / SHARD_META).read_text())
-            if new:
-                self._tables.clear()
-        return sorted(self._shards, key=lambda s: self._shards[s].get("created", 0))
+    # ----- shards and tables --------------------------------------------------------------------------
+    def shard_ids(self) -> list[str]:
+        """Committed shards, first commit first (catalog.py); picks up shards committed meanwhile."""
+        self._catalog.refresh()
+        return list(self._catalog.order)
+
+    @property
+    def id_kind(self) -> str | None:
+        """The kind of this store's example ids: "int", "str", or None while it holds none."""
+        self._catalog.refresh()
+        return self._catalog.id_kind
 
     def _table(self, name: str, columns: Sequence[str] | None = None, filter=None) -> pd.DataFrame:
-        ids = self.shard_ids()
-        files = [
-            str(self.root / "shards" / s / f"{name}.parquet")
-            for s in ids
-            if (self.root / "shards" / s / f"{name}.parquet").is_file()
-        ]
-        if not files:
-            return pd.DataFrame()
+        """Owned rows of a table over all shards, filtered in the Parquet scan (files verified first)."""
+        cat = self._catalog
+        cat.refresh()
+        rel = f"{name}.parquet"
+        whole, scans = [], []
+        for s in cat.holding(rel):
+            path, hidden = str(cat.verified(s, rel)), cat.shadowed[s]
+            if not hidden:
+                whole.append(path)
+            elif len(hidden) < len(cat.meta(s).examples):
+                mine = ~pads.field("example").isin(sorted(hidden))
+                scans.append(([path], mine if filter is None else filter & mine))
+        scans = ([(whole, filter)] if whole else []) + scans
+        frames = [self._scan(files, columns, flt) for files, flt in scans]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def _scan(self, files: list[str], columns, filter) -> pd.DataFrame:
         try:
-            table = pads.dataset(files, format="parquet").to_table(columns=columns, filter=filter)
+            return pads.dataset(files, format="parquet").to_table(columns=columns, filter=filter).to_pandas()
         except (OSError, pa.ArrowException) as err:
             raise StoreError(
-                f"a {name}.parquet file of {self.root} is unreadable ({err}); run `headlab store verify`"
-            ) from err
-        return table.to_pandas()
+                f"{files[0]} (or a file beside it) is unreadable ({err}); {repair_hint(self.root)}"
+            ) from None
 
     def _index(self, name: str) -> pd.DataFrame:
-        """A small index table over all shards, with a `shard` column; cached until new shards appear."""
-        self.shard_ids()
-        if name not in self._tables:
-            frames = []
-            for s in self.shard_ids(refresh=False):
-                path = self.root / "shards" / s / f"{name}.parquet"
-                if path.is_file():
-                    try:
-                        frames.append(pd.read_parquet(path).assign(shard=s))
-                    except (OSError, pa.ArrowException) as err:
-                        raise StoreError(f"{path} is unreadable ({err}); run `headlab store verify`") from err
-            self._tables[name] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        return self._tables[name]
+        """A small index table's owned rows over all shards, with a `shard` column; cached per catalog."""
+        cat = self._catalog
+        cat.refresh()
+        cached = self._tables.get(name)
+        if cached is None or cached[0] != cat.version:
+            rel, frames = f"{name}.parquet", []
+            for s in cat.holding(rel):
+                try:
+                    frame = pd.read_parquet(io.BytesIO(cat.read_bytes(s, rel)))
+                except (OSError, pa.ArrowException) as err:
+                    raise StoreError(
+                        f"{cat.shards_dir / s / rel} is unreadable ({err}); {repair_hint(self.root)}"
+                    ) from None
+                if cat.shadowed[s]:
+                    frame = frame[~frame.example.isin(sorted(cat.shadowed[s]))]
+                frames.append(frame.assign(shard=s))
+            cached = (cat.version, pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
+            self._tables[name] = cached
+        return cached[1]
 
     # ----- writing ------------------------------------------------------------------------------------
     def append(
         self,
         rec: Record,
         *,
-        examples: Sequence[int] | None = None,
+        examples: Sequence[int | str] | None = None,
         condition: str = "default",
         meta: Sequence[dict] | None = None,
         top_k: int | None = None,
     ) -> str:
         """Commit one record as a new shard; returns its id.
 
-        examples: the store id of each example of the record, in capture order (default: the next free ids,
-        fine for one writer; give explicit ids when several processes write). meta: a JSON-able dict per
-        example (prompt, image path, label, ...), kept in the examples table. top_k: keep only the k largest
-        entries of each selected attention row (rec.patterns) instead of the dense row.
+        examples: the store id of each example of the record, in capture order: ints or strings, of the
+        store's kind (default: the next free integer ids, fine for one writer; give explicit ids when
+        several processes write). Ids already committed under `condition` are a StoreError listing them.
+        meta: a JSON-able dict per example (prompt, image path, label, ...), kept in the examples table.
+        top_k: keep only the k largest entries of each selected attention row (rec.patterns).
         """
+        if not isinstance(condition, str) or not condition:
+            raise StoreError(f"condition {condition!r}: give a non-empty name (e.g. 'with_image')")
         captured = sorted({e["example"] for e in rec._examples})
-        if examples is None:
-            stored = self.examples()
-            start = int(stored.example.max()) + 1 if len(stored) else 0
-            examples = list(range(start, start + len(captured)))
-        if len(examples) != len(captured):
-            raise StoreError(f"got {len(examples)} example ids for a record of {len(captured)} examples")
+        if not captured:
+            raise StoreError("the record holds no examples: run the model inside `hl.capture` first")
+        given = self._default_ids(len(captured)) if examples is None else list(examples)
+        if len(given) != len(captured):
+            raise StoreError(f"got {len(given)} example ids for a record of {len(captured)} examples")
         if meta is not None and len(meta) != len(captured):
             raise StoreError(f"got {len(meta)} meta dicts for a record of {len(captured)} examples")
-        ids = dict(zip(captured, (int(e) for e in examples), strict=True))
+        ids = dict(zip(captured, self._new_ids(given, condition), strict=True))
         meta_of = dict(zip(captured, meta, strict=True)) if meta is not None else {}
         writer = ShardWriter(self.root / "shards")
         try:
             write_tables(writer, rec, ids, meta_of, condition)
             write_arrays(writer, rec, ids, condition, top_k)
-            shard = writer.commit(
-                {
-                    "condition": condition,
-                    "created": time.time(),
-                    "run": self._run,
-                    "examples": sorted(ids.values()),
-                    "schema_version": SCHEMA_VERSION,
-                }
-            )
+            writer.seal()
+            with locked(self.root):  # check and commit as one step: no other writer commits these ids
+                self._new_ids(given, condition)
+                shard = writer.commit(
+                    {
+                        "condition": condition,
+                        "created": time.time(),
+                        "run": self._run,
+                        "examples": list(ids.values()),
+                        "schema_version": SCHEMA_VERSION,
+                    }
+                )
         except BaseException:
             writer.abort()
             raise
         self._note_run()
         return shard
 
+    def _default_ids(self, n: int) -> list[int]:
+        if self.id_kind == "str":
+            raise StoreError("this store holds string ids: pass examples=[...] to append")
+        done = [e for e, _ in self._catalog.owner]
+        start = max(done) + 1 if done else 0
+        return list(range(start, start + n))
+
+    def _new_ids(self, given: list, condition: str) -> list[int | str]:
+        """`given` checked: valid ids, of the store's kind, distinct, none committed under `condition`."""
+        ids = checked_ids(given, self.id_kind)
+        if len(set(ids)) != len(ids):
+            twice = sorted({e for e in ids if ids.count(e) > 1}, key=str)
+            raise StoreError(f"example ids repeat within one append: {describe_ids(twice)}")
+        already = set(ids) & self._catalog.committed(condition)
+        if already:
+            raise StoreError(
+                f"{examples_are(already)} already committed under condition {condition!r} "
+                "(the first commit is kept); skip them (see store.committed(condition)) or use new ids"
+            )
+        return ids
+
     def _note_run(self) -> None:
         """Record this writer's run in the manifest (once per Store object; atomic replace)."""
         if any(r.get("id") == self._run["id"] for r in self.manifest.get("runs", [])):
             return
         with locked(self.root):
-            current = json.loads((self.root / MANIFEST).read_text())
+            current = read_manifest(self.root)
             current.setdefault("runs", []).append(self._run)
             write_json_atomic(self.root / MANIFEST, current)
             self.manifest = current
 
-    # ----- reading ------------------------------------------------------------------------------------
+    # ----- reading: tables ----------------------------------------------------------------------------
+    def conditions(self) -> list[str]:
+        self._catalog.refresh()
+        return self._catalog.conditions()
+
     def examples(self, *, condition: str | None = None) -> pd.DataFrame:
+        """The examples table (one row per example, condition and tower); condition None: all."""
+        condition = self._condition(condition, needed=False)
         frame = self._index("examples")
         if len(frame) and condition is not None:
             frame = frame[frame.condition == condition]
         return frame.drop(columns="shard", errors="ignore")
 
-    def conditions(self) -> list[str]:
-        ex = self.examples()
-        return sorted(ex.condition.unique()) if len(ex) else []
-
-    def committed(self, condition: str = "default") -> set[int]:
-        """Example ids already stored under `condition` (what a resumed run skips)."""
-        ex = self.examples(condition=condition)
-        return set(ex.example.astype(int)) if len(ex) else set()
+    def committed(self, condition: str | None = None) -> set[int | str]:
+        """Example ids committed under `condition` (what a resumed run skips); a condition the store does not
+        hold yet has none. None: the store's only condition (none stored: the empty set)."""
+        self._catalog.refresh()
+        if condition is None:
+            if not self._catalog.conditions():
+                return set()
+            condition = self._condition(None, needed=True)
+        return self._catalog.committed(condition)
 
     def head_stats(
         self,
@@ -276,72 +301,129 @@ class Store:
         stat: str | Iterable[str] | None = None,
         layers: Iterable[int] | None = None,
         heads: Iterable[int] | None = None,
-        examples: Iterable[int] | None = None,
+        examples: Iterable[int | str] | None = None,
     ) -> pd.DataFrame:
         """The tidy head_stats table, filtered in the Parquet scan (only matching rows are read)."""
-        return self._table(
-            "head_stats",
-            filter=_filter(
-                condition=condition, tower=tower, stat=stat, layer=layers, head=heads, example=examples
-            ),
-        )
+        condition = self._condition(condition, needed=False)
+        wanted = {"tower": names("tower", tower), "stat": names("stat", stat)}
+        wanted |= {"layer": ints("layers", layers), "head": ints("heads", heads)}
+        ids = self._stored_examples(examples, condition)
+        frame = self._table("head_stats", filter=parquet_filter(condition=condition, example=ids, **wanted))
+        self._check_present("head_stats", "head statistics", frame, wanted)
+        return frame
 
     def residuals(self, *, condition: str | None = None, layers: Iterable[int] | None = None) -> pd.DataFrame:
         """The residual-stream table (norms, max |x| and its dimension, median |x|), filtered in the scan."""
-        return self._table("residuals", filter=_filter(condition=condition, layer=layers))
+        condition = self._condition(condition, needed=False)
+        wanted = {"layer": ints("layers", layers)}
+        frame = self._table("residuals", filter=parquet_filter(condition=condition, **wanted))
+        self._check_present("residuals", "residual rows", frame, wanted)
+        return frame
 
-    def _array(self, shard: str, name: str) -> zarr.Array:
-        key = (shard, name)
-        if key not in self._arrays:
-            self._arrays[key] = zarr.open_array(self.root / "shards" / shard / ARRAYS, path=name, mode="r")
-        return self._arrays[key]
+    def _condition(self, condition: str | None, *, needed: bool) -> str | None:
+        """A stored condition; None stays None unless `needed` (then: the only condition, or an error)."""
+        held = self.conditions()
+        if condition is None:
+            if not needed:
+                return None
+            if len(held) == 1:
+                return held[0]
+            if not held:
+                raise StoreError(f"{self.root} holds no examples yet")
+            raise SelectionError(f"this store holds several conditions {held}; pass condition=one of them")
+        if condition not in held:
+            raise SelectionError(
+                f"condition {condition!r} is not stored; stored conditions: {held or 'none'}"
+            )
+        return condition
 
+    def _stored_examples(self, examples, condition: str | None) -> list[int | str] | None:
+        """`examples` checked against what is committed (under `condition`, or any)."""
+        if examples is None:
+            return None
+        scalar = isinstance(examples, str | int | np.integer)
+        ids = checked_ids([examples] if scalar else list(examples), self.id_kind)
+        conditions = [condition] if condition is not None else self._catalog.conditions()
+        owner = self._catalog.owner
+        missing = [e for e in ids if not any((e, c) in owner for c in conditions)]
+        if missing:
+            stored = {e for e, c in owner if c in conditions}
+            under = f" under condition {condition!r}" if condition else ""
+            raise SelectionError(
+                f"{examples_are(missing)} not stored{under}; stored: {len(stored)} examples "
+                f"({describe_ids(stored, 6)})"
+            )
+        return ids
+
+    def _check_present(self, name: str, what: str, frame: pd.DataFrame, wanted: dict) -> None:
+        """Each requested value that matched no row must at least exist in the table, or SelectionError."""
+        for column, values in wanted.items():
+            got = set(frame[column].unique()) if column in frame else set()
+            missing = [v for v in values or () if v not in got]
+            if not missing:
+                continue
+            table = self._table(name, columns=[column])
+            held = set(table[column].unique()) if column in table else set()
+            absent = [v for v in missing if v not in held]
+            if absent:
+                holds = f"it holds {column}s {span(held)}" if held else f"it holds no {what}"
+                these = f"{column} {span(absent)} is" if len(absent) == 1 else f"{column}s {span(absent)} are"
+                raise SelectionError(f"{these} not in this store's {what}; {holds}")
+
+    # ----- reading: attention -------------------------------------------------------------------------
     def pattern(
         self,
-        example: int,
+        example: int | str,
         layer: int,
         head: int,
         *,
         tower: str = "lm",
-        condition: str = "default",
+        condition: str | None = None,
         queries: Sequence[int] | None = None,
     ) -> np.ndarray:
         """The exact attention pattern [q, k] of one head for one example, rebuilt lazily from compact
-        attention (or read from stored rows); reads only that example's rows of that head."""
+        attention (or read from stored rows); reads only that example's rows of that head.
+        condition None: the store's only condition. queries: positions (negative from the end)."""
+        condition = self._condition(condition, needed=True)
+        (example,) = self._stored_examples([example], condition)
+        layer, head = ints("layer", layer)[0], ints("head", head)[0]
         row = self._compact_lookup().get((example, condition, tower, layer))
         if row is None:
             return self._stored_rows(example, layer, head, tower, condition, queries)
-        heads = list(row.heads)
+        heads = [int(h) for h in row.heads]
         if head not in heads:
-            raise StoreError(f"head {head} of {tower} layer {layer} was not stored; stored heads: {heads}")
+            raise SelectionError(
+                f"head {head} of {tower} layer {layer} was not stored; stored heads: {heads}"
+            )
         start, stop, h = int(row.start), int(row.stop), heads.index(head)
         n = stop - start
-        packed = self._array(row.shard, f"attn/{tower}/L{layer}")
-        both = packed.get_orthogonal_selection((slice(start, stop), [h, len(heads) + head // int(row.group)]))
+        at = torch.tensor(positions(queries, n, example))
+        both = self._catalog.read(
+            row.shard,
+            f"attn/{tower}/L{layer}",
+            (slice(start, stop), [h, len(heads) + head // int(row.group)]),
+        )
         q, lse, k = (torch.from_numpy(x) for x in (both[:, 0, :-1], both[:, 0, -1], both[:, 1, :-1]))
-        positions = torch.arange(n) if queries is None else torch.tensor([p % n for p in queries])
         window = None if int(row.window) < 0 else int(row.window)
-        softcap = float(
-            getattr(row, "softcap", float("nan"))
-        )  # stores written before soft-cap support lack it
+        softcap = float(getattr(row, "softcap", float("nan")))  # stores from before soft-cap support lack it
         return rebuild_rows(
-            q[positions],
+            q[at],
             k,
-            lse[positions],
+            lse[at],
             scale=float(row.scale),
-            query_positions=positions,
+            query_positions=at,
             causal=bool(row.causal),
             window=window,
             softcap=None if np.isnan(softcap) else softcap,
         ).numpy()
 
     def _compact_lookup(self) -> dict[tuple, tuple]:
-        """(example, condition, tower, layer) -> its attn_index row (the latest shard wins); rebuilt when the
-        index is (new shards)."""
+        """(example, condition, tower, layer) -> its owned attn_index row; rebuilt when shards appear."""
         idx = self._index("attn_index")
-        if self._attn_lookup is None or self._attn_lookup[0] is not idx:
+        if self._attn_lookup is None or self._attn_lookup[0] != self._catalog.version:
             rows = idx.itertuples() if len(idx) else ()
-            self._attn_lookup = (idx, {(int(r.example), r.condition, r.tower, int(r.layer)): r for r in rows})
+            lookup = {(r.example, r.condition, r.tower, int(r.layer)): r for r in rows}
+            self._attn_lookup = (self._catalog.version, lookup)
         return self._attn_lookup[1]
 
     def _stored_rows(self, example, layer, head, tower, condition, queries) -> np.ndarray:
@@ -358,155 +440,138 @@ class Store:
             if len(idx)
             else idx
         )
-        if queries is not None and len(hit):
-            n_keys = int(hit.n_keys.iloc[0])
-            hit = hit[hit["query"].isin([q % n_keys for q in queries])]
         if not len(hit):
             raise StoreError(
-                f"no attention stored for example {example} ({condition}), {tower} layer {layer} head "
-                f"{head}; capture it with compact=Select(...) or patterns=Select(...)"
+                f"no attention stored for example {example!r} ({condition}), {tower} layer {layer} head {head}; "
+                f"stored for this example: {self._attention_held(example, condition)}; capture it with "
+                "compact=Select(...) or patterns=Select(...)"
             )
+        n_keys = int(hit.n_keys.iloc[0])
+        if queries is not None:
+            wanted = [q % n_keys for q in positions(queries, n_keys, example)]
+            hit = hit[hit["query"].isin(wanted)]
+            if len(hit) < len(set(wanted)):
+                raise SelectionError(f"queries {list(queries)} are not all stored rows of this head")
         shard = hit.shard.iloc[0]
-        values = self._array(shard, "rows/values")
-        sparse = (self.root / "shards" / shard / ARRAYS / "rows" / "keys").is_dir()
-        rows = np.zeros((len(hit), int(hit.n_keys.iloc[0])), dtype=np.float32)
+        sparse = "arrays.zarr/rows/keys/zarr.json" in self._catalog.meta(shard).files
+        rows = np.zeros((len(hit), n_keys), dtype=np.float32)
         for i, r in enumerate(hit.itertuples()):
-            span = slice(int(r.start), int(r.start) + int(r.length))
+            part = (slice(int(r.start), int(r.start) + int(r.length)),)
+            values = self._catalog.read(shard, "rows/values", part)
             if sparse:
-                rows[i, self._array(shard, "rows/keys")[span]] = values[span]
+                rows[i, self._catalog.read(shard, "rows/keys", part)] = values
             else:
-                rows[i] = values[span]
+                rows[i] = values
         return rows
+
+    def _attention_held(self, example, condition: str) -> str:
+        """What attention is stored for one example, for messages."""
+        held = []
+        for name, what in (("attn_index", "compact attention"), ("rows_index", "rows")):
+            idx = self._index(name)
+            mine = idx[(idx.example == example) & (idx.condition == condition)] if len(idx) else idx
+            for tower, group in mine.groupby("tower") if len(mine) else ():
+                held.append(f"{what} of {tower} layers {span(group.layer.unique())}")
+        return "; ".join(held) or "none"
 
     def head_outputs(
         self,
         layer: int,
         *,
         tower: str = "lm",
-        condition: str = "default",
+        condition: str | None = None,
         step: int = 0,
         position: int | str | None = None,
     ) -> tuple[pd.DataFrame, np.ndarray]:
         """Per-head outputs z of one layer for every stored example: (index rows, array [rows, head, d_head]).
 
-        position: keep one stored position per example: an example position, or "last" for each example's
-        last stored position (default: every stored row)."""
+        condition None: the store's only condition. position: keep one stored position per example: an
+        example position, or "last" for each example's last stored position (default: every stored row)."""
         idx = self._index("z_index")
         if not len(idx):
             raise StoreError("no head outputs stored; capture them with head_outputs=Select(...)")
-        hit = idx[
-            (idx.layer == layer) & (idx.tower == tower) & (idx.condition == condition) & (idx.step == step)
-        ]
-        if position == "last":
-            hit = hit[hit.position == hit.groupby("example").position.transform("max")]
-        elif position is not None:
-            hit = hit[hit.position == position]
+        condition = self._condition(condition, needed=True)
+        hit = idx[idx.condition == condition]
+        if not len(hit):
+            held = sorted(idx.condition.unique())
+            raise StoreError(f"no head outputs stored under condition {condition!r}; they are under {held}")
+        for column, value in (("tower", tower), ("step", step), ("layer", layer)):
+            if value not in set(hit[column].unique()):
+                raise SelectionError(
+                    f"no head outputs of {column} {value!r} under condition {condition!r}; stored {column}s: "
+                    f"{span(hit[column].unique())}"
+                )
+            hit = hit[hit[column] == value]
+        hit = at_position(hit, position)
         frames, parts = [], []
         for shard, group in hit.groupby("shard", sort=False):  # one read per shard, rows in index order
             frames.append(group)
-            parts.append(
-                self._array(shard, f"z/{tower}/s{step}/L{layer}").get_orthogonal_selection(
-                    (group.row.to_numpy(),)
-                )
-            )
-        if not parts:
-            return hit.drop(columns="shard"), np.zeros((0,))
+            parts.append(self._catalog.read(shard, f"z/{tower}/s{step}/L{layer}", (group.row.to_numpy(),)))
         return pd.concat(frames).drop(columns="shard").reset_index(drop=True), np.concatenate(parts)
 
     # ----- integrity ----------------------------------------------------------------------------------
     def verify(self) -> VerifyReport:
-        """Check every committed shard's files against their checksums and the tables' schemas."""
-        report = VerifyReport()
-        for path in sorted((self.root / "shards").iterdir()):
-            if path.name.startswith(TMP_PREFIX):
-                report.notes.append(f"{path.name}: an uncommitted shard (a writer stopped mid-way); ignored")
-                continue
-            if path.name.startswith("."):
-                continue
-            report.shards += 1
-            try:
-                meta = json.loads((path / SHARD_META).read_text())
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-                report.problems.append(f"{path.name}/{SHARD_META}: unreadable ({err})")
-                continue
-            if meta.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
-                report.problems.append(
-                    f"{path.name}: schema {meta['schema_version']} is newer than {SCHEMA_VERSION}"
-                )
-            for name, info in meta.get("files", {}).items():
-                report.files += 1
-                file = path / name
-                if not file.is_file():
-                    report.problems.append(f"{path.name}/{name}: missing")
-                elif file.stat().st_size != info["bytes"]:
-                    report.problems.append(
-                        f"{path.name}/{name}: {file.stat().st_size} bytes, expected {info['bytes']} (truncated?)"
-                    )
-                elif sha256_of(file) != info["sha256"]:
-                    report.problems.append(f"{path.name}/{name}: checksum mismatch (corrupted)")
-            for table, required in REQUIRED_COLUMNS.items():
-                file = path / f"{table}.parquet"
-                if (
-                    f"{table}.parquet" in meta.get("files", {})
-                    and file.is_file()
-                    and not any(p.startswith(f"{path.name}/{table}.parquet") for p in report.problems)
-                ):
-                    missing = required - set(pads.dataset(str(file)).schema.names)
-                    if missing:
-                        report.problems.append(
-                            f"{path.name}/{table}.parquet: missing columns {sorted(missing)}"
-                        )
-        return report
+        """Check every file of the store against shard.json (integrity.py); never raises on damage."""
+        return verify_store(self.root)
+
+    @staticmethod
+    def repair(path: str | Path, lm: LoadedModel | None = None) -> RepairReport:
+        """Quarantine what cannot be trusted and drop stale temp folders (integrity.py); with `lm`, also
+        rebuild a broken manifest for that model."""
+        return repair_store(Path(path), lm)
+
+    def stored(self) -> dict[str, dict[str, int]]:
+        """condition -> {what is stored ("head stats", "head outputs", ...): number of examples with it}."""
+        cat = self._catalog
+        cat.refresh()
+        out: dict[str, dict[str, int]] = {c: {} for c in cat.conditions()}
+        for (_, condition), shard in cat.owner.items():
+            for rel, what in STORED.items():
+                if rel in cat.meta(shard).files:
+                    out[condition][what] = out[condition].get(what, 0) + 1
+        return out
 
     def info(self) -> dict:
-        ex = self.examples()
+        """A summary: model, ids, (example, condition) rows, conditions, towers, what is stored, results."""
+        cat = self._catalog
+        cat.refresh()
+        ex = self._index("examples")
         fp = self.manifest["fingerprint"]
-        size = sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+        quarantined = self.root / QUARANTINE
         return {
             "path": str(self.root),
             "schema_version": self.manifest["schema_version"],
-            "model": f"{fp['architecture']} ({fp['source']})",
-            "shards": len(self.shard_ids()),
-            "examples": int(ex.example.nunique()) if len(ex) else 0,
-            "conditions": self.conditions(),
+            "model": f"{fp['architecture']} ({fp.get('source', '?')})",
+            "shards": len(cat.order),
+            "examples": len({e for e, _ in cat.owner}),
+            "rows": len(cat.owner),
+            "id_kind": cat.id_kind or "none yet",
+            "conditions": cat.conditions(),
+            "towers": sorted(ex.tower.unique()) if len(ex) else [],
+            "stored": self.stored(),
+            "results": self.results(),
+            "duplicates_ignored": cat.duplicates,
+            "quarantined": sorted(p.name for p in quarantined.iterdir()) if quarantined.is_dir() else [],
             "runs": len(self.manifest.get("runs", [])),
-            "bytes": size,
+            "bytes": sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file()),
         }
 
-    # ----- analysis results ------------------------------------------------------------------------------
+    # ----- analysis results (results.py) ---------------------------------------------------------------
     def save_result(self, name: str, frame: pd.DataFrame, params: dict | None = None) -> Path:
-        """Store an analysis result as results/<name>.parquet (+ <name>.json with `params`), atomically;
-        an existing result of that name is replaced."""
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
-            raise StoreError(f"result name {name!r}: use lowercase letters, digits, '_', '-' and '.'")
-        folder = self.root / RESULTS
-        folder.mkdir(exist_ok=True)
-        tmp = folder / f".{name}.{uuid.uuid4().hex}.tmp"
-        frame.to_parquet(tmp, index=False)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / f"{name}.parquet")
-        write_json_atomic(folder / f"{name}.json", {"name": name, "rows": len(frame), "params": params or {}})
-        return folder / f"{name}.parquet"
+        """Store an analysis result as results/<name>.parquet (+ <name>.json with `params` and the parquet's
+        sha256), atomically; an existing result of that name is replaced."""
+        return save_result(self.root / RESULTS, name, frame, params)
 
     def results(self) -> list[str]:
         """Names of the stored analysis results."""
-        folder = self.root / RESULTS
-        return sorted(p.stem for p in folder.glob("*.parquet")) if folder.is_dir() else []
+        return result_names(self.root / RESULTS)
 
     def result(self, name: str) -> pd.DataFrame:
-        """A stored analysis result (its parameters are in `result_params(name)`)."""
-        path = self.root / RESULTS / f"{name}.parquet"
-        if not path.is_file():
-            raise StoreError(
-                f"no result {name!r} in {self.root}; stored: {self.results() or 'none'} "
-                f"(run `headlab analyze ... {self.root}`)"
-            )
-        return pd.read_parquet(path)
+        """A stored analysis result, checked against its sha256 (its parameters: `result_params(name)`)."""
+        return read_result(self.root / RESULTS, name)
 
     def result_params(self, name: str) -> dict:
-        path = self.root / RESULTS / f"{name}.json"
-        return json.loads(path.read_text())["params"] if path.is_file() else {}
+        return result_sidecar(self.root / RESULTS, name).get("params", {})
 
     def _repr_html_(self) -> str:
         rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in self.info().items())
@@ -515,15 +580,3 @@ class Store:
     def __repr__(self) -> str:
         i = self.info()
         return f"Store({i['path']}: {i['examples']} examples, {i['shards']} shards, conditions {i['conditions']})"
-
-
-def _filter(**columns):
-    """A pyarrow filter: every given column (value or values) must match; None means no condition."""
-    expr = None
-    for column, value in columns.items():
-        if value is None:
-            continue
-        values = [value] if isinstance(value, str | int) else list(value)
-        term = pads.field(column).isin(values)
-        expr = term if expr is None else expr & term
-    return expr

@@ -1,6 +1,8 @@
 """Writing one Record into a shard: its tables (with store example ids and the condition) and its arrays.
 
-Arrays are ragged along a row axis and located through index tables (see store.py's layout):
+`ids` maps the record's example index to the store id (int or str, checked by the store): the `example`
+column of every table is int64 for integer ids and string for string ids. Arrays are ragged along a row
+axis and located through index tables (see store.py's layout):
 head outputs per (tower, step, layer), compact attention packed per (tower, layer) so that one read rebuilds a
 pattern, and selected attention rows (dense, or top-k with their key indices).
 """
