@@ -189,8 +189,9 @@ def _load_config(source: str) -> tf.PretrainedConfig:
                 "or re-save the model with save_pretrained"
             ) from err
         raise ModelLoadError(
-            f"could not fetch {source!r} from the Hugging Face hub (offline or unknown id). Download it where the "
-            f"hub is reachable (e.g. `huggingface-cli download {source} --local-dir DIR`) and pass the local path."
+            f"could not fetch {source!r} from the Hugging Face hub ({_reason(err)}): check the id (and your "
+            f"access to it), or download it where the hub is reachable (`hf download {source} --local-dir DIR`) "
+            "and pass DIR."
         ) from err
 
 
