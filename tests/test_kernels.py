@@ -7,6 +7,7 @@ import torch
 
 from headlab.kernels import attention_with_lse, naive_attention
 from headlab.kernels import augmented as aug_mod
+from headlab.kernels.rebuild import attention_scores, rebuild_rows, rows_from_lse
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
@@ -92,3 +93,28 @@ def test_reference_rows_are_distributions():
     ref = naive_attention(q, k, v, causal=True)
     torch.testing.assert_close(ref.probs.sum(-1), torch.ones(1, 2, 6))
     assert (ref.probs.triu(1) == 0).all()
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_rows_from_lse_rebuild_the_oracle_pattern(softcap):
+    """The one rebuild primitive: exp(scores + bias - lse) under the mask equals the naive softmax rows,
+    with a soft-cap and with an additive (non-boolean) bias such as a relative position bias."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    bias = torch.randn(2, 1, 5, 5, generator=g)
+    ref = naive_attention(q, k, v, mask=bias, scale=0.3, softcap=softcap)
+    scores = attention_scores(q, k, scale=0.3, softcap=softcap)
+    torch.testing.assert_close(rows_from_lse(scores, ref.lse, bias=bias), ref.probs, rtol=1e-5, atol=1e-6)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    ref = naive_attention(q, k, v, scale=0.3, causal=True, softcap=softcap)
+    torch.testing.assert_close(rows_from_lse(scores, ref.lse, keep=causal), ref.probs, rtol=1e-5, atol=1e-6)
+    rows = rebuild_rows(
+        q[0, 1],
+        k[0, 1],
+        ref.lse[0, 1],
+        scale=0.3,
+        query_positions=torch.arange(5),
+        causal=True,
+        softcap=softcap,
+    )
+    torch.testing.assert_close(rows, ref.probs[0, 1], rtol=1e-5, atol=1e-6)

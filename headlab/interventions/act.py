@@ -58,6 +58,7 @@ from headlab.datasets import synthetic
 from headlab.errors import InputError, SelectionError, UnsupportedModelError
 from headlab.interventions.core import AttentionCall, GroupEdit, Intervention, Patch, intervene
 from headlab.kernels.augmented import attention_with_lse
+from headlab.kernels.rebuild import rows_from_lse
 from headlab.kernels.reference import additive_mask
 from headlab.loading import LoadedModel, Tower
 
@@ -130,7 +131,7 @@ def received_attention(
         stop = min(n_q, start + tile)
         keep = _visible(call, heads, start, stop) & real[:, None, start:stop, None]  # [b, hs|1, t, k]
         scores = call.scores(q[:, :, start:stop], k)  # [b, hs, t, k]
-        probs = torch.where(keep, torch.exp(scores - lse[:, :, start:stop, None]), 0.0)
+        probs = rows_from_lse(scores, lse[:, :, start:stop], keep=keep)
         total += probs.sum(2)
         seen += keep.sum(2)
     valid = call.ctx.key_valid.to(q.device)[:, None, :]

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 
 from headlab.errors import SelectionError
 from headlab.kernels.fused import fused_attention
+from headlab.kernels.rebuild import attention_scores, rows_from_lse
 from headlab.kernels.reference import expand_kv, naive_attention
 from headlab.kernels.spec import FusedSpec
 from headlab.loading import LoadedModel
@@ -93,8 +94,7 @@ class AttentionCall:
 
     def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Explicit scores [..., q, k] of some queries and keys as this call forms them (scale, soft-cap)."""
-        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
-        return s if self.softcap is None else self.softcap * torch.tanh(s / self.softcap)
+        return attention_scores(q, k, scale=self.scale, softcap=self.softcap)
 
     def probs(self) -> torch.Tensor:
         """The explicit [b, h, q, k] pattern (reference paths and single-row decode steps only)."""
@@ -239,7 +239,7 @@ def _atoms_from_rows(call: AttentionCall, keys: torch.Tensor, atom_of: torch.Ten
             allowed = allowed & (mask[..., keys] if mask.shape[-2] == 1 else mask[..., t0:t1, :][..., keys])
         if call.causal:
             allowed = allowed & (keys[None, :] <= q_pos[t0:t1, None])
-        probs = torch.where(allowed, torch.exp(scores - lse[:, :, t0:t1, None].float()), 0.0)
+        probs = rows_from_lse(scores, lse[:, :, t0:t1], keep=allowed)
         mass[:, :, t0:t1] = probs @ onehot
         outs[:, :, t0:t1] = torch.einsum("bhtg,bhga,bhgd->bhtad", probs, onehot, v)
     mass[..., 0] = finite.float() - mass.sum(-1)

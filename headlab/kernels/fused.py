@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from headlab.errors import InputError
 from headlab.kernels.augmented import attention_with_lse
 from headlab.kernels.columns import augmented_values, decode_columns
+from headlab.kernels.rebuild import attention_scores
 from headlab.kernels.reference import expand_kv
 from headlab.kernels.spec import Attended, FusedSpec, check_shapes
 
@@ -161,9 +162,9 @@ def explicit_fused(q, k, v, spec: FusedSpec, *, tile: int | None) -> Attended:
 def _explicit_tile(q, k32, v32, spec: FusedSpec, rows: torch.Tensor):
     """(out, lse, class_mass, class_out, entropy, distance) of query rows `rows`, from explicit scores."""
     device, n_q, n_k = q.device, q.shape[2], k32.shape[2]
-    s = torch.matmul(q[:, :, rows.to(device)].float(), k32.transpose(-1, -2)) * spec.scale  # [b, h, r, k]
-    if spec.softcap is not None:
-        s = spec.softcap * torch.tanh(s / spec.softcap)
+    s = attention_scores(
+        q[:, :, rows.to(device)], k32, scale=spec.scale, softcap=spec.softcap
+    )  # [b, h, r, k]
     bias = _bias_rows(spec, rows, n_q, device)
     if bias is not None:
         s = s + bias

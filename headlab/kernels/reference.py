@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from headlab.errors import InputError
+from headlab.kernels.rebuild import attention_scores
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,7 @@ def naive_attention(
     n_heads, n_q, n_k = q.shape[1], q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k, v = expand_kv(k, n_heads).float(), expand_kv(v, n_heads).float()
-    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # [batch, head, q, k]
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
+    scores = attention_scores(q, k, scale=scale, softcap=softcap)  # [batch, head, q, k]
     bias = additive_mask(mask, n_q, n_k, causal=causal, dtype=torch.float32, device=q.device)
     if bias is not None:
         scores = scores + bias

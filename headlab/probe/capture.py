@@ -21,6 +21,7 @@ from torch import nn
 from headlab.compat import past_length
 from headlab.errors import InputError, SelectionError
 from headlab.kernels.fused import fused_attention
+from headlab.kernels.rebuild import attention_scores, rows_from_lse
 from headlab.kernels.reference import expand_kv, naive_attention
 from headlab.kernels.spec import FusedSpec
 from headlab.loading import Family, LoadedModel
@@ -271,11 +272,8 @@ class Probe:
             bias = _bias_rows(mask, rows, n_q, n_k, causal, b)  # [q_sel, k]
             valid = ctx.key_valid[b]
             for h in heads:
-                scores = (q[b, h, rows].float() @ k_full[b, h].float().T) * scale
-                if softcap is not None:
-                    scores = softcap * torch.tanh(scores / softcap)
-                scores = scores + bias
-                probs = torch.exp(scores - lse[b, h, rows, None].float())[:, valid]
+                scores = attention_scores(q[b, h, rows], k_full[b, h], scale=scale, softcap=softcap)
+                probs = rows_from_lse(scores, lse[b, h, rows], bias=bias)[:, valid]
                 self.record.patterns.append(
                     AttentionRows(example, ctx.tower, ctx.step, layer, h, tuple(positions), probs)
                 )

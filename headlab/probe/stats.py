@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from headlab.errors import InputError
+from headlab.kernels.rebuild import attention_scores, rows_from_lse
 from headlab.kernels.reference import expand_kv
 from headlab.kernels.spec import Attended, Distance, FusedSpec
 from headlab.probe.context import BatchContext
@@ -119,16 +120,14 @@ def alpha_from_lse(
     n_q, n_k = q.shape[2], k.shape[2]
     k = expand_kv(k, q.shape[1])
     k_a = k.gather(2, idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))  # [batch, head, a, d]
-    scores = torch.matmul(q.float(), k_a.float().transpose(-1, -2)) * scale  # [batch, head, q, a]
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
+    scores = attention_scores(q, k_a, scale=scale, softcap=softcap)  # [batch, head, q, a]
     sees = (alpha_pos >= 0).to(q.device)[:, None, None, :]
     if causal:
         sees = sees & (idx[:, None, None, :] <= torch.arange(n_k - n_q, n_k, device=q.device)[:, None])
     if keep is not None:
         rows = keep.expand(q.shape[0], -1, n_q if keep.shape[2] == 1 else -1, -1)[:, :, -n_q:]
         sees = sees & rows.gather(-1, idx[:, None, None, :].expand(-1, rows.shape[1], n_q, -1))
-    return torch.where(sees, torch.exp(scores - lse.float()[..., None]), 0.0)
+    return rows_from_lse(scores, lse, keep=sees)
 
 
 def _grid_coords(ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
