@@ -4,6 +4,7 @@ generate with a KV cache, and leave the model as it was."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from conftest import skip_unless_triton_runs_on_cpu
@@ -188,11 +189,13 @@ def test_head_scales_fold_into_the_fused_call(zoo_lm, monkeypatch):
     """HeadScale alone: the factors go into the kernel's epilogue (spec.head_scale), same logits as the
     reference engine's explicit scaling; composed with a non-scaling patch they stay a transform."""
     import headlab.interventions.core as core
+    import headlab.probe.call as call  # the unedited fused call (AttentionCall.plain) lives there
 
     specs, real = [], core.fused_attention
-    monkeypatch.setattr(
-        core, "fused_attention", lambda q, k, v, spec: specs.append(spec) or real(q, k, v, spec)
-    )
+    for module in (core, call):
+        monkeypatch.setattr(
+            module, "fused_attention", lambda q, k, v, spec: specs.append(spec) or real(q, k, v, spec)
+        )
     inputs = _text(zoo_lm)
     plan = HeadScale(((1, 2), (1, 0), (0, 3)), factor=2.5)
     with intervene(zoo_lm, plan):
@@ -402,3 +405,52 @@ def test_overhead_benchmark_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("VHR (lockstep)", "VAR", "ACT", "PINE (k = 4, fused)"):
         assert f"n=256 {name}" in done.stdout
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("capture_outside", [False, True], ids=["capture-inside", "capture-outside"])
+def test_capture_and_intervene_nest_both_ways_in_one_session(zoo_lm, capture_outside):
+    """One session, whichever block is opened first: the edit is kept; statistics are those of the
+    attention before the edits (equal to an unedited capture); head outputs are those after the edits (the
+    ablated head's output is zero); the capture numbers its examples from 0; both blocks leave nothing."""
+    inputs = _text(zoo_lm)
+    edit = HeadScale(((1, 2),), factor=0.0)
+    with hl.capture(zoo_lm, head_outputs=hl.Select(layers=[1])) as plain:
+        zoo_lm.model(**inputs)
+    with intervene(zoo_lm, edit):
+        zoo_lm.model(**inputs)  # a pass before the capture opens: must not shift the capture's example ids
+        ablated = zoo_lm.model(**inputs).logits
+    blocks = [
+        lambda: hl.capture(zoo_lm, head_outputs=hl.Select(layers=[1])),
+        lambda: intervene(zoo_lm, edit),
+    ]
+    outer, inner = blocks if capture_outside else blocks[::-1]
+    with outer() as a, inner() as b:
+        assert a is not b and zoo_lm.model._headlab_session is not None
+        logits = zoo_lm.model(**inputs).logits
+    rec = a if capture_outside else b
+    torch.testing.assert_close(logits, ablated, atol=1e-5, rtol=0)
+    pd.testing.assert_frame_equal(rec.head_stats, plain.head_stats, atol=1e-5, rtol=1e-5)
+    z, z_plain = rec.z(layer=1), plain.z(layer=1)
+    assert torch.equal(z[..., 2, :], torch.zeros_like(z[..., 2, :])) and z_plain[..., 2, :].abs().max() > 0
+    torch.testing.assert_close(z[..., [0, 1, 3], :], z_plain[..., [0, 1, 3], :], atol=1e-5, rtol=1e-5)
+    assert sorted(set(rec.head_stats.example)) == [0, 1]
+    assert not hasattr(zoo_lm.model, "_headlab_session") and not zoo_lm.model._forward_pre_hooks
+    for module in zoo_lm.attention_modules["lm"]:
+        assert not hasattr(module, "_headlab_session") and not hasattr(module, "_headlab_site")
+
+
+@torch.no_grad()
+def test_side_passes_are_not_recorded_by_an_open_capture(zoo_llava):
+    """VHR's selection runs its own passes inside the session; a capture around it records only the real
+    pass (its examples, its residuals), exactly as without VHR."""
+    inputs = _scene_inputs(zoo_llava, ("apple", "dog"))
+    with hl.capture(zoo_llava, stats=None, residuals=hl.Select(layers=[0])) as alone:
+        zoo_llava.model(**inputs)
+    with (
+        hl.capture(zoo_llava, stats=None, residuals=hl.Select(layers=[0])) as rec,
+        intervene(zoo_llava, VHR()),
+    ):
+        zoo_llava.model(**inputs)
+    assert len(rec.residuals) == len(alone.residuals)
+    assert sorted(set(rec.residuals.example)) == sorted(set(alone.residuals.example))

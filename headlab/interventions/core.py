@@ -15,92 +15,33 @@ headlab attention function consults on every attention call of the layers it tou
   call does, the runner folds the factors into the fused kernel's epilogue (one pass, no extra op).
 - `replace(call)`: compute the attention itself (PINE: per-query positions and segment masks).
 - `on_pass(runner, kwargs)`: run before each forward pass of the model (VHR's first-step selection).
+
+An intervene block is an `Editor` of the model's attention session (headlab.probe.session): the session
+builds each `AttentionCall` once and runs captures' observers before and after these edits.
 - `layer_input(tower, layer, hidden, ctx)`: see the residual stream entering a layer (VAR's sink tokens).
 
-On exit the model is as it was, also after an exception. A `capture` opened inside `intervene` records the
-attention the model computed before the edits (statistics, patterns) next to the edited outputs.
+On exit the model is as it was, also after an exception. A `capture` opened inside or around `intervene`
+records the attention the model computed before the edits (statistics, patterns, compact attention) and
+the head outputs after them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from headlab.errors import SelectionError
 from headlab.kernels.fused import fused_attention
-from headlab.kernels.rebuild import attention_scores, rows_from_lse
-from headlab.kernels.reference import expand_kv, naive_attention
-from headlab.kernels.spec import FusedSpec
+from headlab.kernels.rebuild import rows_from_lse
+from headlab.kernels.reference import expand_kv
 from headlab.loading import LoadedModel
-from headlab.probe.attention import keep_mask, switched_to_headlab
-from headlab.probe.capture import Probe
+from headlab.probe.call import AttentionCall
 from headlab.probe.context import BatchContext
-from headlab.probe.record import Record
-
-
-@dataclass(eq=False)
-class AttentionCall:
-    """One attention call as the patches see it (q [b, h, q, d]; k, v [b, kv, k, d], post-RoPE)."""
-
-    module: nn.Module
-    tower: str
-    layer: int
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    mask: torch.Tensor | None
-    scale: float
-    causal: bool
-    ctx: BatchContext
-    kwargs: dict = field(default_factory=dict)
-    softcap: float | None = None  # attention logit soft-cap (Gemma 2)
-
-    @property
-    def n_heads(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def n_q(self) -> int:
-        return self.q.shape[2]
-
-    @property
-    def step(self) -> int:
-        return self.ctx.step
-
-    @cached_property
-    def query_pos(self) -> torch.Tensor:
-        """[b, n_q] example positions of the call's queries (-1 for padding)."""
-        return self.ctx.key_pos[:, -self.n_q :]
-
-    @cached_property
-    def plain(self):
-        """(out [b, h, q, d_v] fp32, lse [b, h, q]) of the unedited attention (computed once, fused)."""
-        att = fused_attention(self.q, self.k, self.v, self.spec())
-        return att.out.float(), att.lse
-
-    def spec(self, **stats) -> FusedSpec:
-        """This call's scores and masks as a FusedSpec, with the statistics `stats` asked for (the sliding
-        window is in the mask already; naming it lets a kernel skip the key blocks outside it)."""
-        window = self.kwargs.get("sliding_window", getattr(self.module, "sliding_window", None))
-        return FusedSpec(
-            scale=self.scale, causal=self.causal, mask=self.mask, softcap=self.softcap, window=window, **stats
-        )
-
-    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Explicit scores [..., q, k] of some queries and keys as this call forms them (scale, soft-cap)."""
-        return attention_scores(q, k, scale=self.scale, softcap=self.softcap)
-
-    def probs(self) -> torch.Tensor:
-        """The explicit [b, h, q, k] pattern (reference paths and single-row decode steps only)."""
-        return naive_attention(
-            self.q, self.k, self.v, mask=self.mask, scale=self.scale, causal=self.causal, softcap=self.softcap
-        ).probs
+from headlab.probe.passes import PassContexts
+from headlab.probe.session import Editor, Session, in_session
 
 
 class GroupEdit:
@@ -259,34 +200,66 @@ def reference_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torc
     return probs @ expand_kv(call.v, call.n_heads).float()
 
 
-class Runner:
-    """Serves the attention calls of a model inside `intervene`."""
+def edited_attention(call: AttentionCall, patches: Sequence[Patch], engine: str) -> torch.Tensor:
+    """The output [b, h, q, d_v] fp32 of `call` under `patches` (those touching its layer, in order):
+    a replacement (PINE) or the group edits (ACT, VAR) applied exactly, then the output transforms (VHR,
+    head ablation), with pure head scales folded into one fused call when nothing else edits."""
+    out = None
+    for p in patches:
+        out = p.replace(call)
+        if out is not None:
+            break
+    edits = [e for p in patches for e in p.edits(call)]
+    if out is not None and edits:
+        raise SelectionError(
+            "an attention-replacing intervention (PINE) cannot be combined with ACT/VAR edits"
+        )
+    scales = [p.head_scale(call) for p in patches] if out is None and not edits else []
+    if scales and engine == "fused" and all(s is not None for s in scales):
+        # only head scales: one fused call applies their product in its epilogue
+        product = torch.stack([s.expand(call.q.shape[0], -1).float() for s in scales]).prod(0)
+        return fused_attention(call.q, call.k, call.v, call.spec(head_scale=product)).out.float()
+    if out is None:
+        out = reference_attention(call, edits) if engine == "reference" else grouped_attention(call, edits)
+    for p in patches:
+        out = p.transform(call, out)
+    return out
+
+
+class Runner(Editor):
+    """An intervene block: its patches, as an editor of the model's attention session."""
 
     def __init__(self, lm: LoadedModel, patches: list[Patch], engine: str) -> None:
         if engine not in ("fused", "reference"):
             raise SelectionError(f"engine must be 'fused' or 'reference', got {engine!r}")
         self.lm, self.patches, self.engine = lm, patches, engine
-        self.contexts = Probe(
-            lm, Record(), stats=None, patterns=None, head_outputs=None, residuals=None, allow_long=True
-        )
-        self.calibrating = False  # True while a patch runs its own forward pass from on_pass
+        self.contexts = PassContexts(lm)
+        self.session: Session | None = None  # set by intervene() when the block enters the session
 
-    def on_model_call(self, module, args, kwargs) -> None:
-        if not self.calibrating:  # a patch's own passes (VHR's selection) run first, then this pass's roles
+    @property
+    def calibrating(self) -> bool:
+        """True while a patch runs its own forward pass (`side_pass`)."""
+        return self.session is not None and self.session.calibrating
+
+    def on_pass(self, kwargs: dict) -> None:
+        if not self.calibrating:  # a patch's own passes (VHR's selection) run before this pass's contexts
             for p in self.patches:
                 p.on_pass(self, kwargs)
+
+    def on_model_call(self, module, args, kwargs) -> None:
         self.contexts.on_model_call(module, args, kwargs)
 
     def side_pass(self, **inputs):
-        """Run the model on `inputs` for a patch's own purposes (e.g. VHR's selection pass): this runner
-        serves it (patches see `runner.calibrating`), a capture open around it does not record it."""
-        self.calibrating = True
-        try:
-            self.contexts.on_model_call(self.lm.model, (), inputs)
-            with torch.no_grad():
-                return self.lm.model.forward(**inputs)  # forward(): the model-level hooks stay out
-        finally:
-            self.calibrating = False
+        """Run the model on `inputs` for a patch's own purposes (e.g. VHR's selection pass): the editors
+        serve it (patches see `runner.calibrating`), no capture records it."""
+        return self.session.side_pass(**inputs)
+
+    def view(self, call: AttentionCall) -> AttentionCall:
+        n_k = call.k.shape[2]
+        return call.with_context(self.contexts.context(call.tower, call.q.shape[0], n_k).fit_keys(n_k))
+
+    def active(self, call: AttentionCall) -> list[Patch]:
+        return [p for p in self.patches if p.touches(call.tower, call.layer)]
 
     def layer_hook(self, tower: str, layer: int):
         def hook(module, args, kwargs):
@@ -298,45 +271,6 @@ class Runner:
 
         return hook
 
-    def attend(self, module, q, k, v, mask, *, scaling=None, is_causal=None, **kwargs):
-        tower, layer = module._headlab_site
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        ctx = self.contexts.context(tower, q.shape[0], k.shape[2]).fit_keys(k.shape[2])
-        keep = keep_mask(mask)
-        call = AttentionCall(
-            module, tower, layer, q, k, v, keep, scale, causal, ctx, kwargs, kwargs.get("softcap")
-        )
-        active = [p for p in self.patches if p.touches(tower, layer)]
-        out = None
-        for p in active:
-            out = p.replace(call)
-            if out is not None:
-                break
-        edits = [e for p in active for e in p.edits(call)]
-        if out is not None and edits:
-            raise SelectionError(
-                "an attention-replacing intervention (PINE) cannot be combined with ACT/VAR edits"
-            )
-        scales = [p.head_scale(call) for p in active] if out is None and not edits else []
-        if scales and self.engine == "fused" and all(s is not None for s in scales):
-            # only head scales: one fused call applies their product in its epilogue
-            product = torch.stack([s.expand(call.q.shape[0], -1).float() for s in scales]).prod(0)
-            out = fused_attention(call.q, call.k, call.v, call.spec(head_scale=product)).out.float()
-        else:
-            if out is None:
-                out = (
-                    reference_attention(call, edits)
-                    if self.engine == "reference"
-                    else grouped_attention(call, edits)
-                )
-            for p in active:
-                out = p.transform(call, out)
-        probe = getattr(module, "_headlab_probe", None)
-        if probe is not None and not self.calibrating:  # a capture records the attention before the edits
-            probe.attend(module, q, k, v, mask, scaling=scaling, is_causal=is_causal, **kwargs)
-        return out.to(v.dtype).transpose(1, 2).contiguous(), None
-
 
 @contextmanager
 def intervene(lm: LoadedModel, *interventions: Intervention, engine: str = "fused") -> Iterator[Runner]:
@@ -345,23 +279,16 @@ def intervene(lm: LoadedModel, *interventions: Intervention, engine: str = "fuse
         with hl.intervene(lm, hl.VHR(alpha=2.0), hl.VAR(p=0.6, rho=0.5)):
             out = lm.model.generate(**inputs)
 
-    engine: "fused" (exact, no [q, k] pattern) or "reference" (explicit patterns, the oracle).
+    engine: "fused" (exact, no [q, k] pattern) or "reference" (explicit patterns, the oracle). Blocks
+    nest: an inner block's patches apply after the outer one's; a capture opened inside or around the
+    block records the attention before the edits and the head outputs after them.
     """
     if not interventions:
         raise SelectionError("intervene() needs at least one intervention")
     patches = [i.bind(lm) for i in interventions]
     runner = Runner(lm, patches, engine)
-    tagged: list[nn.Module] = []
     with ExitStack() as stack:
-        stack.enter_context(switched_to_headlab(lm.model))
-        handle = lm.model.register_forward_pre_hook(runner.on_model_call, with_kwargs=True)
-        stack.callback(handle.remove)
-        for tower, modules in lm.attention_modules.items():
-            for layer, module in enumerate(modules):
-                if any(p.touches(tower, layer) for p in patches):
-                    module._headlab_site, module._headlab_runner = (tower, layer), runner
-                    tagged.append(module)
-        stack.callback(_untag, tagged)
+        runner.session = stack.enter_context(in_session(lm, runner))
         for p in patches:
             for layer in p.input_layers():
                 h = lm.layer_modules[p.tower][layer].register_forward_pre_hook(
@@ -369,11 +296,3 @@ def intervene(lm: LoadedModel, *interventions: Intervention, engine: str = "fuse
                 )
                 stack.callback(h.remove)
         yield runner
-
-
-def _untag(modules: list[nn.Module]) -> None:
-    for m in modules:
-        if hasattr(m, "_headlab_runner"):
-            delattr(m, "_headlab_runner")
-        if hasattr(m, "_headlab_site") and not hasattr(m, "_headlab_probe"):
-            delattr(m, "_headlab_site")

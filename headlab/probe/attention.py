@@ -2,10 +2,10 @@
 
 `switched_to_headlab(model)` switches every config of the model to the "headlab" implementation and back
 on exit (also when an exception escapes); nothing is patched at import. Masks are built as for SDPA. The
-function hands each call to the intervention runner tagged on the module (`module._headlab_runner`, see
-headlab.interventions) or else to the `Probe` (`module._headlab_probe`), which computes the output (and
-whatever it records); a module with neither falls back to plain SDPA, unchanged (soft-capped
-attention, which SDPA cannot express: headlab's fused attention).
+function hands each call to the attention session tagged on the module (`module._headlab_session`, see
+headlab.probe.session), which runs the open capture and intervene blocks' handlers; a module without one
+falls back to plain SDPA, unchanged (soft-capped attention, which SDPA cannot express: headlab's fused
+attention).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from headlab.kernels.fused import fused_attention
 from headlab.kernels.spec import FusedSpec
+from headlab.probe.call import keep_mask
 
 ATTENTION_NAME = "headlab"
 
@@ -37,13 +38,8 @@ def headlab_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """AttentionInterface signature: q [batch, head, q, d], k/v [batch, kv_head, k, d] -> ([batch, q, head, d], None)."""
-    runner = getattr(module, "_headlab_runner", None)  # headlab.interventions: edits, then any probe
-    if runner is not None:
-        return runner.attend(
-            module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal, **kwargs
-        )
-    probe = getattr(module, "_headlab_probe", None)
-    if probe is None:
+    session = getattr(module, "_headlab_session", None)
+    if session is None:
         return plain_attention(
             module,
             query,
@@ -55,16 +51,17 @@ def headlab_attention(
             dropout=dropout,
             **kwargs,
         )
-    return probe.attend(
-        module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal, **kwargs
+    return session.attend(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        scaling=scaling,
+        is_causal=is_causal,
+        dropout=dropout,
+        **kwargs,
     )
-
-
-def keep_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """A boolean view (True = may attend) of a transformers attention mask (boolean or additive)."""
-    if mask is None or mask.dtype == torch.bool:
-        return mask
-    return mask > torch.finfo(mask.dtype).min / 2
 
 
 def plain_attention(

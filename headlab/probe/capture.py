@@ -1,12 +1,13 @@
 """`capture(lm, ...)`: record per-head attention statistics (all heads, fused, O(n) memory) and the
 selected patterns, head outputs and residuals of every forward pass run inside the block.
 
-Lifetimes: on enter, the model's configs are switched to the "headlab" attention function, each attention
-module is tagged with its (tower, layer) and this probe, and hooks are added (a pre-hook on the model that
-reads input_ids / attention_mask / KV-cache length to build each pass's token roles, and pre-hooks on the
-selected layers for residuals). On exit, also after an exception, all of it is removed and the model is as
-it was. Observing changes nothing: the output is the same attention computed by a fused kernel whose
-extra value columns carry the statistics (equal to plain SDPA to float tolerance).
+Lifetimes: on enter, the capture joins the model's attention session (headlab.probe.session: the first
+block switches the model to the "headlab" attention function, tags its attention modules and adds a
+pre-hook on the model) as an observer, and adds pre-hooks on the selected layers for residuals. On exit,
+also after an exception, all of it is removed and the model is as it was. Observing changes nothing: the
+output is the same attention computed by a fused kernel whose extra value columns carry the statistics
+(equal to plain SDPA to float tolerance). Inside an intervene block, statistics, rows and compact
+attention are those of the attention before the edits; head outputs are those the model goes on with.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from headlab.errors import InputError, SelectionError
 from headlab.kernels.fused import fused_attention
 from headlab.kernels.rebuild import attention_scores, rows_from_lse
 from headlab.kernels.reference import expand_kv, naive_attention
-from headlab.kernels.spec import FusedSpec
 from headlab.loading import Family, LoadedModel
 from headlab.probe import stats as S
-from headlab.probe.attention import keep_mask, plain_attention, switched_to_headlab
-from headlab.probe.context import BatchContext, text_context
+from headlab.probe.call import AttentionCall, keep_mask
+from headlab.probe.context import BatchContext
+from headlab.probe.passes import PassContexts
 from headlab.probe.record import AttentionRows, CompactAttention, HeadOutputs, Record, ResidualRatios
-from headlab.probe.roles import TokenRoles, grid_roles, text_roles
+from headlab.probe.roles import TokenRoles
 from headlab.probe.select import Select, Stats
+from headlab.probe.session import Observer, Session, in_session
 
 
 def _bias_rows(mask, rows: torch.Tensor, n_q: int, n_k: int, causal: bool, batch_index: int) -> torch.Tensor:
@@ -48,8 +50,8 @@ def _bias_rows(mask, rows: torch.Tensor, n_q: int, n_k: int, causal: bool, batch
     return bias
 
 
-class Probe:
-    """One capture session over a LoadedModel: builds batch contexts and serves every attention call."""
+class Probe(Observer):
+    """What one capture block records, as an observer of the model's attention session."""
 
     def __init__(
         self,
@@ -82,22 +84,13 @@ class Probe:
         if stats is not None and stats.towers is not None:
             for t in stats.towers:
                 lm.tower(t)
-        self._pass = 0
-        self._next_example = 0
-        self._pending: dict[str, BatchContext] = {}
-        self._active: dict[str, BatchContext] = {}
-        self._roles_override: list[TokenRoles] | None = None
-        self._vision_examples: tuple[int, ...] = ()
+        self.contexts = PassContexts(lm, on_new=self._log_examples)
+        self.session: Session | None = None  # set by capture() when the block enters the model's session
 
     # ----- batch contexts -------------------------------------------------------------------------------
     def use_roles(self, roles: Sequence[TokenRoles]) -> None:
         """Roles for the examples of the next prefill pass (caller-given segments, flagged tokens)."""
-        self._roles_override = list(roles)
-
-    def _new_examples(self, n: int) -> tuple[int, ...]:
-        ids = tuple(range(self._next_example, self._next_example + n))
-        self._next_example += n
-        return ids
+        self.contexts.use_roles(roles)
 
     def _log_examples(self, ctx: BatchContext) -> None:
         for ex, r in zip(ctx.examples, ctx.roles, strict=True):
@@ -106,58 +99,11 @@ class Probe:
             )
 
     def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook of the whole model: the token roles of this pass."""
-        self._pass += 1
+        """A forward pass begins: check its length, then build its batch contexts."""
         ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-        if self.lm.family is Family.VIT:
-            pixels = kwargs.get("pixel_values", ids)
-            self._vision_examples = self._new_examples(pixels.shape[0]) if pixels is not None else ()
-            return
-        if ids is None:
-            return  # inputs_embeds only: roles fall back to the default text roles at the first layer
-        past = past_length(kwargs)
-        mask = kwargs.get("attention_mask")
-        n_total = past + ids.shape[1]
-        valid = mask.bool() if mask is not None else torch.ones(ids.shape[0], n_total, dtype=torch.bool)
-        self._check_length(n_total)
-        if past and "lm" in self._active:
-            prev = self._active["lm"]
-            n_new = ids.shape[1]
-            roles = tuple(r.extended(n_new) for r in prev.roles)
-            self._pending["lm"] = BatchContext(
-                tower="lm",
-                step=prev.step + 1,
-                pass_id=self._pass,
-                examples=prev.examples,
-                roles=roles,
-                key_valid=valid.cpu(),
-            )
-            return
-        if past:
-            raise InputError(
-                f"this forward pass continues a KV cache of {past} tokens that was built outside the headlab "
-                "block; open capture()/intervene() before the prefill (e.g. run generate() inside the block)"
-            )
-        examples = self._new_examples(ids.shape[0])
-        roles, self._roles_override = self._roles_override, None
-        ctx = text_context(
-            ids,
-            valid,
-            examples=examples,
-            pass_id=self._pass,
-            image_token_id=self.lm.image_token_id,
-            roles=None if roles is None else tuple(roles),
-        )
-        self._pending["lm"] = ctx
-        self._log_examples(ctx)
-        if self.lm.family is Family.LVLM and kwargs.get("pixel_values") is not None:
-            per_image = self.lm.model.config.image_seq_length
-            counts = [
-                len(r.positions("image")) // per_image if "image" in r.present() else 0 for r in ctx.roles
-            ]
-            self._vision_examples = tuple(
-                ex for ex, c in zip(examples, counts, strict=True) for _ in range(c)
-            )
+        if ids is not None and self.lm.family is not Family.VIT:
+            self._check_length(past_length(kwargs) + ids.shape[1])
+        self.contexts.on_model_call(module, args, kwargs)
 
     def _check_length(self, n: int) -> None:
         limit = self.lm.tower("lm").max_positions
@@ -167,64 +113,40 @@ class Probe:
                 "or pass allow_long=True to capture() if the model's positions extrapolate (e.g. RoPE)"
             )
 
-    def context(self, tower: str, batch: int, n_tokens: int) -> BatchContext:
-        """The batch context of the current pass through `tower` (built on first use in the pass)."""
-        if tower in self._pending:
-            self._active[tower] = self._pending.pop(tower)
-        ctx = self._active.get(tower)
-        if ctx is None or ctx.pass_id != self._pass or ctx.batch != batch:
-            ctx = self._default_context(tower, batch, n_tokens)
-            self._active[tower] = ctx
-            self._log_examples(ctx)
-        return ctx
-
-    def _default_context(self, tower: str, batch: int, n_tokens: int) -> BatchContext:
-        info = self.lm.tower(tower)
-        if tower == "vision":
-            examples = (
-                self._vision_examples if len(self._vision_examples) == batch else self._new_examples(batch)
-            )
-            roles = tuple(grid_roles(info.prefix_tokens, info.grid, n_tokens) for _ in range(batch))
-        else:
-            examples = self._new_examples(batch)
-            roles = tuple(text_roles([0] * n_tokens) for _ in range(batch))
-        return BatchContext(
-            tower=tower,
-            step=0,
-            pass_id=self._pass,
-            examples=examples,
-            roles=roles,
-            key_valid=torch.ones(batch, n_tokens, dtype=torch.bool),
-        )
+    def _view(self, call: AttentionCall) -> AttentionCall:
+        n_k = call.k.shape[2]
+        return call.with_context(self.contexts.context(call.tower, call.q.shape[0], n_k).fit_keys(n_k))
 
     # ----- the attention call ---------------------------------------------------------------------------
-    def attend(self, module, q, k, v, mask, *, scaling=None, is_causal=None, **kwargs):
-        tower, layer = module._headlab_site
-        softcap = kwargs.get("softcap")
-        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))  # also in the mask
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        batch, n_k = q.shape[0], k.shape[2]
+    def observe(self, call: AttentionCall):
+        """Statistics, rows and compact attention of the unedited call; returns its (out, lse) if computed."""
+        tower, layer = call.tower, call.layer
         want_stats = self.stats is not None and (self.stats.towers is None or tower in self.stats.towers)
         want_rows = self._selected(self.patterns, tower, layer)
-        want_z = self._selected(self.head_outputs, tower, layer)
         want_compact = self._selected(self.compact, tower, layer)
-        if not (want_stats or want_rows or want_z or want_compact):
-            return plain_attention(module, q, k, v, mask, scaling=scale, is_causal=is_causal, **kwargs)
-        ctx = self.context(tower, batch, n_k).fit_keys(n_k)
+        if not (want_stats or want_rows or want_compact):
+            return None
+        call = self._view(call)
+        ctx, q, k, v, mask = call.ctx, call.q, call.k, call.v, call.raw_mask
+        scale, causal, softcap, window = call.scale, call.causal, call.softcap, call.window
         if want_stats:
             out, lse = self._attend_with_stats(ctx, layer, q, k, v, mask, scale, causal, softcap, window)
         else:
-            spec = FusedSpec(scale=scale, causal=causal, mask=keep_mask(mask), softcap=softcap, window=window)
-            att = fused_attention(q, k, v, spec)
+            att = fused_attention(q, k, v, call.spec())
             out, lse = att.out, att.lse
         if want_rows:
             self._record_rows(ctx, layer, q, k, lse, mask, scale, causal, softcap)
-        if want_z:
-            self._record_z(ctx, layer, out)
         if want_compact and ctx.step == 0:
             self._record_compact(ctx, layer, q, k, lse, scale, causal, window, softcap)
-        return out.to(v.dtype).transpose(1, 2).contiguous(), None
+        return out, lse
+
+    def wants_output(self, call: AttentionCall) -> bool:
+        return self._selected(self.head_outputs, call.tower, call.layer)
+
+    def observed(self, call: AttentionCall, out: torch.Tensor) -> None:
+        """Head outputs: the output the model goes on with (after any intervention's edits)."""
+        if self.wants_output(call):
+            self._record_z(self._view(call).ctx, call.layer, out)
 
     def _selected(self, sel: Select | None, tower: str, layer: int) -> bool:
         n_layers = self.lm.tower(tower).n_layers
@@ -315,6 +237,8 @@ class Probe:
     # ----- residuals ------------------------------------------------------------------------------------
     def residual_hook(self, tower: str, layer: int):
         def hook(module, args, kwargs):
+            if self.session is not None and self.session.calibrating:
+                return  # an intervention's own pass (e.g. VHR's selection) is not recorded
             hidden = args[0] if args else kwargs["hidden_states"]
             self._record_residual(tower, layer, hidden)
 
@@ -322,7 +246,7 @@ class Probe:
 
     def _record_residual(self, tower: str, layer: int, hidden: torch.Tensor) -> None:
         batch, n_q, _ = hidden.shape
-        ctx = self.context(tower, batch, n_q)
+        ctx = self.contexts.context(tower, batch, n_q)
         x = hidden.detach().float()
         abs_x = x.abs()
         rms = x.pow(2).mean(-1).sqrt()  # [batch, q]
@@ -392,16 +316,8 @@ def capture(
     )
     if roles is not None:
         probe.use_roles(roles)
-    tagged: list[nn.Module] = []
     with ExitStack() as stack:
-        stack.enter_context(switched_to_headlab(lm.model))
-        handle = lm.model.register_forward_pre_hook(probe.on_model_call, with_kwargs=True)
-        stack.callback(handle.remove)
-        for tower, modules in lm.attention_modules.items():
-            for layer, module in enumerate(modules):
-                module._headlab_site, module._headlab_probe = (tower, layer), probe
-                tagged.append(module)
-        stack.callback(_untag, tagged)
+        probe.session = stack.enter_context(in_session(lm, probe))
         if residuals is not None:
             n_layers = lm.tower(residuals.tower).n_layers
             for layer in residuals.layer_ids(n_layers):
@@ -412,11 +328,3 @@ def capture(
                 stack.callback(h.remove)
         record._probe = probe
         yield record
-
-
-def _untag(modules: list[nn.Module]) -> None:
-    for m in modules:
-        if hasattr(m, "_headlab_probe"):
-            delattr(m, "_headlab_probe")
-        if hasattr(m, "_headlab_site") and not hasattr(m, "_headlab_runner"):  # intervene() still uses it
-            delattr(m, "_headlab_site")

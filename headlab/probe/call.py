@@ -1,0 +1,127 @@
+"""One attention call, described once: what every handler of the session (captures, interventions) sees.
+
+The session builds an `AttentionCall` from the arguments transformers hands the attention function: post-
+RoPE q [b, h, q, d] and k, v [b, kv, k, d] (GQA: kv heads are shared by h // kv query heads), the mask as
+booleans (True = may attend; transformers' mask is the truth: headlab never re-applies causality over it),
+the scale, whether the module is causal, the soft-cap and the sliding window. Each block then sees the
+call with its own batch context (`with_context`): which examples the rows are and their token roles.
+
+Explicit scores and rows come from the one rebuild primitive (`headlab.kernels.rebuild`); the unedited
+output and logsumexp come from one fused call (`plain`, computed at most once per call and context).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from headlab.kernels.fused import fused_attention
+from headlab.kernels.rebuild import attention_scores
+from headlab.kernels.reference import naive_attention
+from headlab.kernels.spec import FusedSpec
+from headlab.probe.context import BatchContext
+
+
+def keep_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A boolean view (True = may attend) of a transformers attention mask (boolean or additive)."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+@dataclass(eq=False)
+class AttentionCall:
+    """One attention call as the handlers see it (q [b, h, q, d]; k, v [b, kv, k, d], post-RoPE)."""
+
+    module: nn.Module
+    tower: str
+    layer: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None  # boolean keep mask, broadcastable to [b, h, q, k]
+    scale: float
+    causal: bool
+    ctx: BatchContext | None
+    kwargs: dict = field(default_factory=dict)
+    softcap: float | None = None  # attention logit soft-cap (Gemma 2)
+    raw_mask: torch.Tensor | None = None  # the mask exactly as transformers passed it (may be additive)
+    window: int | None = None  # sliding window (already in the mask; naming it lets kernels skip blocks)
+
+    @classmethod
+    def build(
+        cls, module: nn.Module, q, k, v, mask, *, scaling=None, is_causal=None, **kwargs
+    ) -> AttentionCall:
+        """The call transformers made to the attention function of `module` (tagged with its site)."""
+        tower, layer = module._headlab_site
+        return cls(
+            module=module,
+            tower=tower,
+            layer=layer,
+            q=q,
+            k=k,
+            v=v,
+            mask=keep_mask(mask),
+            scale=scaling if scaling is not None else q.shape[-1] ** -0.5,
+            causal=bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)),
+            ctx=None,
+            kwargs=kwargs,
+            softcap=kwargs.get("softcap"),
+            raw_mask=mask,
+            window=kwargs.get("sliding_window", getattr(module, "sliding_window", None)),
+        )
+
+    def with_context(self, ctx: BatchContext) -> AttentionCall:
+        """This call seen by one block (its batch context); `plain` is shared when already computed."""
+        view = dataclasses.replace(self, ctx=ctx)
+        if "plain" in self.__dict__:
+            view.__dict__["plain"] = self.__dict__["plain"]
+        return view
+
+    @property
+    def n_heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def n_q(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def step(self) -> int:
+        return self.ctx.step
+
+    @cached_property
+    def query_pos(self) -> torch.Tensor:
+        """[b, n_q] example positions of the call's queries (-1 for padding)."""
+        return self.ctx.key_pos[:, -self.n_q :]
+
+    @cached_property
+    def plain(self):
+        """(out [b, h, q, d_v] fp32, lse [b, h, q]) of the unedited attention (computed once, fused)."""
+        att = fused_attention(self.q, self.k, self.v, self.spec())
+        return att.out.float(), att.lse
+
+    def spec(self, **stats) -> FusedSpec:
+        """This call's scores and masks as a FusedSpec, with the statistics `stats` asked for."""
+        return FusedSpec(
+            scale=self.scale,
+            causal=self.causal,
+            mask=self.mask,
+            softcap=self.softcap,
+            window=self.window,
+            **stats,
+        )
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Explicit scores [..., q, k] of some queries and keys as this call forms them (scale, soft-cap)."""
+        return attention_scores(q, k, scale=self.scale, softcap=self.softcap)
+
+    def probs(self) -> torch.Tensor:
+        """The explicit [b, h, q, k] pattern (reference paths and single-row decode steps only)."""
+        return naive_attention(
+            self.q, self.k, self.v, mask=self.mask, scale=self.scale, causal=self.causal, softcap=self.softcap
+        ).probs

@@ -1,0 +1,179 @@
+"""The attention session: one per model while any capture or intervene block is open.
+
+Lifetimes. The first block to enter switches the model's configs to the "headlab" attention function,
+tags every attention module with its (tower, layer) site and the session, and adds one forward pre-hook
+on the whole model; the last block to leave removes all of it (also after an exception), and the model is
+as it was. Blocks nest in any order: `capture` inside `intervene` and `intervene` inside `capture` are the
+same session with the same handlers.
+
+Handlers, in a fixed order per attention call (whatever order the blocks were opened in):
+1. observers before the edits (`Observer.observe`): captures record the attention the model computes
+   without the edits (statistics, rows, compact attention) and may hand back that unedited output;
+2. edits (`Editor`): the patches of every open intervene block, in opening order, compute the output;
+3. observers after the edits (`Observer.observed`): captures record the head outputs actually used.
+A layer no handler wants runs transformers' own SDPA (or, under a soft-cap, headlab's fused attention).
+
+Per forward pass, the pre-hook first lets editors run their own passes (`Editor.on_pass`: VHR's selection,
+VAR's sink search) and then every block builds its batch contexts. A pass an editor runs for itself
+(`side_pass`) is served by the editors only; observers neither see nor record it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+
+from headlab.errors import SelectionError
+from headlab.loading import LoadedModel
+from headlab.probe.attention import plain_attention, switched_to_headlab
+from headlab.probe.call import AttentionCall
+
+
+class Observer:
+    """A block that records: sees every pass and every attention call, never changes the output."""
+
+    def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        return None
+
+    def observe(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Record before the edits; return the unedited (out [b, h, q, d], lse) when it was computed anyway."""
+        return None
+
+    def wants_output(self, call: AttentionCall) -> bool:
+        """Whether `observed` needs this call's output (the session then computes it fused if no one has)."""
+        return False
+
+    def observed(self, call: AttentionCall, out: torch.Tensor) -> None:
+        """Record after the edits: `out` [b, h, q, d] is the output the model goes on with."""
+        return None
+
+
+class Editor:
+    """A block that edits attention: serves calls with its patches (see headlab.interventions.core)."""
+
+    engine: str = "fused"
+
+    def on_pass(self, kwargs: dict) -> None:
+        return None
+
+    def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        return None
+
+    def view(self, call: AttentionCall) -> AttentionCall:
+        """`call` with this block's batch context."""
+        raise NotImplementedError
+
+    def active(self, call: AttentionCall) -> list:
+        """This block's patches that touch the call's layer, in order."""
+        return []
+
+
+class Session:
+    """The handlers of one model's open blocks, and the dispatch of its attention calls."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+        self.observers: list[Observer] = []
+        self.editors: list[Editor] = []
+        self.calibrating = False  # True during an editor's own pass (`side_pass`)
+
+    def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the whole model: editors' own passes first, then every block's contexts."""
+        for editor in list(self.editors):
+            editor.on_pass(kwargs)
+        for handler in (*self.editors, *self.observers):
+            handler.on_model_call(module, args, kwargs)
+
+    def side_pass(self, **inputs):
+        """Run the model on `inputs` for an editor's own purposes (e.g. VHR's selection pass): editors serve
+        it (they see `session.calibrating`), observers neither see nor record it."""
+        self.calibrating = True
+        try:
+            for editor in self.editors:
+                editor.on_model_call(self.lm.model, (), inputs)
+            with torch.no_grad():
+                return self.lm.model.forward(**inputs)  # forward(): the model-level pre-hook stays out
+        finally:
+            self.calibrating = False
+
+    def attend(self, module, q, k, v, mask, *, scaling=None, is_causal=None, dropout=0.0, **kwargs):
+        """The attention function of a tagged module: observers, edits, observers (module docstring)."""
+        call = AttentionCall.build(module, q, k, v, mask, scaling=scaling, is_causal=is_causal, **kwargs)
+        observers = () if self.calibrating else tuple(self.observers)
+        unedited = None
+        for observer in observers:
+            got = observer.observe(call)
+            if unedited is None:
+                unedited = got
+        out = self._edited(call)
+        if out is None and unedited is not None:
+            out = unedited[0]
+        if out is None and any(observer.wants_output(call) for observer in observers):
+            out = call.plain[0]
+        if out is None:
+            return plain_attention(
+                module, q, k, v, mask, scaling=call.scale, is_causal=is_causal, dropout=dropout, **kwargs
+            )
+        for observer in observers:
+            observer.observed(call, out)
+        return out.to(v.dtype).transpose(1, 2).contiguous(), None
+
+    def _edited(self, call: AttentionCall) -> torch.Tensor | None:
+        """The output [b, h, q, d] fp32 of every open editor's active patches, or None if none touches it."""
+        from headlab.interventions.core import edited_attention  # interventions sit above the probe
+
+        active = [(editor, editor.active(call)) for editor in self.editors]
+        active = [(editor, patches) for editor, patches in active if patches]
+        if not active:
+            return None
+        editor = active[0][0]  # the outermost editing block's context serves the call
+        return edited_attention(editor.view(call), [p for _, ps in active for p in ps], editor.engine)
+
+
+def session_of(lm: LoadedModel) -> Session | None:
+    return getattr(lm.model, "_headlab_session", None)
+
+
+@contextmanager
+def in_session(lm: LoadedModel, handler: Observer | Editor) -> Iterator[Session]:
+    """Add `handler` to the model's session (opening the session if it is the first) for the block."""
+    with ExitStack() as stack:
+        session = session_of(lm)
+        if session is None:
+            session = stack.enter_context(_opened(lm))
+        group = session.editors if isinstance(handler, Editor) else session.observers
+        if isinstance(handler, Editor) and any(e.engine != handler.engine for e in session.editors):
+            raise SelectionError(
+                f"nested intervene() blocks must use one engine; the open block uses {session.editors[0].engine!r}"
+            )
+        group.append(handler)
+        stack.callback(group.remove, handler)
+        yield session
+
+
+@contextmanager
+def _opened(lm: LoadedModel) -> Iterator[Session]:
+    session = Session(lm)
+    tagged: list[nn.Module] = []
+    with ExitStack() as stack:
+        stack.enter_context(switched_to_headlab(lm.model))
+        handle = lm.model.register_forward_pre_hook(session.on_model_call, with_kwargs=True)
+        stack.callback(handle.remove)
+        lm.model._headlab_session = session
+        stack.callback(delattr, lm.model, "_headlab_session")
+        for tower, modules in lm.attention_modules.items():
+            for layer, module in enumerate(modules):
+                module._headlab_site, module._headlab_session = (tower, layer), session
+                tagged.append(module)
+        stack.callback(_untag, tagged)
+        yield session
+
+
+def _untag(modules: list[nn.Module]) -> None:
+    for m in modules:
+        for name in ("_headlab_site", "_headlab_session"):
+            if hasattr(m, name):
+                delattr(m, name)
