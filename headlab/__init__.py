@@ -23,29 +23,40 @@ from headlab.errors import (
     StoreError,
     UnsupportedModelError,
 )
-
-__version__ = "0.1.0"
+from headlab.version import __version__ as __version__
 
 _EXPORTS = {
     **dict.fromkeys(
         ("ACT", "PINE", "VAR", "VHR", "HeadAblation", "HeadScale", "intervene"), "headlab.interventions"
     ),
-    **dict.fromkeys(("SUPPORTED", "Family", "LoadedModel", "Tower", "describe", "load"), "headlab.loading"),
+    **dict.fromkeys(("SUPPORTED", "LoadedModel", "Tower", "describe", "load"), "headlab.loading"),
+    "Family": "headlab.models",
     **dict.fromkeys(
         ("Record", "Select", "Stats", "TokenRoles", "capture", "grid_roles", "text_roles"), "headlab.probe"
     ),
     "Store": "headlab.store",
     **{
         name: f"headlab.{name}"
-        for name in ("analyses", "datasets", "interventions", "kernels", "probe", "store", "zoo")
+        for name in (
+            "analyses",
+            "datasets",
+            "interventions",
+            "kernels",
+            "models",
+            "probe",
+            "runs",
+            "store",
+            "zoo",
+        )
     },
 }
 __getattr__, __dir__ = lazy_facade(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # what the facade resolves to, for type checkers and IDEs
-    from headlab import analyses, datasets, interventions, kernels, probe, store, zoo  # noqa: F401
+    from headlab import analyses, datasets, interventions, kernels, models, probe, runs, store, zoo  # noqa: F401
     from headlab.interventions import ACT, PINE, VAR, VHR, HeadAblation, HeadScale, intervene
-    from headlab.loading import SUPPORTED, Family, LoadedModel, Tower, describe, load
+    from headlab.loading import SUPPORTED, LoadedModel, Tower, describe, load
+    from headlab.models import Family
     from headlab.probe import Record, Select, Stats, TokenRoles, capture, grid_roles, text_roles
     from headlab.store import Store
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from headlab.errors import HeadlabError, InputError
+from headlab.models import Family
 
 if TYPE_CHECKING:
     import torch
@@ -84,8 +85,6 @@ def _check_pixels(size: tuple[int, int], what) -> None:
 
 def prepare(lm: LoadedModel, prompts: Sequence[str], images: Sequence = ()) -> dict[str, torch.Tensor]:
     """A padded batch for `lm`: token ids for LLMs, ids + pixels for LVLMs, pixels for ViTs."""
-    from headlab.loading import Family
-
     if lm.family is Family.VIT:
         if not images:
             raise InputError("a vision model needs images: pass --image PATH")
@@ -117,8 +116,15 @@ def _check_image_tokens(lm: LoadedModel, prompts: Sequence[str]) -> None:
             where = f"prompt {i} of the batch" if len(prompts) > 1 else "the prompt"
             raise InputError(
                 f"{where} holds {n} {token} tokens for its one image; put exactly one {token} where the "
-                f"image goes (e.g. 'USER: {token}\\nWhat is in the image? ASSISTANT:')"
+                f"image goes{_example(lm, token)}"
             )
+
+
+def _example(lm: LoadedModel, token: str) -> str:
+    """An example prompt in the family's template, for error messages ("" without a template)."""
+    if lm.adapter.prompt_template is None:
+        return ""
+    return f" (e.g. {lm.adapter.prompt('What is in the image?', image=token)!r})"
 
 
 def _call(lm: LoadedModel, fn, *args, **kwargs) -> dict[str, torch.Tensor]:

@@ -6,7 +6,9 @@ language model and, for LVLMs, the vision tower), each tower's layer, head, KV-h
 whether the tower is causal, the patch grid of vision towers, and how an LVLM's image tokens are found.
 
 Towers are discovered from the model's real module tree: every attention module that routes through
-transformers' AttentionInterface sits at `<tower prefix>.<layer index>.<attention attr>`.
+transformers' AttentionInterface sits at `<tower prefix>.<layer index>.<attention attr>`. What cannot be
+discovered (the auto class, CLS-like prefix tokens, sub-configs, the image token) is the family's adapter's
+declaration (`headlab.models`); `SUPPORTED` is the registry's read-only view.
 
 A checkpoint that cannot be loaded as it is meant is a `ModelLoadError` naming the file and what to do,
 never a half-random model: an unreadable config.json, a folder without weights, a truncated or corrupt
@@ -17,7 +19,6 @@ tokenizer / processor files that are present but unreadable.
 
 from __future__ import annotations
 
-import enum
 import logging
 import re
 import warnings
@@ -33,38 +34,10 @@ from torch import nn
 
 from headlab.errors import ModelLoadError, UnsupportedModelError
 from headlab.hub import looks_like_hub_id, resolve_hub_id
+from headlab.models import SUPPORTED as SUPPORTED  # hl.SUPPORTED: model type -> its adapter (read-only)
+from headlab.models import Family, ModelAdapter, adapter_for
 
-
-class Family(enum.Enum):
-    LLM = "llm"
-    LVLM = "lvlm"
-    VIT = "vit"
-
-
-@dataclass(frozen=True, kw_only=True)
-class _ArchSpec:
-    family: Family
-    auto_class: type
-    prefix_tokens: int = 0  # CLS-like tokens before the patch grid (vision models)
-    attention: str = "sdpa"  # the model's own attention outside headlab's blocks
-
-
-SUPPORTED: dict[str, _ArchSpec] = {
-    "gpt2": _ArchSpec(family=Family.LLM, auto_class=tf.AutoModelForCausalLM),
-    "llama": _ArchSpec(family=Family.LLM, auto_class=tf.AutoModelForCausalLM),
-    "mistral": _ArchSpec(family=Family.LLM, auto_class=tf.AutoModelForCausalLM),
-    # soft-capped scores are not expressible in SDPA: transformers runs Gemma 2 eagerly; headlab's own
-    # attention (inside capture / intervene) soft-caps in its fused kernels
-    "gemma2": _ArchSpec(family=Family.LLM, auto_class=tf.AutoModelForCausalLM, attention="eager"),
-    "qwen2": _ArchSpec(family=Family.LLM, auto_class=tf.AutoModelForCausalLM),
-    "llava": _ArchSpec(family=Family.LVLM, auto_class=tf.AutoModelForImageTextToText),
-    "vit": _ArchSpec(family=Family.VIT, auto_class=tf.AutoModelForImageClassification, prefix_tokens=1),
-    "deit": _ArchSpec(family=Family.VIT, auto_class=tf.AutoModelForImageClassification, prefix_tokens=2),
-    "dinov2": _ArchSpec(family=Family.VIT, auto_class=tf.AutoModel, prefix_tokens=1),
-    "clip_vision_model": _ArchSpec(family=Family.VIT, auto_class=tf.AutoModel, prefix_tokens=1),
-}
-
-# `<tower prefix>.<layer>.<attention attribute>` for every architecture above.
+# `<tower prefix>.<layer>.<attention attribute>` for every supported architecture.
 _ATTENTION_PATH = re.compile(r"^(?P<prefix>.*?)\.?(?P<layer>\d+)\.(?P<attr>attn|self_attn|attention)$")
 
 
@@ -107,7 +80,9 @@ class LoadedModel:
     towers: tuple[Tower, ...]
     attention_modules: dict[str, tuple[nn.Module, ...]]
     layer_modules: dict[str, tuple[nn.Module, ...]]
+    adapter: ModelAdapter  # what headlab was told about the family (headlab.models)
     image_token_id: int | None = None
+    tokens_per_image: int | None = None  # LVLMs: image tokens per image in the input ids, if fixed
 
     @property
     def main(self) -> Tower:
@@ -143,6 +118,16 @@ class LoadedModel:
         if self.family is not Family.LVLM:
             return "no image tokens (not an LVLM)"
         return f"input_ids == {self.image_token_id} (the processor expands each image to its patch tokens)"
+
+    def rotary_module(self, tower: str = "lm") -> nn.Module | None:
+        """The rotary embedding of `tower` (next to its layer list), None without one (learned positions)."""
+        path = self.tower(tower).path
+        parent = self.model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else self.model
+        return getattr(parent, self.adapter.rotary_attr, None)
+
+    def mlp_module(self, tower: str, layer: int) -> nn.Module | None:
+        """The MLP of decoder layer `layer` of `tower`, None if the layer has none under the family's name."""
+        return getattr(self.layer_modules[tower][layer], self.adapter.mlp_attr, None)
 
     def __repr__(self) -> str:
         towers = ", ".join(
@@ -201,18 +186,17 @@ def _reason(err: Exception) -> str:
     return text if len(text) <= 200 else text[:199] + "…"
 
 
-def _tower(name: str, prefix: str, n_layers: int, config, spec: _ArchSpec) -> Tower:
+def _tower(name: str, prefix: str, n_layers: int, config, prefix_tokens: int) -> Tower:
     heads = config.num_attention_heads if hasattr(config, "num_attention_heads") else config.n_head
     d_model = config.hidden_size
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or d_model // heads
-    grid, prefix_tokens, causal = None, 0, True
+    grid, causal = None, True
     if name == "vision":
         size, patch = config.image_size, config.patch_size
         rows, cols = (size, size) if isinstance(size, int) else tuple(size)
         prows, pcols = (patch, patch) if isinstance(patch, int) else tuple(patch)
         grid = (rows // prows, cols // pcols)
-        prefix_tokens = spec.prefix_tokens if spec.family is Family.VIT else 1  # LLaVA's CLIP: one CLS
         causal = False
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return Tower(
@@ -230,15 +214,22 @@ def _tower(name: str, prefix: str, n_layers: int, config, spec: _ArchSpec) -> To
     )
 
 
+def _vision_prefix_tokens(adapter: ModelAdapter, config) -> int:
+    """The CLS-like tokens before the patch grid of the vision tower: the family's own for a ViT, the
+    vision tower's family's for an LVLM (one CLS, as CLIP's, when that family is not registered)."""
+    if adapter.family is Family.VIT:
+        return adapter.prefix_tokens
+    vision = adapter.sub_config(config, "vision")
+    try:
+        return adapter_for(vision).prefix_tokens
+    except UnsupportedModelError:
+        return 1
+
+
 def describe(model: nn.Module, *, source: str = "<in memory>", processor=None) -> LoadedModel:
     """Wrap an already-built Hugging Face model as a `LoadedModel` (no loading)."""
     config = model.config
-    model_type = config.model_type
-    if model_type not in SUPPORTED:
-        raise UnsupportedModelError(
-            f"headlab does not support the architecture {model_type!r} yet; supported: {sorted(SUPPORTED)}"
-        )
-    spec = SUPPORTED[model_type]
+    adapter = adapter_for(config)
     found: dict[str, dict[int, nn.Module]] = {}
     layers: dict[str, dict[int, nn.Module]] = {}
     for path, module in model.named_modules():
@@ -250,11 +241,10 @@ def describe(model: nn.Module, *, source: str = "<in memory>", processor=None) -
         layers.setdefault(prefix, {})[layer] = model.get_submodule(path.rsplit(".", 1)[0])
     towers, attention, layer_modules = [], {}, {}
     for prefix, by_layer in found.items():
-        name = "vision" if ("vision" in prefix or spec.family is Family.VIT) else "lm"
-        tower_config = config
-        if spec.family is Family.LVLM:
-            tower_config = config.vision_config if name == "vision" else config.text_config
-        towers.append(_tower(name, prefix, len(by_layer), tower_config, spec))
+        name = "vision" if ("vision" in prefix or adapter.family is Family.VIT) else "lm"
+        tower_config = adapter.sub_config(config, name)
+        prefix_tokens = _vision_prefix_tokens(adapter, config) if name == "vision" else 0
+        towers.append(_tower(name, prefix, len(by_layer), tower_config, prefix_tokens))
         attention[name] = tuple(by_layer[i] for i in sorted(by_layer))
         layer_modules[name] = tuple(layers[prefix][i] for i in sorted(by_layer))
     if not towers:
@@ -264,13 +254,15 @@ def describe(model: nn.Module, *, source: str = "<in memory>", processor=None) -
         model=model,
         processor=processor,
         tokenizer=tokenizer,
-        family=spec.family,
-        model_type=model_type,
+        family=adapter.family,
+        model_type=config.model_type,
         source=source,
         towers=tuple(sorted(towers, key=lambda t: t.name != "vision")),
         attention_modules=attention,
         layer_modules=layer_modules,
-        image_token_id=getattr(config, "image_token_index", None) if spec.family is Family.LVLM else None,
+        adapter=adapter,
+        image_token_id=adapter.image_token_id(config),
+        tokens_per_image=adapter.tokens_per_image(config),
     )
 
 
@@ -294,12 +286,10 @@ _WEIGHT_FILES = (
 )
 
 
-def _load_processor(source: str, family: Family):
+def _load_processor(source: str, adapter: ModelAdapter):
     """The tokenizer or processor, or None for a bare checkpoint without their files (inputs then come
     from the user). Files that are present but unreadable are a ModelLoadError."""
-    loader = tf.AutoTokenizer if family is Family.LLM else tf.AutoProcessor
-    if family is Family.VIT:
-        loader = tf.AutoImageProcessor
+    loader = getattr(tf, adapter.processor_class)
     present = [name for name in _PROCESSOR_FILES if (Path(source) / name).is_file()]
     try:
         return loader.from_pretrained(source)
@@ -351,15 +341,15 @@ def _no_load_report():
         log.removeFilter(_not_a_load_report)
 
 
-def _load_model(resolved: str, spec: _ArchSpec, dtype, attn_implementation: str | None) -> nn.Module:
+def _load_model(resolved: str, adapter: ModelAdapter, dtype, attn_implementation: str | None) -> nn.Module:
     if Path(resolved).is_dir():
         _check_weight_files(Path(resolved))
     try:
         with _no_load_report():
-            model, info = spec.auto_class.from_pretrained(
+            model, info = getattr(tf, adapter.auto_class).from_pretrained(
                 resolved,
                 dtype=dtype,
-                attn_implementation=attn_implementation or spec.attention,
+                attn_implementation=attn_implementation or adapter.attention,
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,  # reported by _check_weights, as an error
             )
@@ -424,11 +414,7 @@ def load(
     """
     resolved = _resolve(source)
     config = _load_config(resolved)
-    if config.model_type not in SUPPORTED:
-        raise UnsupportedModelError(
-            f"headlab does not support the architecture {config.model_type!r} yet; supported: {sorted(SUPPORTED)}"
-        )
-    spec = SUPPORTED[config.model_type]
-    model = _load_model(resolved, spec, dtype, attn_implementation)
+    adapter = adapter_for(config)
+    model = _load_model(resolved, adapter, dtype, attn_implementation)
     model.to(device).eval()
-    return describe(model, source=resolved, processor=_load_processor(resolved, spec.family))
+    return describe(model, source=resolved, processor=_load_processor(resolved, adapter))

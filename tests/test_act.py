@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 import headlab as hl
 from headlab.cli import app
 from headlab.interventions import AttentionCall, grouped_attention, intervene, reference_attention
-from headlab.interventions.act import ACT, TASKS, hidden_sinks, received_attention, search_heads
+from headlab.interventions.act import ACT, hidden_sinks, received_attention
 from headlab.kernels import naive_attention
 from headlab.probe.context import BatchContext
 from headlab.probe.roles import text_roles
+from headlab.runs.act_search import TASKS, search_heads
 
 ZOO_LAYERS = (0, 1)  # the zoo LM has 2 layers: the code's default range (2 .. n-2) is empty
 ALL_ZOO_HEADS = tuple((layer, head) for layer in ZOO_LAYERS for head in range(4))

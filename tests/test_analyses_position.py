@@ -15,7 +15,7 @@ import headlab as hl
 from headlab.analyses import position
 from headlab.datasets import scenes, synthetic
 from headlab.interventions.pine import pine_inputs
-from headlab.interventions.pine_eval import _DOC
+from headlab.runs.pine_eval import _DOC
 
 
 def _mass_frame(masses: dict[int, list[float]]) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """The bad-input corpus of batch capture and input files: each case builds one bad input beside good ones
 and states what must happen (exit code, what the output says, which ids end up in the store).
 
-The rules under test (headlab.store.batch, headlab.datasets.prompts / records, headlab.inputs, the CLI):
+The rules under test (headlab.runs.batch, headlab.datasets.prompts / records, headlab.inputs, the CLI):
 only the bad item is skipped, never its batch; ids are integers or strings as given; every bad line is one
 clear message naming it; `headlab capture` exits 0 (all in the store), 1 (some lines bad, the rest in the
 store) or 2 (nothing of the file in the store, or a bad option).
@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import headlab
+import headlab.loading
 from headlab.cli import app
 from headlab.datasets.records import read_records
 from headlab.errors import InputError
@@ -309,7 +309,7 @@ def _write_data(case: Case, folder: Path) -> Path:
 
 def _sabotage(monkeypatch, prompt: str) -> None:
     """Make the loaded model's forward pass raise a plain ValueError on any batch holding `prompt`."""
-    real = headlab.load
+    real = headlab.loading.load
 
     def load(source, **kwargs):
         lm = real(source, **kwargs)
@@ -322,7 +322,7 @@ def _sabotage(monkeypatch, prompt: str) -> None:
         lm.model.register_forward_pre_hook(hook, with_kwargs=True)
         return lm
 
-    monkeypatch.setattr(headlab, "load", load)
+    monkeypatch.setattr(headlab.loading, "load", load)
 
 
 @pytest.mark.parametrize("case", CAPTURE_CASES, ids=lambda c: c.id)

@@ -25,6 +25,7 @@ from headlab.dashboards.app import (
     make_app,
     pattern_outputs,
     position_figure,
+    result_options,
 )
 from headlab.dashboards.data import BrowserData, Source, layout_from_model
 
@@ -232,3 +233,16 @@ def test_circuit_and_position_views(lm, tmp_path):
     assert len(position.data) == len(heads) and list(position.data[0].y) == [0.5, 0.2, 0.3]
     ids = {c.id for c in build_layout(data).children if getattr(c, "id", None)}
     assert {"circuits", "position"} <= ids
+
+
+def test_result_options_are_listed_from_the_declaration(data):
+    from headlab.analyses.registry import analysis, as_text
+
+    listed = str(result_options(data, Source(kind="result", name="sinks", column="score").encode()))
+    for key, option in analysis("sinks").options.items():
+        assert (
+            key in listed and option.describe() in listed and f"default {as_text(option.default)}" in listed
+        )
+    assert "not recorded" in listed  # the fixture saved the result without its options
+    assert result_options(data, Source(kind="stat", name="entropy", column="").encode()) == []
+    assert result_options(data, None) == []

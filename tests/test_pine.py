@@ -29,8 +29,8 @@ from headlab.interventions.pine import (
     token_ranks,
     unrotate,
 )
-from headlab.interventions.pine_eval import judge_bias, judge_flip_rate, judge_parts
 from headlab.probe.roles import text_roles
+from headlab.runs.pine_eval import judge_bias, judge_flip_rate, judge_parts
 
 TOL = 1e-4
 

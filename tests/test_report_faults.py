@@ -226,7 +226,7 @@ def _check_asked_again(what: str) -> Callable[[Ctx, str], None]:
 
 
 def _disk_full_on_append(ctx: Ctx) -> list[str]:
-    import headlab.reports.answers as answers
+    import headlab.runs.answers as answers
 
     real, calls = answers.os.write, []
 
@@ -416,7 +416,7 @@ def _other(kind: str) -> Callable[[Ctx], list[str]]:
     def build(ctx: Ctx) -> list[str]:
         from headlab.reports.amber import write_amber_benchmark
         from headlab.reports.chair import write_chair_benchmark
-        from headlab.reports.lvlm import write_mme_benchmark
+        from headlab.reports.mme import write_mme_benchmark
 
         writer, folder = {
             "mme": (write_mme_benchmark, "images"),
@@ -439,7 +439,7 @@ def _check_other(ctx: Ctx, output: str) -> None:
 
 
 def _mme_not_utf8(ctx: Ctx) -> list[str]:
-    from headlab.reports.lvlm import write_mme_benchmark
+    from headlab.reports.mme import write_mme_benchmark
 
     data = write_mme_benchmark(ctx.tmp / "data", n_images=2)
     with open(data / "existence.txt", "ab") as f:

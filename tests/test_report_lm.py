@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 import headlab as hl
 from headlab.analyses import position, sinks
 from headlab.cli import app
-from headlab.reports import lm as lm_report
+from headlab.reports import position_bias as position_report
+from headlab.reports import sinks as sinks_report
 from headlab.store import Store
 
 runner = CliRunner()
@@ -48,7 +49,7 @@ def test_sinks_end_to_end(sinks_run):
     rep = json.loads((out / "report.json").read_text())
     store = Store.open(out / "store")
     assert rep["n_prompts"] == 3 * N and len(store.committed()) == 3 * N
-    assert {e["task"] for e in rep["examples"]} == set(lm_report.TASKS)
+    assert {e["task"] for e in rep["examples"]} == set(sinks_report.TASKS)
     metric = sinks.sink_metric(store, tower="lm")
     assert _close(rep["sink_metric"]["percent"], metric.percent)
     assert rep["sink_metric"]["n_examples"] == metric.n_examples == 3 * N
@@ -119,7 +120,7 @@ def test_sinks_bad_input(tmp_path):
 
 def test_position_end_to_end(position_run):
     out, output = position_run
-    for name in ("report.json", "report.md", "report.html", lm_report.POSITION_CACHE):
+    for name in ("report.json", "report.md", "report.html", position_report.POSITION_CACHE):
         assert (out / name).is_file()
     assert f"report: {out / 'report.html'}" in output.replace("\n", "")
     rep = json.loads((out / "report.json").read_text())
@@ -149,7 +150,7 @@ def pd_frame(rep):
 
 def test_position_rerun_uses_cache(position_run, monkeypatch):
     out, _ = position_run
-    cache = (out / lm_report.POSITION_CACHE).read_bytes()
+    cache = (out / position_report.POSITION_CACHE).read_bytes()
 
     def boom(*args, **kwargs):
         raise AssertionError("recomputed")
@@ -159,7 +160,7 @@ def test_position_rerun_uses_cache(position_run, monkeypatch):
     # the model is still loaded: the cache is matched on its fingerprint, not on the --model text
     output = _invoke("position-bias", "--out", out, "--n", N)
     assert "0 parts computed, 4 from the cache" in output
-    assert (out / lm_report.POSITION_CACHE).read_bytes() == cache
+    assert (out / position_report.POSITION_CACHE).read_bytes() == cache
     rep = json.loads((out / "report.json").read_text())
     assert rep["computed"] == 0 and rep["judge"]["pine"]["flip_rate"] == 0.0
 
@@ -183,7 +184,7 @@ def test_position_bad_input(tmp_path):
     assert result.exit_code == 2 and "at least 2" in result.output
     out = tmp_path / "other"
     out.mkdir()
-    (out / lm_report.POSITION_CACHE).write_text(json.dumps({"model": "zoo:other", "entries": {}}))
+    (out / position_report.POSITION_CACHE).write_text(json.dumps({"model": "zoo:other", "entries": {}}))
     result = runner.invoke(app, ["report", "position-bias", "--out", str(out), "--n", "2"])
     assert result.exit_code == 2 and "another model" in result.output
 

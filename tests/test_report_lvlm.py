@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from headlab.cli import app
 from headlab.datasets.mme import MmeFile, MmeLine, load_mme_results, score_mme
-from headlab.reports import lvlm
+from headlab.reports import mme as mme_report
 
 runner = CliRunner()
 
@@ -72,7 +72,7 @@ def test_mme_resume_answers_nothing(mme_run, tmp_path):
 
 
 def test_mme_escaping_and_malformed_lines(tmp_path):
-    data = lvlm.write_mme_benchmark(tmp_path / "data", n_images=2)
+    data = mme_report.write_mme_benchmark(tmp_path / "data", n_images=2)
     lines = (data / "existence.txt").read_text().splitlines()
     image = lines[0].split("\t")[0]
     lines[0] = f"{image}\tIs there a <script>alert(1)</script> here?\tYes"

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from headlab.cli import app
 from headlab.datasets.pope import PopeQuestion, load_pope, score_pope
-from headlab.reports import pope as pope_report
+from headlab.reports import benchmark
 from headlab.reports.html import Page
+from headlab.runs import answering
 
 runner = CliRunner()
 
@@ -93,7 +94,7 @@ def test_problems_escaping_and_interrupt(default_run, tmp_path, monkeypatch):
     args = ["report", "pope", "--out", str(out), "--data", str(data), "--images", str(images)]
     args += ["--interventions", "vhr", "--vhd-images", "0"]
 
-    real, calls = pope_report.generate_answer, []
+    real, calls = answering.generate_answer, []
 
     def flaky(*a, **k):
         calls.append(1)
@@ -101,13 +102,13 @@ def test_problems_escaping_and_interrupt(default_run, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(pope_report, "generate_answer", flaky)
+    monkeypatch.setattr(answering, "generate_answer", flaky)
     result = runner.invoke(app, args)
     assert result.exit_code == 130, result.output
     assert len(_answers(out / "answers.jsonl")) == 2  # what was done is kept
     assert json.loads((out / "report.json").read_text())["interrupted"] is True
 
-    monkeypatch.setattr(pope_report, "generate_answer", real)
+    monkeypatch.setattr(answering, "generate_answer", real)
     with open(out / "answers.jsonl", "a") as f:
         f.write("garbage\n")
     result = runner.invoke(app, args)
@@ -128,7 +129,7 @@ def test_problems_escaping_and_interrupt(default_run, tmp_path, monkeypatch):
 def test_bootstrap_identical_answers_gives_zero_ci():
     labels = ["yes", "no", "yes", "no", "no"]
     answers = ["yes", "yes", "no", "no", "no"]
-    d = pope_report.paired_bootstrap(labels, answers, answers)
+    d = benchmark.paired_bootstrap(labels, answers, answers)
     for m in ("accuracy", "f1"):
         assert (d[m]["delta"], d[m]["ci_low"], d[m]["ci_high"]) == (0.0, 0.0, 0.0)
 
@@ -136,13 +137,13 @@ def test_bootstrap_identical_answers_gives_zero_ci():
 def test_bootstrap_all_fixed_and_deterministic():
     labels = ["yes", "no"] * 10
     wrong = ["no" if v == "yes" else "yes" for v in labels]
-    d = pope_report.paired_bootstrap(labels, wrong, labels)
+    d = benchmark.paired_bootstrap(labels, wrong, labels)
     assert d["accuracy"]["delta"] == 1.0 and d["accuracy"]["ci_low"] == 1.0 == d["accuracy"]["ci_high"]
     mixed = labels[:10] + wrong[10:]
-    assert pope_report.paired_bootstrap(labels, mixed, labels) == pope_report.paired_bootstrap(
+    assert benchmark.paired_bootstrap(labels, mixed, labels) == benchmark.paired_bootstrap(
         labels, mixed, labels
     )
-    a = pope_report.paired_bootstrap(labels, mixed, labels)["accuracy"]
+    a = benchmark.paired_bootstrap(labels, mixed, labels)["accuracy"]
     assert a["delta"] == 0.5 and 0.0 < a["ci_low"] < 0.5 < a["ci_high"] <= 1.0
 
 
@@ -151,15 +152,15 @@ def test_flipped_and_conditions():
         PopeQuestion(1, "a.png", "Is there a cat?", "no"),
         PopeQuestion(2, "b.png", "Is there a dog?", "yes"),
     ]
-    flips = pope_report.flipped(qs, {1: "Yes", 2: "Yes"}, {1: "No", 2: "Yes"})
+    flips = benchmark.flipped(qs, {1: "Yes", 2: "Yes"}, {1: "No", 2: "Yes"})
     assert flips == [
         {"question_id": 1, "image": "a.png", "question": "Is there a cat?", "label": "no"}
         | {"before": "Yes", "after": "No", "now_correct": True}
     ]
-    assert pope_report.parse_conditions("var,vhr") == ["none", "var", "vhr"]
-    with pytest.raises(pope_report.InputError, match="subset of none,vhr,var"):
-        pope_report.parse_conditions("none,act")
-    assert pope_report.condition_interventions("var", 32)[0][0].layers is None
+    assert benchmark.parse_conditions("var,vhr") == ["none", "var", "vhr"]
+    with pytest.raises(benchmark.InputError, match="subset of none,vhr,var"):
+        benchmark.parse_conditions("none,act")
+    assert answering.condition_interventions("var", 32)[0][0].layers is None
 
 
 def test_page_escapes_text():

@@ -21,7 +21,7 @@ Store-based (pure functions of a Store, a Record or a head_stats frame; see sink
   over patch queries and images; in patches, or pixels with patch_size. It lies in [0, grid diagonal].
 
 Model-running (they load nothing themselves; pass a LoadedModel): `lost_in_the_middle` and
-`judge_position_bias` wrap interventions.pine's `multi_doc_accuracy` and `judge_bias`, plain and with PINE.
+`judge_position_bias` wrap runs.pine_eval's `multi_doc_accuracy` and `judge_bias`, plain and with PINE.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def lost_in_the_middle(
 ) -> pd.DataFrame:
     """Accuracy by gold position on synthetic multi-document QA (pine_eval.multi_doc_accuracy), plain and with
     PINE. Columns: method, gold (0-based slot), accuracy, n, k."""
-    from headlab.interventions.pine_eval import multi_doc_accuracy
+    from headlab.runs.pine_eval import multi_doc_accuracy
 
     rows = []
     for method in _checked_methods(methods):
@@ -245,7 +245,7 @@ def judge_position_bias(
 ) -> pd.DataFrame:
     """The pairwise-judge flip rate (pine_eval.judge_bias: verdict changes when the options swap), plain and
     with PINE. Columns: method, swap, flip_rate, accuracy, margin_shift, n."""
-    from headlab.interventions.pine_eval import judge_bias
+    from headlab.runs.pine_eval import judge_bias
 
     rows = []
     for method in _checked_methods(methods):

@@ -115,20 +115,20 @@ def capture_vhd_conditions(
 ) -> None:
     """Capture each (prompt, image) with the image and with its image placeholder removed (text only), head
     outputs at the last position of every language-model layer, into `store` under the two conditions."""
-    import headlab as hl
+    from headlab.probe import Select, capture
 
     if lm.family is not Family.LVLM:
         raise InputError("VHD compares a vision-language model with and without its image")
     if len(prompts) != len(images):
         raise InputError(f"got {len(prompts)} prompts but {len(images)} images")
     ids = list(examples) if examples is not None else list(range(len(prompts)))
-    select = hl.Select(queries=[-1])
-    placeholder = getattr(lm.processor, "image_token", "<image>")
+    select = Select(queries=[-1])
+    placeholder = getattr(lm.processor, "image_token", None) or lm.adapter.image_placeholder
     for prompt, image, example in zip(prompts, images, ids, strict=True):
         with_inputs = lm.processor(text=[prompt], images=[image], return_tensors="pt")
         text_only = lm.processor.tokenizer([prompt.replace(placeholder, "")], return_tensors="pt")
         for condition, inputs in ((with_condition, with_inputs), (without_condition, text_only)):
-            with hl.capture(lm, stats=None, head_outputs=select) as rec:
+            with capture(lm, stats=None, head_outputs=select) as rec:
                 lm.model(**dict(inputs))
             store.append(rec, examples=[example], condition=condition, meta=[{"prompt": prompt}])
 

@@ -4,7 +4,8 @@ Layout: a layer x head heat map of any stored statistic or numeric result column
 condition A minus condition B); clicking a head shows its attention for the example whose id is typed in
 (full [query, key] map for short examples, the chosen query's row as token-level heat over the tokens,
 and the image part on the patch grid for LVLMs and ViTs); an atlas scatter when the store has an "atlas"
-result. The callbacks are plain functions (`heatmap_figure`, `pattern_outputs`, ...) taking a
+result. Under the heat map of a stored result, the options its analysis declares, with the values the
+result was computed with (`result_options`). The callbacks are plain functions (`heatmap_figure`, `pattern_outputs`, ...) taking a
 `BrowserData`, so they are tested without a browser. All dataset text reaches the page as component
 children or figure labels, which Dash and Plotly escape; nothing is rendered as raw HTML.
 """
@@ -62,6 +63,36 @@ def heatmap_figure(
     fig.update_xaxes(dtick=1)
     fig.update_yaxes(dtick=1)
     return fig
+
+
+def result_options(data: BrowserData, source: str | None) -> list:
+    """What the heat map's stored result was computed with: each option its analysis declares
+    (`analyses.registry`: what it takes, its default, its help) with the value saved beside the result.
+    [] for a statistic; one line for a result that no analysis declares."""
+    from headlab.analyses.registry import as_text, registered
+
+    try:
+        src = Source.decode(source or "")
+    except HeadlabError:
+        return []
+    if src.kind != "result":
+        return []
+    entry = registered().get(src.name)
+    if entry is None:
+        return [html.P(f"{src.name}: no analysis declares this result, so it has no listed options")]
+    try:
+        params = data.store.result_params(src.name)
+    except HeadlabError as err:
+        return [html.P(f"{src.name}: options unreadable ({err})")]
+    items = [
+        html.Li(
+            f"{key} = {as_text(params[key]) if key in params else 'not recorded'}: {option.describe()}, "
+            f"default {as_text(option.default)}. {option.help}"
+        )
+        for key, option in entry.options.items()
+    ]
+    lead = f"{src.name}: {entry.description}" + ("" if items else " (no options)")
+    return [html.P(lead), html.Ul(items)]
 
 
 def clicked_head(click: dict | None) -> tuple[int, int] | None:
@@ -309,6 +340,7 @@ def build_layout(data: BrowserData) -> html.Div:
             html.P(f"{root}: {count} examples, conditions {', '.join(conditions)}", id="store-info"),
             controls,
             dcc.Graph(id="heatmap"),
+            html.Div(id="result-options"),
             *([dcc.Graph(id="atlas", figure=atlas)] if atlas is not None else []),
             *extra,
             pattern_controls,
@@ -333,6 +365,9 @@ def _register(app: Dash, data: BrowserData, has_atlas: bool) -> None:
         Input("condition-a", "value"),
         Input("condition-b", "value"),
     )(lambda *args: heatmap_figure(data, *args))
+    app.callback(Output("result-options", "children"), Input("source", "value"))(
+        lambda source: result_options(data, source)
+    )
     clicks = [Input("heatmap", "clickData"), *([Input("atlas", "clickData")] if has_atlas else [])]
 
     def pattern(*args):

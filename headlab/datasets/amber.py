@@ -54,7 +54,7 @@ Departures from the official script besides noun extraction: a truth or hallu ob
 relation.json has no associations (the official code raises KeyError); malformed response entries (not an
 object, no valid id, an id that is not a generative annotation, a non-string response) are counted and
 listed with their index instead of crashing; with no valid response every metric is None (n/a), otherwise
-an empty denominator gives 0.0 (the same for the discriminative scores). Ids follow `records.example_id`
+an empty denominator gives 0.0 (the same for the discriminative scores). Ids follow `headlab.ids.example_id`
 (integers or non-empty strings, as given; true, 1.0 and null are refused).
 """
 
@@ -69,8 +69,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from headlab.datasets.chair import singularize
-from headlab.datasets.records import example_id, read_records
+from headlab.datasets.records import read_records
 from headlab.errors import InputError
+from headlab.ids import example_id
 
 DIMENSIONS = {
     "discriminative-hallucination": "existence",
@@ -190,7 +191,7 @@ _CAN_CUES = frozenset(_CAN_CUE_WORDS.split())
 
 
 def _is_id(value: object) -> bool:
-    """`value` follows the id rule of `records.example_id`."""
+    """`value` follows the id rule of `headlab.ids.example_id`."""
     try:
         example_id(value)
     except InputError:

@@ -18,7 +18,7 @@ Metrics (x100 when reported): CHAIR_i = hallucinated mentions / mentions; CHAIR_
 hallucinated mention / captions; recall = sum |GT & mentioned| / sum |GT|; length = mean word tokens per
 caption after merging. With no caption every metric is None (n/a); otherwise an empty denominator gives 0.0.
 
-Ids follow `records.example_id` (integers or non-empty strings, as given). The ground truth is a JSON object,
+Ids follow `headlab.ids.example_id` (integers or non-empty strings, as given). The ground truth is a JSON object,
 whose keys are always strings: a key written as a plain integer ("42") stands for the integer id 42, any
 other key ("000000042", "COCO_val2014_42") for that string id, so "000000042" and 42 are two images.
 """
@@ -31,8 +31,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from headlab.datasets.records import INT64_MAX, INT64_MIN, example_id, read_records
+from headlab.datasets.records import read_records
 from headlab.errors import InputError
+from headlab.ids import INT64_MAX, INT64_MIN, example_id
 
 _IRREGULAR = {
     "men": "man",

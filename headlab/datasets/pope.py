@@ -9,7 +9,7 @@ Metrics use "yes" as the positive class: accuracy, precision, recall, F1 and the
 Answers are aligned to questions by question_id. With no answered question every metric is None (n/a, never
 0.0); otherwise a ratio with an empty denominator (precision when nothing was answered "yes", ...) is 0.0.
 
-Loading: `question_id` follows the id rule of `records.example_id` (an int within int64 or a non-empty
+Loading: `question_id` follows the id rule of `headlab.ids.example_id` (an int within int64 or a non-empty
 string, kept as given: "000000001" and 1 are two questions; 1.9, true and null are refused), `image` is a
 non-empty string, `text` a string and `label` yes/no (any case). A record breaking any of these, or
 repeating an earlier question_id, is one listed problem; the rest of the file is unaffected.
@@ -21,8 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from headlab.datasets.records import example_id, read_records
+from headlab.datasets.records import read_records
 from headlab.errors import InputError
+from headlab.ids import example_id
 
 PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."  # the LLaVA convention
 

@@ -6,7 +6,7 @@ present is the prompt and must be a string), optionally an "id" (or "question_id
 example's meta.
 
 - The file is read by `records.iter_records` (UTF-8, a leading byte-order mark ignored, bad lines listed).
-- Ids follow `records.example_id`: integers within int64 or non-empty strings, kept as given; a repeated id
+- Ids follow `headlab.ids.example_id`: integers within int64 or non-empty strings, kept as given; a repeated id
   is a problem on the later line.
 - Image paths are relative to `images_dir` (default: the file's own folder) and must stay inside it
   (`inputs.image_path`); the file must exist there.
@@ -19,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from headlab.datasets.records import Entry, example_id, iter_records, json_kind
+from headlab.datasets.records import Entry, iter_records
 from headlab.errors import InputError
+from headlab.ids import example_id, json_kind
 from headlab.inputs import image_path
 
 _PROMPT_KEYS = ("prompt", "text", "question")

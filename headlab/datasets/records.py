@@ -12,9 +12,7 @@ of crashing on them. The rules, in one place for every data file headlab reads:
   too long to convert) or not an object is one problem naming its line; its neighbours are unaffected.
 - A JSON array is one document: if it is not valid UTF-8 or not valid JSON, `InputError` names the line.
   An element that is not an object is one problem naming its index.
-- `example_id(value)` is the rule for example ids: a Python `int` within int64 or a non-empty `str`, kept
-  as given ("000000001" stays a string and never equals 1). Booleans, floats (1.7 and 1.0), null,
-  NaN/Infinity, arrays, objects and integers outside int64 raise `InputError` saying what to write instead.
+- Example ids follow `headlab.ids.example_id`.
 """
 
 from __future__ import annotations
@@ -26,8 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from headlab.errors import InputError
-
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+from headlab.ids import json_kind
 
 
 @dataclass
@@ -124,34 +121,3 @@ def _json_reason(err: Exception) -> str:
     if isinstance(err, json.JSONDecodeError):
         return f"{err.msg} at column {err.colno}"
     return str(err)  # e.g. an integer literal of more than 4300 digits
-
-
-def json_kind(value: object) -> str:
-    """A JSON value's kind in JSON's words, for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"the boolean {json.dumps(value)}"
-    if isinstance(value, int | float):
-        return f"the number {json.dumps(value)}"
-    if isinstance(value, str):
-        return "a string"
-    return "an array" if isinstance(value, list) else "an object"
-
-
-def example_id(value: object) -> int | str:
-    """`value` as an example id (module docstring: the rule), or an InputError saying what is wrong."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if not INT64_MIN <= value <= INT64_MAX:
-            raise InputError(
-                f"id {value} is outside the 64-bit integer range; quote it to keep it as a string id"
-            )
-        return value
-    if isinstance(value, str):
-        if not value:
-            raise InputError("id is an empty string; give every example a non-empty id")
-        return value
-    raise InputError(
-        f"id is {json_kind(value)}; an id is an integer (without a decimal point) or a string, kept as "
-        'given: write it as 42 or "42"'
-    )

@@ -5,7 +5,7 @@ frozen dataclasses with their papers' defaults, applied exactly through the head
         out = lm.model.generate(**inputs)
 """
 
-from headlab.interventions.act import ACT, HeadSearch, search_heads
+from headlab.interventions.act import ACT
 from headlab.interventions.core import (
     AttentionCall,
     GroupEdit,
@@ -17,7 +17,6 @@ from headlab.interventions.core import (
 )
 from headlab.interventions.heads import HeadAblation, HeadScale, head_outputs, mean_head_outputs
 from headlab.interventions.pine import PINE, pine_inputs
-from headlab.interventions.pine_eval import judge_bias
 from headlab.interventions.var import VAR, find_sink_dims
 from headlab.interventions.vhr import VHR, vhr_reference
 
@@ -30,17 +29,14 @@ __all__ = [
     "GroupEdit",
     "HeadAblation",
     "HeadScale",
-    "HeadSearch",
     "Intervention",
     "Patch",
     "find_sink_dims",
     "grouped_attention",
     "head_outputs",
     "intervene",
-    "judge_bias",
     "mean_head_outputs",
     "pine_inputs",
     "reference_attention",
-    "search_heads",
     "vhr_reference",
 ]

@@ -15,6 +15,7 @@ import torch
 from headlab.errors import InputError, SelectionError
 from headlab.interventions.core import AttentionCall, Intervention, Patch
 from headlab.loading import LoadedModel
+from headlab.probe.outputs import record_head_outputs
 
 Head = tuple[int, int]  # (layer, head)
 
@@ -115,46 +116,15 @@ def _resampled(call: AttentionCall, head: int, z: torch.Tensor, table) -> torch.
     return torch.where((pos >= 0)[..., None], gathered, z)
 
 
-class _Collect(Patch):
-    def __init__(self, tower: str, layers: set[int]) -> None:
-        self.tower, self.layers, self.found = tower, layers, {}
-
-    def touches(self, tower: str, layer: int) -> bool:
-        return tower == self.tower and layer in self.layers
-
-    def transform(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
-        n = int(call.ctx.key_valid.sum(-1).max())
-        table = torch.zeros(out.shape[0], out.shape[1], n, out.shape[-1])
-        pos = call.query_pos
-        for b in range(out.shape[0]):
-            real = pos[b] >= 0
-            table[b, :, pos[b][real]] = out[b][:, real].detach().float()
-        self.found[call.layer] = table  # [b, h, n_tokens, d], example positions
-        return out
-
-
-@dataclass(frozen=True)
-class _Collector(Intervention):
-    tower: str
-    layers: tuple[int, ...]
-
-    def bind(self, lm: LoadedModel) -> Patch:
-        return _Collect(self.tower, set(self.layers))
-
-
 @torch.no_grad()
 def head_outputs(lm: LoadedModel, inputs: Mapping, heads: Iterable[Head], *, tower: str = "lm"):
     """{(layer, head): [batch, n_tokens, d_head]} head outputs on `inputs`, at example positions (a source
     for resample ablation)."""
-    from headlab.interventions.core import intervene
-
     heads = list(heads)
     _checked_heads(lm, tower, heads)
-    collector = _Collector(tower, tuple(sorted({layer for layer, _ in heads})))
-    with intervene(lm, collector) as runner:
+    with record_head_outputs(lm, tower=tower, layers=sorted({layer for layer, _ in heads})) as rec:
         lm.model(**inputs)
-    found = runner.patches[0].found
-    return {(layer, head): found[layer][:, head] for layer, head in heads}
+    return {(layer, head): rec.table(layer)[:, head] for layer, head in heads}
 
 
 def mean_head_outputs(lm: LoadedModel, inputs: Mapping, heads: Iterable[Head], *, tower: str = "lm"):

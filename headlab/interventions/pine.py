@@ -229,8 +229,7 @@ def model_rotary(lm: LoadedModel, tower: str = "lm") -> Rotary:
     (tabulated; RoPE scaling types and attention scaling included); an UnsupportedModelError for models
     without RoPE (GPT-2's learned positions) or with partial-width RoPE."""
     info = lm.tower(tower)
-    parent = lm.model.get_submodule(info.path.rsplit(".", 1)[0]) if "." in info.path else lm.model
-    module = getattr(parent, "rotary_emb", None)
+    module = lm.rotary_module(tower)  # where the family keeps it (headlab.models)
     if module is None or not hasattr(module, "inv_freq"):
         raise UnsupportedModelError(
             f"PINE re-assigns RoPE positions, but {lm.model_type} has no rotary embedding next to "

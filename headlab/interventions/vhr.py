@@ -25,6 +25,7 @@ prefill itself, so the first step costs one prefill plus one text-only pass, the
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -190,7 +191,8 @@ def vhr_reference(lm: LoadedModel, inputs, spec: VHR) -> tuple[torch.Tensor, dic
     example with every chosen head scaled. Returns (last-position logits [batch, vocab], layer -> [batch,
     heads] selection)."""
     from headlab.interventions.core import intervene
-    from headlab.interventions.heads import HeadScale, _Collector
+    from headlab.interventions.heads import HeadScale
+    from headlab.probe.outputs import record_head_outputs
 
     layers = sorted(spec.layers if spec.layers is not None else default_layers(lm.tower("lm").n_layers))
     mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
@@ -204,13 +206,13 @@ def vhr_reference(lm: LoadedModel, inputs, spec: VHR) -> tuple[torch.Tensor, dic
         for layer in layers:
             outs = []
             for ids_, more, scaled in ((with_img, image_inputs, True), (text, {}, spec.scale_text_branch)):
-                collector = _Collector("lm", (layer,))
-                plan = ([HeadScale(tuple(heads), factor=spec.alpha)] if heads and scaled else []) + [
-                    collector
-                ]
-                with intervene(lm, *plan, engine="reference") as runner:
+                plan = [HeadScale(tuple(heads), factor=spec.alpha)] if heads and scaled else []
+                with (
+                    intervene(lm, *plan, engine="reference") if plan else contextlib.nullcontext(),
+                    record_head_outputs(lm, layers=[layer]) as rec,
+                ):
                     lm.model(input_ids=ids_, **more)
-                outs.append(runner.patches[-1].found[layer][0, :, -1])  # [heads, d]
+                outs.append(rec.table(layer)[0, :, -1])  # [heads, d]: after the scaling (observed)
             vhd = (outs[0] - outs[1]).norm(dim=-1)
             sel = select_heads(
                 vhd, outs[1].pow(2).sum(-1), outliers=spec.outliers, unbiased_std=spec.unbiased_std

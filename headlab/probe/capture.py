@@ -28,6 +28,7 @@ from headlab.loading import Family, LoadedModel
 from headlab.probe import stats as S
 from headlab.probe.call import AttentionCall, keep_mask
 from headlab.probe.context import BatchContext
+from headlab.probe.outputs import HeadOutputRecorder, TappedCall
 from headlab.probe.passes import PassContexts
 from headlab.probe.record import AttentionRows, CompactAttention, HeadOutputs, Record, ResidualRatios
 from headlab.probe.roles import TokenRoles
@@ -85,6 +86,17 @@ class Probe(Observer):
             for t in stats.towers:
                 lm.tower(t)
         self.contexts = PassContexts(lm, on_new=self._log_examples)
+        self._outputs = (
+            None
+            if head_outputs is None
+            else HeadOutputRecorder(
+                lm,
+                tower=head_outputs.tower,
+                layers=head_outputs.layer_ids(lm.tower(head_outputs.tower).n_layers),
+                contexts=self.contexts,
+                on_call=self._record_z,
+            )
+        )
         self.session: Session | None = None  # set by capture() when the block enters the model's session
 
     # ----- batch contexts -------------------------------------------------------------------------------
@@ -141,12 +153,12 @@ class Probe(Observer):
         return out, lse
 
     def wants_output(self, call: AttentionCall) -> bool:
-        return self._selected(self.head_outputs, call.tower, call.layer)
+        return self._outputs is not None and self._outputs.wants_output(call)
 
     def observed(self, call: AttentionCall, out: torch.Tensor) -> None:
         """Head outputs: the output the model goes on with (after any intervention's edits)."""
-        if self.wants_output(call):
-            self._record_z(self._view(call).ctx, call.layer, out)
+        if self._outputs is not None:
+            self._outputs.observed(call, out)
 
     def _selected(self, sel: Select | None, tower: str, layer: int) -> bool:
         n_layers = self.lm.tower(tower).n_layers
@@ -200,14 +212,15 @@ class Probe(Observer):
                     AttentionRows(example, ctx.tower, ctx.step, layer, h, tuple(positions), probs)
                 )
 
-    def _record_z(self, ctx, layer, out):
-        sel = self.head_outputs
+    def _record_z(self, layer: int, tapped: TappedCall) -> None:
+        """Per-example head outputs of the selected heads and queries (default: the last) of one call."""
+        sel, ctx, out = self.head_outputs, tapped.ctx, tapped.z
         heads = list(sel.head_ids(out.shape[1]))
         queries = sel.queries if sel.queries is not None else (-1,)
         for b, example in enumerate(ctx.examples):
             positions, idx = ctx.call_queries(b, out.shape[2], queries)
             if idx:
-                z = out[b][heads][:, idx].transpose(0, 1).detach().float().cpu()  # [q, head, d_head]
+                z = out[b][heads][:, idx].transpose(0, 1).cpu()  # [q, head, d_head]
                 self.record.head_outputs.append(
                     HeadOutputs(example, ctx.tower, ctx.step, layer, tuple(heads), tuple(positions), z)
                 )

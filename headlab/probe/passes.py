@@ -82,7 +82,7 @@ class PassContexts:
         self._pending["lm"] = ctx
         self._announce(ctx)
         if self.lm.family is Family.LVLM and kwargs.get("pixel_values") is not None:
-            per_image = self.lm.model.config.image_seq_length
+            per_image = self.lm.tokens_per_image
             counts = [
                 len(r.positions("image")) // per_image if "image" in r.present() else 0 for r in ctx.roles
             ]

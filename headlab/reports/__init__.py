@@ -1,1 +1,8 @@
-"""CLI batch reports (HTML + JSON + Markdown) on hallucination benchmarks, built from a Store."""
+"""Reports: `headlab report NAME`, batch reports on benchmarks (report.json + report.md + report.html).
+
+One module per report declares it (`REPORT = registry.Report(...)`: its options, its pipeline, its console
+summary); the CLI's `headlab report` commands are generated from `registry.registered()`. A report builds its
+content once as a `document.Document`, which `document.markdown` and `html.html_page` render; `output` holds
+what every report shares at its edges (folders, atomic files, n/a). The model runs behind the reports live
+in `headlab.runs`.
+"""

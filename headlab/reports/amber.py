@@ -11,8 +11,8 @@ Scores: `score_amber_generative` (rule nouns, exact matching) on the generative 
 overall F1)`. Differences vs none: the paired bootstrap over the discriminative questions (accuracy with
 invalid answers wrong; F1 with "No" positive, as AMBER), aggregate differences for the generative metrics.
 
-Built on `reports.pope` (answers, bad items and exit codes follow its rules): a query entry that is malformed,
-has an id breaking the id rule (`records.example_id`) or without an annotation of its kind, or whose image is
+Built on `reports.benchmark` and `runs.answering` (answers, bad items and exit codes follow their rules): a query entry that is malformed,
+has an id breaking the id rule (`headlab.ids.example_id`) or without an annotation of its kind, or whose image is
 missing, is listed and left out; a query whose answer fails is listed per kind and condition; a metric over
 zero answers is None (n/a).
 """
@@ -22,37 +22,35 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from headlab.datasets.pope import PopeQuestion
-from headlab.datasets.records import example_id, read_records
+from headlab.datasets.records import read_records
 from headlab.errors import InputError
-from headlab.reports.answers import ANSWERS, AnswerLog
-from headlab.reports.output import (
-    check_folder,
-    check_out,
-    md_table,
-    minus,
-    synthetic_data,
-    write_report_files,
-)
-from headlab.reports.pope import (
-    BOOTSTRAP,
-    AnswerRun,
-    Progress,
-    ReportResult,
-    Split,
-    answer_all,
-    check_options,
+from headlab.ids import example_id
+from headlab.reports.benchmark import (
+    GEN_TOKENS,
+    IMAGES,
+    INTERVENTIONS,
+    MAX_NEW_TOKENS,
+    MODEL,
+    VAR_TAU,
+    Answered,
+    answer,
+    begin,
+    condition_lines,
     fmt_ci,
-    load_lvlm,
-    outcome,
     paired_bootstrap,
-    problems_html,
-    problems_markdown,
-    report_head,
+    problems_section,
+    start_document,
 )
+from headlab.reports.document import Document
+from headlab.reports.output import minus, synthetic_data, write_report_files
+from headlab.reports.registry import Report, ReportOption, ReportResult, out_option
+from headlab.runs.answering import CONDITIONS, Split
+from headlab.runs.answers import AnswerLog
+from headlab.runs.outcome import Progress
 
 AMBER_GEN, AMBER_DIS = "generative", "discriminative"
 AMBER_FILES = ("annotations.json", "relation.json", "safe_words.txt")
@@ -64,7 +62,7 @@ def write_amber_benchmark(
     """A synthetic AMBER release: per scene one generative entry (truth = its objects, hallu = the absent
     partners of its objects) and two existence questions (a present object, yes; an absent one, no)."""
     from headlab.datasets import scenes
-    from headlab.zoo.llava import CAPTION_PROMPT
+    from headlab.models.llava import CAPTION_PROMPT
 
     folder = Path(folder)
     (folder / "image").mkdir(parents=True, exist_ok=True)
@@ -198,20 +196,10 @@ def _amber_vs_none(c: str, metrics, responses, splits, files, log: AnswerLog) ->
 
 
 def build_amber_report(
-    identity,
-    data: Path,
-    splits,
-    conditions,
-    log: AnswerLog,
-    run: AnswerRun,
-    n_layers: int,
-    files: dict,
-    **extra,
+    ans: Answered, data: Path, splits: dict, files: dict, annotation_problems: list[str], **extra
 ) -> dict:
-    var_tau = extra.pop("var_tau", 20.0)
-    report = report_head(identity, conditions, n_layers, var_tau, log)
-    annotation_problems = extra.pop("annotation_problems", [])
-    report |= {"benchmark": "amber", "data": str(data), "var_tau": var_tau}
+    conditions, log = ans.conditions, ans.log
+    report = ans.head() | {"benchmark": "amber", "data": str(data)}
     report |= {
         "n_generative": len(splits[AMBER_GEN].questions),
         "n_discriminative": len(splits[AMBER_DIS].questions),
@@ -219,7 +207,7 @@ def build_amber_report(
     report["problems"] |= {f"{k}_queries": s.problems + s.missing_images for k, s in splits.items()}
     report["problems"] |= {"annotations": annotation_problems}
     report["problems"] |= {
-        f"{k}_failed": [f"{c}: {p}" for c, ps in run.failures(k).items() for p in ps] for k in splits
+        f"{k}_failed": [f"{c}: {p}" for c, ps in ans.run.failures(k).items() for p in ps] for k in splits
     }
     report |= extra
     report["metrics"], responses = _amber_metrics(conditions, splits, log, files)
@@ -233,7 +221,7 @@ def build_amber_report(
         for q in splits[kind].questions[:6]
     ]
     bad = len(annotation_problems) + sum(len(s.problems) + len(s.missing_images) for s in splits.values())
-    report["outcome"] = outcome(list(splits.values()), conditions, log, run, bad).as_dict()
+    report["outcome"] = ans.outcome(list(splits.values()), bad)
     return report
 
 
@@ -251,7 +239,7 @@ AMBER_DIFF_HEADERS = (
 
 
 def _amber_problems(report: Mapping) -> list[str]:
-    """Every problem but the answer log's (which `problems_markdown` / `problems_html` put first)."""
+    """Every problem but the answer log's (which `problems_section` puts first)."""
     return [p for key, ps in report["problems"].items() if key != "answers_file" for p in ps]
 
 
@@ -274,49 +262,33 @@ def _amber_tables(report: Mapping):
     )
 
 
-def render_amber_markdown(report: Mapping) -> str:
-    lines = [f"# AMBER report: {report['model']}", ""]
-    lines += [f"- **{c}**: {note}" for c, note in report["conditions"].items()]
-    (gh, gr), (dh, dr), (xh, xr) = _amber_tables(report)
-    lines += ["", "Generative (fractions; AMBER score = (1 - CHAIR + F1) / 2):", "", *md_table(gh, gr)]
-    lines += ["", "Discriminative (No positive):", "", *md_table(dh, dr)]
-    lines += ["", "Difference vs none (bootstrap 95% CI over the discriminative questions, paired):", ""]
-    lines += md_table(xh, xr)
-    return "\n".join(lines + problems_markdown(report, _amber_problems(report))) + "\n"
-
-
-def render_amber_html(report: Mapping) -> str:
+def document(report: Mapping) -> Document:
     import plotly.graph_objects as go
 
-    from headlab.reports.html import Page
-
-    page = Page(f"AMBER report: {report['model']}")
-    page.bullets([f"{c}: {note}" for c, note in report["conditions"].items()])
-    if report.get("interrupted"):
-        page.paragraph("Interrupted: the numbers cover the questions answered so far; rerun to finish.")
+    doc = start_document("AMBER report", report)
     (gh, gr), (dh, dr), (xh, xr) = _amber_tables(report)
-    page.heading("Generative (AMBER score = (1 - CHAIR + F1) / 2)")
-    page.table(gh, gr)
-    page.heading("Discriminative (No positive)")
-    page.table(dh, dr)
-    page.heading("Difference vs none (bootstrap 95% CI over the discriminative questions, paired)")
-    page.table(xh, xr)
+    doc.heading("Generative (fractions; AMBER score = (1 - CHAIR + F1) / 2)")
+    doc.table(gh, gr)
+    doc.heading("Discriminative (No positive)")
+    doc.table(dh, dr)
+    doc.heading("Difference vs none (bootstrap 95% CI over the discriminative questions, paired)")
+    doc.table(xh, xr)
     keys = ("chair", "cover", "hal", "cog")
     fig = go.Figure(
         [go.Bar(name=c, x=list(keys), y=[m[k] for k in keys]) for c, m in report["metrics"].items()]
     )
     fig.update_layout(barmode="group", title="AMBER generative", yaxis_range=[0, 1], height=340)
-    page.figure(fig)
-    page.heading("Example answers")
+    doc.figure(fig)
+    doc.heading("Example answers")
     ex = ("id", "image", "query", *report["conditions"])
-    page.table(ex, [[e[k] for k in ex] for e in report["examples"]])
-    page.heading("Flipped discriminative answers")
+    doc.table(ex, [[e[k] for k in ex] for e in report["examples"]])
+    doc.heading("Flipped discriminative answers")
     fk = ("id", "query", "truth", "before", "after")
     for c, d in report["vs_none"].items():
-        page.heading(f"none -> {c} ({len(d['flipped'])})", level=3)
-        page.table(fk, [[f[k] for k in fk] for f in d["flipped"]])
-    problems_html(page, report, _amber_problems(report))
-    return page.render()
+        doc.heading(f"none -> {c} ({len(d['flipped'])})", level=3)
+        doc.table(fk, [[f[k] for k in fk] for f in d["flipped"]])
+    problems_section(doc, report, _amber_problems(report))
+    return doc
 
 
 def _amber_files(data: Path) -> tuple[dict, list[str]]:
@@ -347,7 +319,7 @@ def amber_report(
     model: str | None = None,
     data: Path | None = None,
     images: Path | None = None,
-    conditions: Sequence[str] = ("none", "vhr", "var"),
+    conditions: Sequence[str] = CONDITIONS,
     n: int | None = None,
     max_new_tokens: int = 4,
     gen_tokens: int = 16,
@@ -356,10 +328,16 @@ def amber_report(
 ) -> ReportResult:
     """Answer, score and write the AMBER report; `n` = first N queries of each kind; `model` as in
     `pope_report`."""
-    out = check_out(out)
-    check_folder(images, "--images")
-    conditions = check_options(n, min(max_new_tokens, gen_tokens), conditions, var_tau)
-    out.mkdir(parents=True, exist_ok=True)
+    out, conditions = begin(
+        REPORT,
+        out,
+        conditions,
+        images=images,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        gen_tokens=gen_tokens,
+        var_tau=var_tau,
+    )
     data = Path(data) if data is not None else synthetic_data(out / "data", write_amber_benchmark)
     files, annotation_problems = _amber_files(data)
     folder = images if images is not None else data / "image"
@@ -371,30 +349,47 @@ def amber_report(
             data / "query" / "query_discriminative.json", folder, files["questions"], n, AMBER_DIS
         ),
     }
-    lm, identity = load_lvlm(out, model, "AMBER")
-    log = AnswerLog(out / ANSWERS, identity)
-    options = {"var_tau": var_tau, "progress": progress}
-    run = answer_all(lm, [splits[AMBER_GEN]], conditions, log, max_new_tokens=gen_tokens, **options)
-    if not run.interrupted:
-        run = run.then(
-            answer_all(lm, [splits[AMBER_DIS]], conditions, log, max_new_tokens=max_new_tokens, **options)
-        )
+    groups = [([splits[AMBER_GEN]], gen_tokens), ([splits[AMBER_DIS]], max_new_tokens)]
+    ans = answer(out, model, "AMBER", conditions, groups, var_tau=var_tau, progress=progress)
     report = build_amber_report(
-        identity,
+        ans,
         data,
         splits,
-        conditions,
-        log,
-        run,
-        lm.tower("lm").n_layers,
         files,
-        var_tau=var_tau,
-        annotation_problems=annotation_problems,
+        annotation_problems,
         max_new_tokens=max_new_tokens,
         gen_tokens=gen_tokens,
         n_per_kind=n,
-        interrupted=run.interrupted,
-        bootstrap=BOOTSTRAP,
     )
-    html = write_report_files(out, report, render_amber_markdown(report), render_amber_html(report))
-    return ReportResult(html, report, run)
+    return ReportResult(write_report_files(out, report, document(report)), report, ans.run)
+
+
+def summary(result: ReportResult, out: Path) -> list[str]:
+    metrics = {"CHAIR": "chair", "Cover": "cover", "Hal": "hal", "Cog": "cog", "AMBER score": "amber_score"}
+    lines = condition_lines(result, out, metrics)
+    bad = sum(len(p) for p in result.report["problems"].values())
+    return lines + ([f"  {bad} problems: see the report"] if bad else [])
+
+
+REPORT = Report(
+    name="amber",
+    help="AMBER: CHAIR / Cover / Hal / Cog, discriminative accuracy / F1 and the AMBER score, resumable.",
+    options=(
+        out_option("answers.jsonl, report.json/.md/.html"),
+        MODEL,
+        ReportOption(
+            name="data",
+            type=Path,
+            help="AMBER data folder: annotations.json, relation.json, safe_words.txt, query/query_*.json "
+            "(default: synthetic in OUT/data)",
+        ),
+        replace(IMAGES, help="image folder (default: DATA/image)"),
+        INTERVENTIONS,
+        ReportOption(name="n", type=int, ge=1, help="first N queries of each kind (default: all)"),
+        replace(MAX_NEW_TOKENS, help="greedy tokens per yes/no answer"),
+        GEN_TOKENS,
+        VAR_TAU,
+    ),
+    run=amber_report,
+    summary=summary,
+)

@@ -8,13 +8,13 @@ synthetic set in this format is written from `headlab.datasets.scenes` (test sce
 truth = the scene's objects).
 
 Each image is described ("Describe the image.", greedy, `gen_tokens` tokens) under each condition (none /
-vhr / var, as the POPE report), answers appended to `answers.jsonl` (a rerun resumes), then scored with
+vhr / var, `runs.answering`), answers appended to `answers.jsonl` (a rerun resumes), then scored with
 `headlab.datasets.chair.score_chair`: CHAIR_s (captions with a hallucinated object), CHAIR_i (hallucinated
 mentions / mentions), recall, length. Differences from `none` come with a paired bootstrap 95% CI over
 images for CHAIR_s (per-caption indicator) and as plain differences for the rest.
 
-Built on `reports.pope` (answers, bad items and exit codes follow its rules): an images.json entry that is
-malformed, has an id breaking the id rule (`records.example_id`), has no usable ground truth (a truth.json
+Built on `reports.benchmark` and `runs.answering` (answers, bad items and exit codes follow their rules): an images.json entry that is
+malformed, has an id breaking the id rule (`headlab.ids.example_id`), has no usable ground truth (a truth.json
 entry that is not a list of vocabulary words is listed, not fatal) or whose image is missing, is listed and
 left out; an image whose description fails is listed per condition; with no description a metric is None.
 """
@@ -23,40 +23,40 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from headlab.datasets import chair, scenes
+from headlab.datasets import chair
 from headlab.datasets.pope import PopeQuestion
-from headlab.datasets.records import example_id, read_records
+from headlab.datasets.records import read_records
 from headlab.errors import InputError
-from headlab.reports.answers import ANSWERS, AnswerLog
-from headlab.reports.html import Page
-from headlab.reports.output import (
-    check_folder,
-    check_out,
-    fmt,
-    md_table,
-    minus,
-    synthetic_data,
-    write_report_files,
-)
-from headlab.reports.pope import (
+from headlab.ids import example_id
+from headlab.reports.benchmark import (
     BOOTSTRAP,
-    Progress,
-    ReportResult,
-    Split,
-    answer_all,
-    check_options,
-    load_lvlm,
-    outcome,
-    problems_html,
-    problems_markdown,
-    report_head,
+    GEN_TOKENS,
+    IMAGES,
+    INTERVENTIONS,
+    MODEL,
+    VAR_TAU,
+    Answered,
+    answer,
+    begin,
+    condition_lines,
+    fmt_ci,
+    problems_section,
     split_problems,
+    start_document,
 )
-from headlab.zoo.llava import CAPTION_PROMPT
+from headlab.reports.document import Document
+from headlab.reports.output import minus, synthetic_data, write_report_files
+from headlab.reports.registry import Report, ReportOption, ReportResult, out_option
+from headlab.runs.answering import CONDITIONS, Split
+from headlab.runs.answers import AnswerLog
+from headlab.runs.outcome import Progress
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FILES = ("synonyms.txt", "truth.json", "images.json")
 SPLIT = "chair"
@@ -67,6 +67,8 @@ def write_chair_benchmark(
     folder: str | Path, n_images: int = 40, *, seed: int = 4321, size: int = 32
 ) -> Path:
     """A synthetic CHAIR set in the format above, from scenes (objects = the scene categories)."""
+    from headlab.datasets import scenes
+
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     made = scenes.make_scenes(n_images, prior=0.5, seed=seed, start_id=300_000)
@@ -84,6 +86,8 @@ def load_chair_split(data: Path, images: Path | None, n: int | None) -> tuple[Sp
     if missing:
         raise InputError(f"CHAIR folder {data} lacks {missing} (synonyms.txt, truth.json, images.json)")
     vocab = chair.Vocabulary.from_file(data / "synonyms.txt")
+    from headlab.models.llava import CAPTION_PROMPT
+
     split = Split(SPLIT, data / "images.json", images if images is not None else data / "images", [])
     truth = chair.load_truth(data / "truth.json", vocab, problems=split.problems)
     records = read_records(data / "images.json")
@@ -112,6 +116,8 @@ def load_chair_split(data: Path, images: Path | None, n: int | None) -> tuple[Sp
 def _bootstrap_chair_s(before: np.ndarray, after: np.ndarray) -> dict:
     """Paired bootstrap over images of the CHAIR_s difference (after - before), 95% interval; None (n/a)
     without an image described under both conditions."""
+    import numpy as np
+
     if not len(before):
         return {"delta": None, "ci_low": None, "ci_high": None}
     rng = np.random.default_rng(BOOTSTRAP["seed"])
@@ -141,8 +147,11 @@ def _chair_metrics(split, vocab, truth, conditions, log: AnswerLog) -> tuple[dic
     return metrics, hallucinated, examples
 
 
-def build_chair_report(identity, split, vocab, truth, conditions, log, run, n_layers, *, var_tau, gen_tokens):
-    metrics, hallucinated, examples = _chair_metrics(split, vocab, truth, conditions, log)
+def build_chair_report(ans: Answered, split: Split, vocab, truth, *, gen_tokens: int) -> dict:
+    import numpy as np
+
+    conditions = ans.conditions
+    metrics, hallucinated, examples = _chair_metrics(split, vocab, truth, conditions, ans.log)
     ids = [q.question_id for q in split.questions]
     differences = {}
     for condition in conditions[1:]:
@@ -153,56 +162,27 @@ def build_chair_report(identity, split, vocab, truth, conditions, log, run, n_la
             "chair_s": _bootstrap_chair_s(before, after),
             **{k: minus(metrics[condition][k], metrics["none"][k]) for k in ("chair_i", "recall", "length")},
         }
-    report = report_head(identity, conditions, n_layers, var_tau, log)
     splits = {SPLIT: {"malformed_lines": split.problems, "missing_images": split.missing_images}}
-    splits[SPLIT]["failed"] = run.failures(SPLIT)
-    report |= {"benchmark": "CHAIR", "metrics": metrics, "differences": differences, "examples": examples}
-    report |= {
-        "gen_tokens": gen_tokens,
-        "images": len(ids),
-        "bootstrap": BOOTSTRAP,
-        "interrupted": run.interrupted,
-    }
+    splits[SPLIT]["failed"] = ans.run.failures(SPLIT)
+    report = ans.head() | {"benchmark": "CHAIR", "metrics": metrics, "differences": differences}
+    report |= {"examples": examples, "gen_tokens": gen_tokens, "images": len(ids)}
     report["problems"]["images"] = split_problems(splits)
-    bad = len(split.problems) + len(split.missing_images)
-    report["outcome"] = outcome([split], conditions, log, run, bad).as_dict()
+    report["outcome"] = ans.outcome([split], len(split.problems) + len(split.missing_images))
     return report
 
 
-def _ci(d: dict) -> str:
-    if d["delta"] is None:
-        return "n/a"
-    return f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
-
-
-def render_chair_markdown(report) -> str:
-    lines = [f"# CHAIR report: {report['model']}", ""]
-    lines += md_table(
-        ["condition", *KEYS], [[c, *(m[k] for k in KEYS)] for c, m in report["metrics"].items()]
-    )
-    for c, d in report["differences"].items():
-        lines.append(
-            f"- {c} - none: CHAIR_s {_ci(d['chair_s'])}, CHAIR_i {fmt(d['chair_i'], '+.3f')}, "
-            f"recall {fmt(d['recall'], '+.3f')}"
-        )
-    return "\n".join(lines + problems_markdown(report, report["problems"]["images"])) + "\n"
-
-
-def render_chair_html(report) -> str:
+def document(report) -> Document:
     import plotly.graph_objects as go
 
-    page = Page(f"CHAIR report: {report['model']}")
-    page.bullets([f"{c}: {note}" for c, note in report["conditions"].items()])
-    if report.get("interrupted"):
-        page.paragraph("Interrupted: the numbers cover the images described so far; rerun to finish.")
-    page.heading("Metrics")
-    page.table(["condition", *KEYS], [[c, *(m[k] for k in KEYS)] for c, m in report["metrics"].items()])
+    doc = start_document("CHAIR report", report, what="images")
+    doc.heading("Metrics")
+    doc.table(["condition", *KEYS], [[c, *(m[k] for k in KEYS)] for c, m in report["metrics"].items()])
     if report["differences"]:
-        page.heading("Differences from none")
-        page.table(
+        doc.heading("Differences from none")
+        doc.table(
             ["condition", "CHAIR_s (95% CI)", "CHAIR_i", "recall", "length"],
             [
-                [c, _ci(d["chair_s"]), d["chair_i"], d["recall"], d["length"]]
+                [c, fmt_ci(d["chair_s"]), d["chair_i"], d["recall"], d["length"]]
                 for c, d in report["differences"].items()
             ],
         )
@@ -213,15 +193,15 @@ def render_chair_html(report) -> str:
         ]
     )
     fig.update_layout(barmode="group", title="CHAIR per condition")
-    page.figure(fig)
+    doc.figure(fig)
     for c, rows in report["examples"].items():
-        page.heading(f"Example captions: {c}", 3)
-        page.table(
+        doc.heading(f"Example captions: {c}", 3)
+        doc.table(
             ["image", "caption", "hallucinated"],
             [[r["image_id"], r["caption"], ", ".join(r["hallucinated"])] for r in rows],
         )
-    problems_html(page, report, report["problems"]["images"])
-    return page.render()
+    problems_section(doc, report, report["problems"]["images"])
+    return doc
 
 
 def chair_report(
@@ -230,35 +210,44 @@ def chair_report(
     model: str | None = None,
     data: Path | None = None,
     images: Path | None = None,
-    conditions: Sequence[str] = ("none", "vhr", "var"),
+    conditions: Sequence[str] = CONDITIONS,
     n: int | None = None,
     gen_tokens: int = 16,
     var_tau: float = 20.0,
     progress: Progress | None = None,
 ) -> ReportResult:
     """Describe, score and write the CHAIR report; `n` = the first N images; `model` as in `pope_report`."""
-    out = check_out(out)
-    check_folder(images, "--images")
-    conditions = check_options(n, gen_tokens, conditions, var_tau)
-    out.mkdir(parents=True, exist_ok=True)
+    out, conditions = begin(
+        REPORT, out, conditions, images=images, n=n, gen_tokens=gen_tokens, var_tau=var_tau
+    )
     data = Path(data) if data is not None else synthetic_data(out / "data", write_chair_benchmark)
     split, vocab, truth = load_chair_split(data, images, n)
-    lm, identity = load_lvlm(out, model, "CHAIR")
-    log = AnswerLog(out / ANSWERS, identity)
-    run = answer_all(
-        lm, [split], conditions, log, max_new_tokens=gen_tokens, var_tau=var_tau, progress=progress
-    )
-    report = build_chair_report(
-        identity,
-        split,
-        vocab,
-        truth,
-        conditions,
-        log,
-        run,
-        lm.tower("lm").n_layers,
-        var_tau=var_tau,
-        gen_tokens=gen_tokens,
-    )
-    html = write_report_files(out, report, render_chair_markdown(report), render_chair_html(report))
-    return ReportResult(html, report, run)
+    ans = answer(out, model, "CHAIR", conditions, [([split], gen_tokens)], var_tau=var_tau, progress=progress)
+    report = build_chair_report(ans, split, vocab, truth, gen_tokens=gen_tokens)
+    return ReportResult(write_report_files(out, report, document(report)), report, ans.run)
+
+
+def summary(result: ReportResult, out: Path) -> list[str]:
+    return condition_lines(result, out, {"CHAIR_s": "chair_s", "CHAIR_i": "chair_i", "recall": "recall"})
+
+
+REPORT = Report(
+    name="chair",
+    help="CHAIR on generated descriptions: CHAIR_s, CHAIR_i, recall, length per condition, resumable.",
+    options=(
+        out_option("answers.jsonl, report.json/.md/.html"),
+        MODEL,
+        ReportOption(
+            name="data",
+            type=Path,
+            help="CHAIR folder: synonyms.txt, truth.json, images.json (default: synthetic in OUT/data)",
+        ),
+        replace(IMAGES, help="image folder (default: DATA/images)"),
+        INTERVENTIONS,
+        ReportOption(name="n", type=int, ge=1, help="first N images (default: all)"),
+        GEN_TOKENS,
+        VAR_TAU,
+    ),
+    run=chair_report,
+    summary=summary,
+)

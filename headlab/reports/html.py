@@ -1,20 +1,18 @@
-"""A self-contained HTML page writer shared by the reports: headings, paragraphs, tables, lists and plotly
-figures, in one file that loads nothing from the network.
+"""The HTML renderer of report documents (`reports.document`): one self-contained page that loads nothing from
+the network.
 
-Contract: every piece of text given to a `Page` is HTML-escaped (`html.escape`, quotes too), so dataset text
-such as a question holding `<script>` shows as text and never runs. Only the figures' own markup (plotly's
+Contract: every piece of text in a document is HTML-escaped (`html.escape`, quotes too), so dataset text such
+as a question holding `<script>` shows as text and never runs. Only the figures' own markup (plotly's
 `to_html`) goes in unescaped. The plotly.js bundle is inlined once, with the first figure; later figures
-reuse it. The page uses no external stylesheet, font, script or image. A missing number (None: a metric
-over zero answered items) shows as "n/a". `Page.write` replaces the file atomically (`reports.output`).
+reuse it. The page uses no external stylesheet, font, script or image. Table cells read as
+`document.cell_text` shows them; text cells are left-aligned, numbers right-aligned.
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
-from pathlib import Path
 
-from headlab.reports.output import write_text_atomic
+from headlab.reports.document import Bullets, Document, Figure, Heading, Paragraph, Table, cell_text
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -32,60 +30,47 @@ def esc(value: object) -> str:
 
 
 def _cell(value: object) -> str:
-    if value is None:
-        return "<td>n/a</td>"
-    if isinstance(value, float):
-        return f"<td>{value:.4f}</td>" if value == value else "<td>-</td>"
-    if isinstance(value, int):
-        return f"<td>{value}</td>"
-    return f'<td class="text">{esc(value)}</td>'
+    if value is None or isinstance(value, int | float):
+        return f"<td>{cell_text(value)}</td>"
+    return f'<td class="text">{esc(cell_text(value))}</td>'
 
 
-class Page:
-    """An HTML document built section by section; `write` saves it as one self-contained file."""
+def _table(table: Table) -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in table.headers)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in table.rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-    def __init__(self, title: str) -> None:
-        self.title = title
-        self._parts: list[str] = []
-        self._plotly_inlined = False
 
-    def heading(self, text: str, level: int = 2) -> None:
-        self._parts.append(f"<h{level}>{esc(text)}</h{level}>")
+def _figure(block: Figure, first: bool) -> str:
+    return block.figure.to_html(
+        full_html=False, include_plotlyjs=first, include_mathjax=False, config={"displaylogo": False}
+    )
 
-    def paragraph(self, text: str, *, note: bool = False) -> None:
-        cls = ' class="note"' if note else ""
-        self._parts.append(f"<p{cls}>{esc(text)}</p>")
 
-    def bullets(self, items: Sequence[str]) -> None:
-        self._parts.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul>")
+def html_page(doc: Document) -> str:
+    """The document as one self-contained HTML page (module docstring)."""
+    parts, inlined = [], False
+    for block in doc.blocks:
+        if isinstance(block, Heading):
+            parts.append(f"<h{block.level}>{esc(block.text)}</h{block.level}>")
+        elif isinstance(block, Paragraph):
+            parts.append(f"<p>{esc(block.text)}</p>")
+        elif isinstance(block, Bullets):
+            parts.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in block.items) + "</ul>")
+        elif isinstance(block, Table):
+            parts.append(_table(block))
+        else:
+            parts.append(_figure(block, first=not inlined))
+            inlined = True
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{esc(doc.title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
+        f"<h1>{esc(doc.title)}</h1>\n" + "\n".join(parts) + "\n</body>\n</html>\n"
+    )
 
-    def table(self, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-        """A table; floats are shown with 4 decimals, strings escaped and left-aligned."""
-        head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-        body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
-        self._parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
-    def figure(self, fig) -> None:
-        """A plotly figure; the plotly.js bundle is inlined with the first one (no CDN)."""
-        self._parts.append(
-            fig.to_html(
-                full_html=False,
-                include_plotlyjs=not self._plotly_inlined,
-                include_mathjax=False,
-                config={"displaylogo": False},
-            )
-        )
-        self._plotly_inlined = True
+class Page(Document):
+    """A document whose `render()` is its HTML page."""
 
     def render(self) -> str:
-        return (
-            '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f"<title>{esc(self.title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
-            f"<h1>{esc(self.title)}</h1>\n" + "\n".join(self._parts) + "\n</body>\n</html>\n"
-        )
-
-    def write(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, self.render())
-        return path
+        return html_page(self)

@@ -1,6 +1,6 @@
 """Example ids as the store keeps them: integers or strings, as given, one kind per store.
 
-The rule for one id is `headlab.datasets.records.example_id` (a Python int within int64, or a non-empty str
+The rule for one id is `headlab.ids.example_id` (a Python int within int64, or a non-empty str
 kept verbatim: "000000001" stays a string and never equals 1). Through the Python API a numpy integer (as
 read back from a store's tables) counts as an int. A store holds ids of one kind, fixed by its first
 committed shard (`Store.id_kind`: "int", "str", or None while it is empty); ids of the other kind are a
@@ -13,8 +13,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from headlab.datasets.records import example_id
 from headlab.errors import InputError, StoreError
+from headlab.ids import example_id
 
 KIND_WORDS = {"int": "integer", "str": "string"}
 

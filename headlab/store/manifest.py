@@ -12,9 +12,9 @@ import json
 import time
 from pathlib import Path
 
-import headlab
 from headlab.errors import StoreError
 from headlab.store.shard import SCHEMA_VERSION
+from headlab.version import __version__
 
 MANIFEST = "manifest.json"
 FINGERPRINT_KEYS = ("architecture", "config_hash", "weights_hash")
@@ -25,7 +25,7 @@ def new_manifest(fingerprint: dict, *, created: float | None = None, runs: list 
         "schema_version": SCHEMA_VERSION,
         "fingerprint": fingerprint,
         "created": time.time() if created is None else created,
-        "headlab": headlab.__version__,
+        "headlab": __version__,
         "runs": runs or [],
     }
 

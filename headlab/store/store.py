@@ -41,6 +41,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -48,11 +49,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import torch
 
-import headlab
 from headlab.errors import SelectionError, StoreError
 from headlab.kernels.rebuild import rebuild_rows
 from headlab.loading import LoadedModel
-from headlab.probe.record import Record
 from headlab.store.catalog import Catalog, repair_hint
 from headlab.store.fingerprint import fingerprint
 from headlab.store.ids import checked_ids, describe_ids, examples_are
@@ -63,6 +62,10 @@ from headlab.store.results import RESULTS, read_result, result_names, result_sid
 from headlab.store.selection import at_position, ints, names, parquet_filter, positions, span
 from headlab.store.shard import SCHEMA_VERSION, ShardWriter, write_json_atomic
 from headlab.store.write import write_arrays, write_tables
+from headlab.version import __version__
+
+if TYPE_CHECKING:  # the store keeps what a capture recorded; it never runs the probe
+    from headlab.probe.record import Record
 
 __all__ = ["SCHEMA_VERSION", "Store", "VerifyReport"]
 STORED = {  # file of a shard -> what it means that the shard's examples have, for `info`
@@ -88,7 +91,7 @@ class Store:
             "started": time.time(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "headlab": headlab.__version__,
+            "headlab": __version__,
         }
 
     # ----- opening ------------------------------------------------------------------------------------

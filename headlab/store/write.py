@@ -10,13 +10,16 @@ pattern, and selected attention rows (dense, or top-k with their key indices).
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from headlab.probe.record import Record
 from headlab.store.shard import ShardWriter
+
+if TYPE_CHECKING:  # the store keeps what a capture recorded; it never runs the probe
+    from headlab.probe.record import Record
 
 
 def write_tables(writer: ShardWriter, rec: Record, ids: dict, meta_of: dict, condition: str) -> None:

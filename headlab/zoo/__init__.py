@@ -14,12 +14,14 @@ __getattr__, __dir__ = lazy_facade(
     __name__,
     {
         **dict.fromkeys(("RANDOM_BUILDERS", "build_random"), "headlab.zoo.random_models"),
-        **dict.fromkeys(("ZOO", "card", "train", "zoo_path"), "headlab.zoo.registry"),
+        **dict.fromkeys(("ZOO", "card", "zoo_path"), "headlab.zoo.registry"),
+        "train": "headlab.zoo.recipes",
     },
 )
 
 if TYPE_CHECKING:
     from headlab.zoo.random_models import RANDOM_BUILDERS, build_random
-    from headlab.zoo.registry import ZOO, card, train, zoo_path
+    from headlab.zoo.recipes import train
+    from headlab.zoo.registry import ZOO, card, zoo_path
 
 __all__ = ["RANDOM_BUILDERS", "ZOO", "build_random", "card", "train", "zoo_path"]

@@ -3,11 +3,12 @@ projector, Llama language model) trained on headlab's synthetic scenes.
 
 Scenes (headlab.datasets.scenes) hold a primary object, its partner with probability 0.9 and sometimes an
 unrelated object, rendered at 32 x 32 (a 4 x 4 grid of 8-pixel patches, so 16 image tokens). Training
-samples use the LLaVA-1.5 conversation format, `USER: <image>\\n{question} ASSISTANT: {answer}</s>`, with the
-loss on the answer only (instruction tuning): POPE-style yes/no questions about every present object and as
-many absent ones drawn uniformly, and "Describe the image." with the scene's caption. Because a partner is
-present in 90% of the scenes, "banana, so apple" is right most of the time in training; POPE's adversarial
-split asks exactly for absent partners, where the model's prior shows as hallucinated "Yes" answers.
+samples use the LLaVA-1.5 conversation format of the llava adapter (headlab.models.llava),
+`USER: <image>\\n{question} ASSISTANT: {answer}</s>`, with the loss on the answer only (instruction tuning):
+POPE-style yes/no questions about every present object and as many absent ones drawn uniformly, and
+"Describe the image." with the scene's caption. Because a partner is present in 90% of the scenes, "banana,
+so apple" is right most of the time in training; POPE's adversarial split asks exactly for absent partners,
+where the model's prior shows as hallucinated "Yes" answers.
 
 `evaluate_llava` scores POPE random / popular / adversarial questions (headlab.datasets.scenes' sampler,
 official metrics from headlab.datasets.pope) on held-out scenes, answering with the first greedy token.
@@ -24,6 +25,7 @@ import transformers as tf
 
 from headlab.datasets import scenes
 from headlab.datasets.pope import PopeQuestion, score_pope
+from headlab.models.llava import CAPTION_PROMPT, conversation
 from headlab.zoo.random_models import IMAGE_SIZE, PATCH_SIZE, llava_processor
 from headlab.zoo.training import (
     Progress,
@@ -40,12 +42,6 @@ N_SCENES = 4000
 SCHEDULE = Schedule(steps=3000, lr=2e-3, warmup=200)
 BATCH = 64
 N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
-CAPTION_PROMPT = "Describe the image."
-
-
-def conversation(question: str) -> str:
-    """The LLaVA-1.5 prompt around one question (the processor expands <image> to the image tokens)."""
-    return f"USER: {IMAGE}\n{question} ASSISTANT:"
 
 
 def samples(scene_list: list[scenes.Scene], seed: int) -> list[tuple[int, str, str]]:

@@ -4,7 +4,8 @@ No hub is reachable where headlab is built and tested, so tests, benchmarks and 
 their models here: the real architecture classes (GPT-2, Llama with grouped-query attention, Qwen2, LLaVA =
 CLIP vision tower + Llama, Mistral, Gemma 2 (soft-capped attention), ViT, DeiT, DINOv2, CLIP vision) at hidden sizes of 32-64 and 2-4 layers, with a byte-level
 BPE tokenizer trained on a small built-in corpus. `build_random(name, path)` writes a directory that
-`headlab.load(path)` (and `from_pretrained(path)`) reads back through the real loading path.
+`headlab.load(path)` (and `from_pretrained(path)`) reads back through the real loading path. Each family's
+adapter names its builders here (`random_builders`, headlab.models), and the tests build every one.
 
 The weights are random (seeded): these models show no circuits or sinks. Trained tiny models with real
 phenomena belong to the zoo proper.

@@ -1,15 +1,15 @@
-"""The zoo's trained models: recipes, shipped weights and `zoo:NAME` resolution.
+"""The zoo's trained models: the catalogue of recipes, shipped weights and `zoo:NAME` resolution.
 
 Each entry is trained by its recipe (`headlab zoo train NAME`, deterministic seeds, minutes on a CPU) and
 its weights ship with headlab under `headlab/zoo/weights/NAME` (safetensors, with the tokenizer or
 processor), next to `zoo.json`: the recipe, seed, steps, training time and final loss, and the evaluation
-the recipe ran on held-out data. `headlab.load("zoo:NAME")` loads the shipped copy.
+the recipe ran on held-out data. `headlab.load("zoo:NAME")` loads the shipped copy (the loader reads
+`zoo_path` here; this module imports nothing of the loader: training and evaluating is `zoo/recipes.py`).
 """
 
 from __future__ import annotations
 
 import json
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,41 +118,3 @@ def card(name: str) -> dict:
     """The shipped `zoo.json` of `name` (recipe, training summary, evaluation), or {} if not built."""
     path = WEIGHTS / entry(name).name / "zoo.json"
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def train(
-    name: str,
-    out: str | Path | None = None,
-    *,
-    seed: int | None = None,
-    steps: int | None = None,
-    progress: Callable[[int, int, float], None] | None = None,
-) -> Path:
-    """Train zoo model `name` from its recipe into `out` (default: the shipped location), evaluate it and
-    write its `zoo.json`. seed: default the shipped weights' seed. Returns the directory."""
-    import torch
-    import transformers as tf
-
-    from headlab.loading import load
-
-    model = entry(name)
-    seed = model.seed if seed is None else seed
-    out = Path(out) if out is not None else WEIGHTS / name
-    summary = model.train(out, seed=seed, steps=steps, progress=progress)
-    metrics = model.evaluate(load(out))
-    info = {
-        "name": name,
-        "family": model.family,
-        "description": model.description,
-        "seed": seed,
-        "training": summary,
-        "evaluation": metrics,
-        "built_with": {
-            "torch": torch.__version__,
-            "transformers": tf.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-        },
-    }
-    (out / "zoo.json").write_text(json.dumps(info, indent=1) + "\n")
-    return out

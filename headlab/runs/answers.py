@@ -1,4 +1,4 @@
-"""The answer log of the LVLM reports, `answers.jsonl`: every raw answer, appended as it comes, crash-safe, and
+"""The answer log of the LVLM report runs, `answers.jsonl`: every raw answer, appended as it comes, crash-safe, and
 tied to one model by its fingerprint (not by the text of --model).
 
 Format (version 2, JSON Lines, UTF-8):
@@ -20,7 +20,7 @@ Rules:
 - Repair on open: a last line without its newline (a run killed mid-write) is cut if it is not a complete
   record (its question is asked again), or completed with its newline if it is; a note says which.
 - Reading goes through `datasets.records.iter_records`. A line that is not UTF-8, not JSON or not an object,
-  whose question_id breaks the id rule (`records.example_id`: 1.9, true, null are refused, never rounded),
+  whose question_id breaks the id rule (`headlab.ids.example_id`: 1.9, true, null are refused, never rounded),
   or without string condition, split and answer, is one listed problem, and its question is asked again. A
   repeated (condition, split, question_id): the first line wins, the later one is listed.
 - Version 1 logs (no header, the --model text on every line, headlab before fingerprints) are read when
@@ -40,9 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headlab.datasets.pope import parse_answer
-from headlab.datasets.records import Entry, example_id, iter_records
+from headlab.datasets.records import Entry, iter_records
 from headlab.errors import InputError, ModelLoadError, StoreError
-from headlab.reports.output import write_text_atomic
+from headlab.ids import example_id
+from headlab.runs.atomic import write_text_atomic
 
 ANSWERS = "answers.jsonl"
 HEADER_KEY = "headlab_answers"
@@ -107,12 +108,12 @@ def recorded_model(path: Path) -> str | None:
 
 def load_report_model(out: Path, model: str | None, default: str):
     """(lm, identity): --model, else the model of `out`'s answer log, else `default` (module docstring)."""
-    import headlab as hl
+    from headlab.loading import load
 
     recorded = recorded_model(out / ANSWERS) if model is None else None
     given = model or recorded or default
     try:
-        lm = hl.load(given)
+        lm = load(given)
     except ModelLoadError as err:
         if recorded is None:
             raise

@@ -1,9 +1,6 @@
-"""MME (hallucination subset) report: greedy yes/no answers of an LVLM per subtask and intervention condition,
-scored with `datasets.mme`, with the paired difference each intervention makes and the answers it flipped.
-
-Built on the POPE report's pieces (`reports.pope`): conditions none/vhr/var, answers appended to
-`answers.jsonl` with resume (`reports.answers`), `answer_all` (a failing question is listed, never stops
-the others), the paired bootstrap, the outcome and its exit code, and the escaping `Page` HTML writer.
+"""`headlab report mme`: MME (hallucination subset), greedy yes/no answers of an LVLM per subtask and
+intervention condition, scored with `datasets.mme`, with the paired difference each intervention makes and
+the answers it flipped. Answering, resume and bad items follow `reports.benchmark` and `runs.answering`.
 
 Input: one question file per subtask, named `<subtask>.txt`, in the MME eval-tool layout: lines
 `image_name <TAB> question <TAB> gt_answer` (a fourth prediction field, if present, is ignored), the two
@@ -35,34 +32,30 @@ from headlab.datasets.mme import (
 )
 from headlab.datasets.pope import PopeQuestion
 from headlab.errors import InputError
-from headlab.reports.answers import ANSWERS, AnswerLog
-from headlab.reports.output import (
-    check_folder,
-    check_out,
-    fmt,
-    minus,
-    synthetic_data,
-    write_report_files,
-    write_text_atomic,
-)
-from headlab.reports.pope import (
-    BOOTSTRAP,
-    AnswerRun,
-    Progress,
-    ReportResult,
-    Split,
-    answer_all,
-    check_options,
+from headlab.reports.benchmark import (
+    IMAGES,
+    INTERVENTIONS,
+    MAX_NEW_TOKENS,
+    MODEL,
+    VAR_TAU,
+    Answered,
+    answer,
+    begin,
     flipped,
+    flipped_section,
     fmt_ci,
-    load_lvlm,
-    outcome,
     paired_bootstrap,
-    problems_html,
-    problems_markdown,
-    report_head,
+    problems_section,
+    split_lines,
     split_problems,
+    start_document,
 )
+from headlab.reports.document import Document
+from headlab.reports.output import fmt, minus, synthetic_data, write_report_files
+from headlab.reports.registry import Report, ReportOption, ReportResult, out_option
+from headlab.runs.answering import CONDITIONS, Split
+from headlab.runs.atomic import write_text_atomic
+from headlab.runs.outcome import Progress
 
 MME_SUFFIX = " Please answer yes or no."
 MME_KEYS = ("questions", "images", "acc", "acc_plus", "score", "other")
@@ -144,10 +137,11 @@ def _as_correct(label: str, prediction: str) -> str:
     return label if parse_answer(prediction) == label else ("no" if label == "yes" else "yes")
 
 
-def _mme_entry(split: Split, conditions, log: AnswerLog, run: AnswerRun, out: Path) -> dict:
+def _mme_entry(split: Split, ans: Answered, out: Path) -> dict:
+    conditions, log = ans.conditions, ans.log
     entry: dict = {"file": str(split.path), "n_questions": len(split.questions), "metrics": {}}
     entry |= {"results": {}, "vs_none": {}, "malformed_lines": split.problems}
-    entry |= {"missing_images": split.missing_images, "failed": run.failures(split.name)}
+    entry |= {"missing_images": split.missing_images, "failed": ans.run.failures(split.name)}
     for c in conditions:
         path = write_mme_results(
             mme_results(split, log.get(c, split.name)), out / "results" / c / f"{split.name}.txt"
@@ -178,73 +172,37 @@ def _mme_entry(split: Split, conditions, log: AnswerLog, run: AnswerRun, out: Pa
     return entry
 
 
-def build_mme_report(
-    identity, splits, conditions, log: AnswerLog, run: AnswerRun, n_layers: int, out: Path, **extra
-):
-    report = report_head(identity, conditions, n_layers, extra.get("var_tau", 20.0), log)
-    report |= {"benchmark": "mme", "subtasks": {}, "total": {}, **extra}
+def build_mme_report(ans: Answered, splits: Sequence[Split], out: Path, **extra) -> dict:
+    report = ans.head() | {"benchmark": "mme", "subtasks": {}, "total": {}, **extra}
     for split in splits:
-        report["subtasks"][split.name] = _mme_entry(split, conditions, log, run, out)
-    for c in conditions:
+        report["subtasks"][split.name] = _mme_entry(split, ans, out)
+    for c in ans.conditions:
         report["total"][c] = mme_total(s["metrics"][c]["score"] for s in report["subtasks"].values())
-    bad = sum(len(s.problems) + len(s.missing_images) for s in splits)
-    report["outcome"] = outcome(splits, conditions, log, run, bad).as_dict()
+    report["outcome"] = ans.outcome(splits, sum(len(s.problems) + len(s.missing_images) for s in splits))
     return report
 
 
-def render_mme_markdown(report: Mapping) -> str:
-    lines = [f"# MME report: {report['model']}", ""]
-    lines += [f"- **{c}**: {note}" for c, note in report["conditions"].items()]
-    lines += ["", "| subtask | condition | questions | images | acc | acc+ | score | other |"]
-    lines.append("|---|---|---|---|---|---|---|---|")
-    for name, s in report["subtasks"].items():
-        for c, m in s["metrics"].items():
-            lines.append(
-                f"| {name} | {c} | {m['questions']} | {m['images']} | {fmt(m['acc'], '.2f')} | "
-                f"{fmt(m['acc_plus'], '.2f')} | {fmt(m['score'], '.2f')} | {m['other']} |"
-            )
-    lines += ["", "Total score: " + ", ".join(f"{c} {fmt(t, '.2f')}" for c, t in report["total"].items()), ""]
-    lines += [
-        "Difference vs none (Δ accuracy as a fraction, bootstrap 95% CI, paired, 1000 resamples, seed 0):"
-    ]
-    lines += [
-        "",
-        "| subtask | condition | Δ accuracy | Δ acc+ | Δ score | flipped |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, s in report["subtasks"].items():
-        for c, d in s["vs_none"].items():
-            lines.append(
-                f"| {name} | {c} | {fmt_ci(d['accuracy'])} | {fmt(d['acc_plus'], '+.2f')} | "
-                f"{fmt(d['score'], '+.2f')} | {len(d['flipped'])} |"
-            )
-    return "\n".join(lines + problems_markdown(report, split_problems(report["subtasks"]))) + "\n"
-
-
-def render_mme_html(report: Mapping) -> str:
+def document(report: Mapping) -> Document:
     import plotly.graph_objects as go
 
-    from headlab.reports.html import Page
-
-    page = Page(f"MME report: {report['model']}")
-    page.bullets([f"{c}: {note}" for c, note in report["conditions"].items()])
-    if report.get("interrupted"):
-        page.paragraph("Interrupted: the numbers cover the questions answered so far; rerun to finish.")
-    page.heading("Scores (acc and acc+ in percent; score = acc + acc+, at most 200 per subtask)")
+    doc = start_document("MME report", report)
+    doc.heading("Scores (acc and acc+ in percent; score = acc + acc+, at most 200 per subtask)")
     rows = [
         [name, c, *(m[k] for k in MME_KEYS)]
         for name, s in report["subtasks"].items()
         for c, m in s["metrics"].items()
     ]
-    page.table(["subtask", "condition", *MME_KEYS], rows)
-    page.paragraph("Total: " + ", ".join(f"{c} {fmt(t, '.2f')}" for c, t in report["total"].items()))
-    page.heading("Difference vs none (Δ accuracy: bootstrap 95% CI, paired, 1000 resamples)")
+    doc.table(["subtask", "condition", *MME_KEYS], rows)
+    doc.paragraph("Total score: " + ", ".join(f"{c} {fmt(t, '.2f')}" for c, t in report["total"].items()))
+    doc.heading(
+        "Difference vs none (Δ accuracy as a fraction: bootstrap 95% CI, paired, 1000 resamples, seed 0)"
+    )
     rows = [
         [name, c, fmt_ci(d["accuracy"]), d["acc_plus"], d["score"], len(d["flipped"])]
         for name, s in report["subtasks"].items()
         for c, d in s["vs_none"].items()
     ]
-    page.table(["subtask", "condition", "Δ accuracy", "Δ acc+", "Δ score", "flipped"], rows)
+    doc.table(["subtask", "condition", "Δ accuracy", "Δ acc+", "Δ score", "flipped"], rows)
     bars = [
         go.Bar(
             name=c,
@@ -255,22 +213,15 @@ def render_mme_html(report: Mapping) -> str:
     ]
     fig = go.Figure(bars)
     fig.update_layout(barmode="group", title="MME score per subtask", yaxis_range=[0, 200], height=340)
-    page.figure(fig)
-    page.heading("Example answers (first questions of each subtask)")
+    doc.figure(fig)
+    doc.heading("Example answers (first questions of each subtask)")
     for name, s in report["subtasks"].items():
         keys = ("question_id", "image", "question", "label", *report["conditions"])
-        page.heading(name, level=3)
-        page.table(keys, [[e[k] for k in keys] for e in s["examples"]])
-    keys = ("question_id", "image", "question", "label", "before", "after", "now_correct")
-    page.heading("Flipped answers")
-    for name, s in report["subtasks"].items():
-        for c, d in s["vs_none"].items():
-            page.heading(f"{name}: none -> {c} ({len(d['flipped'])})", level=3)
-            page.table(
-                keys, [[str(f[k]) if k == "now_correct" else f[k] for k in keys] for f in d["flipped"]]
-            )
-    problems_html(page, report, split_problems(report["subtasks"]))
-    return page.render()
+        doc.heading(name, level=3)
+        doc.table(keys, [[e[k] for k in keys] for e in s["examples"]])
+    flipped_section(doc, report["subtasks"])
+    problems_section(doc, report, split_problems(report["subtasks"]))
+    return doc
 
 
 def mme_report(
@@ -279,41 +230,51 @@ def mme_report(
     model: str | None = None,
     data: Sequence[Path] = (),
     images: Path | None = None,
-    conditions: Sequence[str] = ("none", "vhr", "var"),
+    conditions: Sequence[str] = CONDITIONS,
     n: int | None = None,
     max_new_tokens: int = 4,
     var_tau: float = 20.0,
     progress: Progress | None = None,
 ) -> ReportResult:
     """Answer, score and write the MME report (see the module docstring); `model` as in `pope_report`."""
-    out = check_out(out)
-    check_folder(images, "--images")
-    conditions = check_options(n, max_new_tokens, conditions, var_tau)
-    out.mkdir(parents=True, exist_ok=True)
+    out, conditions = begin(
+        REPORT, out, conditions, images=images, n=n, max_new_tokens=max_new_tokens, var_tau=var_tau
+    )
     if not data:
         data = [synthetic_data(out / "data", write_mme_benchmark) / "existence.txt"]
     paths = [Path(p) for p in data]
     if len({p.stem for p in paths}) != len(paths):
         raise InputError("two MME files share a subtask name; give each subtask its own <subtask>.txt")
     splits = [load_mme_questions(p, images, n) for p in paths]
-    lm, identity = load_lvlm(out, model, "MME")
-    log = AnswerLog(out / ANSWERS, identity)
-    run = answer_all(
-        lm, splits, conditions, log, max_new_tokens=max_new_tokens, var_tau=var_tau, progress=progress
+    ans = answer(
+        out, model, "MME", conditions, [(splits, max_new_tokens)], var_tau=var_tau, progress=progress
     )
-    report = build_mme_report(
-        identity,
-        splits,
-        conditions,
-        log,
-        run,
-        lm.tower("lm").n_layers,
-        out,
-        var_tau=var_tau,
-        max_new_tokens=max_new_tokens,
-        n_images_per_subtask=n,
-        interrupted=run.interrupted,
-        bootstrap=BOOTSTRAP,
-    )
-    html = write_report_files(out, report, render_mme_markdown(report), render_mme_html(report))
-    return ReportResult(html, report, run)
+    report = build_mme_report(ans, splits, out, max_new_tokens=max_new_tokens, n_images_per_subtask=n)
+    return ReportResult(write_report_files(out, report, document(report)), report, ans.run)
+
+
+def summary(result: ReportResult, out: Path) -> list[str]:
+    return split_lines(result, out, "subtasks", "score", ".1f")
+
+
+REPORT = Report(
+    name="mme",
+    help="MME hallucination subset: acc / acc+ / score per subtask and intervention, resumable.",
+    options=(
+        out_option("answers.jsonl, results/, report.json/.md/.html"),
+        MODEL,
+        ReportOption(
+            name="data",
+            type=Path,
+            many=True,
+            help="MME question file <subtask>.txt (repeat per subtask; default: synthetic in OUT/data)",
+        ),
+        IMAGES,
+        INTERVENTIONS,
+        ReportOption(name="n", type=int, ge=1, help="first N images per subtask (default: all)"),
+        MAX_NEW_TOKENS,
+        VAR_TAU,
+    ),
+    run=mme_report,
+    summary=summary,
+)

@@ -1,5 +1,6 @@
-"""Position-bias measurements with and without PINE on headlab's synthetic tasks: the pairwise-judge flip
-rate (`judge_bias`) and multi-document QA accuracy by gold slot (`multi_doc_accuracy`)."""
+"""PINE's evaluation: position bias with and without PINE on headlab's synthetic tasks, the
+pairwise-judge flip rate (`judge_bias`) and multi-document QA accuracy by gold slot (`multi_doc_accuracy`).
+These run the model; PINE itself, the intervention, is `interventions.pine`."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import torch
 
 from headlab.datasets import synthetic
 from headlab.errors import InputError, SelectionError
-from headlab.interventions.core import intervene
-from headlab.interventions.pine import PINE, pine_inputs
+from headlab.interventions import PINE, intervene, pine_inputs
 from headlab.loading import LoadedModel
 
 

@@ -26,6 +26,7 @@ from headlab.errors import HeadlabError, InputError, StoreError
 from headlab.inputs import open_image, prepare
 from headlab.loading import Family, LoadedModel
 from headlab.probe import Select, Stats, capture
+from headlab.runs.outcome import reason
 from headlab.store.ids import KIND_WORDS, kind_of
 from headlab.store.store import Store
 
@@ -178,8 +179,7 @@ class _Run:
         self._resolved(len(items))
 
     def _fail(self, item: PromptItem, err: Exception) -> None:
-        reason = str(err) if isinstance(err, HeadlabError) else f"{type(err).__name__}: {err}"
-        self.report.failed.append(f"{item.describe()}: {reason}")
+        self.report.failed.append(f"{item.describe()}: {reason(err)}")
         self._resolved(1)
 
     def _resolved(self, n: int, *, skipped: bool = False) -> None:

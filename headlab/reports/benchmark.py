@@ -1,0 +1,315 @@
+"""What the LVLM benchmark reports (POPE, MME, AMBER, CHAIR) share: their options, how a pipeline starts
+(`begin`) and answers (`answer` -> `Answered`, whose `head()` opens report.json), the paired bootstrap of a
+condition against "none", the sections of their documents, and their console summaries.
+
+Every one of them answers questions under the conditions of `runs.answering` (none / vhr / var) with the
+answer log of `runs.answers`, and follows the same rules: bad records and missing images are listed and left
+out, a failed answer is listed per split and condition, a metric over zero answers is None (n/a), and the
+run's `Outcome` gives the exit code. Differences vs "none" come with a percentile bootstrap 95% confidence
+interval over the questions answered under both conditions (paired resampling, `BOOTSTRAP`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from headlab.datasets.pope import PopeQuestion, parse_answer
+from headlab.errors import InputError
+from headlab.reports import registry
+from headlab.reports.document import Document
+from headlab.reports.output import fmt
+from headlab.reports.registry import Report, ReportOption, ReportResult
+from headlab.runs.answering import CONDITIONS, AnswerRun, Split, answer_all, condition_interventions, outcome
+from headlab.runs.answers import ANSWERS, AnswerLog, ModelIdentity, load_report_model
+from headlab.runs.outcome import Progress
+
+if TYPE_CHECKING:
+    import numpy as np
+
+DEFAULT_MODEL = "zoo:llava"
+BOOTSTRAP = {"resamples": 1000, "seed": 0, "level": 0.95, "paired": True}
+
+
+def parse_conditions(text: str) -> list[str]:
+    """'none,vhr,var' -> ['none', 'vhr', 'var'], checked; 'none' is always included (the baseline)."""
+    names = [c.strip().lower() for c in text.split(",") if c.strip()]
+    bad = [c for c in names if c not in CONDITIONS]
+    if bad or not names:
+        raise InputError(
+            f"--interventions takes a comma-separated subset of {','.join(CONDITIONS)}, got {text!r}"
+        )
+    return ["none"] + [c for c in dict.fromkeys(names) if c != "none"]
+
+
+def begin(report: Report, out: Path, conditions: Sequence[str], **values) -> tuple[Path, list[str]]:
+    """The start of an LVLM report's pipeline: its options checked (`Report.check`), its conditions checked,
+    then its folder made; (out, conditions)."""
+    report.check(out=out, **values)
+    conditions = checked_conditions(conditions)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, conditions
+
+
+def checked_conditions(conditions: Sequence[str]) -> list[str]:
+    """The conditions of a Python call, checked: known ones, `none` (the baseline) first."""
+    conditions = list(conditions)
+    if not conditions or conditions[0] != "none":
+        raise InputError("the conditions must start with 'none' (the baseline the others are compared to)")
+    for c in conditions:
+        if c not in CONDITIONS:
+            raise InputError(f"unknown condition {c!r}: choose from {', '.join(CONDITIONS)}")
+    return conditions
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+MODEL = replace(
+    registry.MODEL,
+    help="local model directory, hub id or zoo:NAME "
+    "(default: the model OUT/answers.jsonl was written with, else zoo:llava)",
+)
+IMAGES = ReportOption(
+    name="images", type=Path, folder="in", help="image folder (default: an images/ folder beside each file)"
+)
+INTERVENTIONS = ReportOption(
+    name="interventions",
+    type=str,
+    default="none,vhr,var",
+    help="conditions: a subset of none,vhr,var",
+    dest="conditions",
+    convert=parse_conditions,
+)
+MAX_NEW_TOKENS = ReportOption(
+    name="max_new_tokens",
+    type=int,
+    ge=1,
+    label="the number of tokens to generate",
+    help="greedy tokens generated per answer",
+)
+GEN_TOKENS = replace(MAX_NEW_TOKENS, name="gen_tokens", help="greedy tokens per description")
+VAR_TAU = ReportOption(name="var_tau", type=float, gt=0, help="VAR's sink threshold tau (paper: 20)")
+
+
+# -------------------------------------------------------------------------------------------- answering
+
+
+@dataclass
+class Answered:
+    """An LVLM report's answering (`answer`): the model, the conditions, the answer log and the run."""
+
+    lm: object
+    identity: ModelIdentity
+    conditions: list[str]
+    log: AnswerLog
+    run: AnswerRun
+    var_tau: float
+
+    def head(self) -> dict:
+        """The fields every LVLM report starts with: the model, the conditions, the answer log's problems and
+        notes, VAR's tau, whether the run was interrupted, and the bootstrap's settings."""
+        n_layers = self.lm.tower("lm").n_layers
+        notes = {c: condition_interventions(c, n_layers, var_tau=self.var_tau)[1] for c in self.conditions}
+        return {
+            "model": self.identity.given,
+            "model_path": self.identity.path,
+            "conditions": notes,
+            "problems": {"answers_file": list(self.log.problems)},
+            "notes": list(self.log.notes),
+            "var_tau": self.var_tau,
+            "interrupted": self.run.interrupted,
+            "bootstrap": BOOTSTRAP,
+        }
+
+    def outcome(self, splits: Sequence[Split], bad_input: int) -> dict:
+        """The run's outcome over `splits` (`runs.answering.outcome`), as report.json holds it."""
+        return outcome(splits, self.conditions, self.log, self.run, bad_input).as_dict()
+
+
+def answer(
+    out: Path,
+    model: str | None,
+    what: str,
+    conditions: list[str],
+    groups: Sequence[tuple[Sequence[Split], int]],
+    *,
+    var_tau: float,
+    progress: Progress | None,
+) -> Answered:
+    """Load the report's model (refused unless an LVLM; `model` None: the answer log's, else zoo:llava),
+    open `out/answers.jsonl`, and answer each group of splits with its number of tokens, in order, until one
+    is interrupted (`runs.answering.answer_all`)."""
+    from headlab.loading import Family
+
+    lm, identity = load_report_model(out, model, DEFAULT_MODEL)
+    if lm.family is not Family.LVLM:
+        raise InputError(
+            f"{what} needs a vision-language model; {identity.given} is a {lm.family.value} model"
+        )
+    log = AnswerLog(out / ANSWERS, identity)
+    run = AnswerRun()
+    for splits, tokens in groups:
+        if run.interrupted:
+            break
+        more = answer_all(
+            lm, splits, conditions, log, max_new_tokens=tokens, var_tau=var_tau, progress=progress
+        )
+        run = run.then(more)
+    return Answered(lm=lm, identity=identity, conditions=conditions, log=log, run=run, var_tau=var_tau)
+
+
+# ----------------------------------------------------------------------------------------------- numbers
+
+
+def _metrics(pred_yes: np.ndarray, label_yes: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy and F1 along the last axis ("yes" positive), as score_pope computes them."""
+    import numpy as np
+
+    tp = (pred_yes & label_yes).sum(-1)
+    fp = (pred_yes & ~label_yes).sum(-1)
+    fn = (~pred_yes & label_yes).sum(-1)
+    denom = 2 * tp + fp + fn
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    return {"accuracy": (pred_yes == label_yes).mean(-1), "f1": f1}
+
+
+def paired_bootstrap(
+    labels: Sequence[str],
+    before: Sequence[str],
+    after: Sequence[str],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float | None]]:
+    """Difference after - before of accuracy and F1 on the same questions (parsed "yes"/"no" answers), with a
+    percentile bootstrap 95% CI: questions resampled with replacement, the same draw for both conditions.
+    No question answered under both: every number is None (n/a)."""
+    import numpy as np
+
+    y = np.asarray([v == "yes" for v in labels], dtype=bool)
+    a = np.asarray([v == "yes" for v in before], dtype=bool)
+    b = np.asarray([v == "yes" for v in after], dtype=bool)
+    if not len(y) == len(a) == len(b):
+        raise InputError(f"paired bootstrap needs equal lengths, got {len(y)}, {len(a)}, {len(b)}")
+    if len(y) == 0:
+        return {m: {"delta": None, "ci_low": None, "ci_high": None, "n": 0} for m in ("accuracy", "f1")}
+    idx = np.random.default_rng(seed).integers(0, len(y), size=(resamples, len(y)))  # [resample, question]
+    point_a, point_b = _metrics(a, y), _metrics(b, y)
+    boot_a, boot_b = _metrics(a[idx], y[idx]), _metrics(b[idx], y[idx])
+    out = {}
+    for m in ("accuracy", "f1"):
+        diff = boot_b[m] - boot_a[m]
+        out[m] = {
+            "delta": float(point_b[m] - point_a[m]),
+            "ci_low": float(np.percentile(diff, 2.5)),
+            "ci_high": float(np.percentile(diff, 97.5)),
+            "n": len(y),
+        }
+    return out
+
+
+def flipped(
+    questions: Sequence[PopeQuestion], before: Mapping[int | str, str], after: Mapping[int | str, str]
+) -> list[dict]:
+    """The questions whose parsed answer differs between two conditions."""
+    out = []
+    for q in questions:
+        if q.question_id in before and q.question_id in after:
+            pa, pb = parse_answer(before[q.question_id]), parse_answer(after[q.question_id])
+            if pa != pb:
+                out.append(
+                    {"question_id": q.question_id, "image": q.image, "question": q.text, "label": q.label}
+                    | {
+                        "before": before[q.question_id],
+                        "after": after[q.question_id],
+                        "now_correct": pb == q.label,
+                    }
+                )
+    return out
+
+
+def fmt_ci(d: Mapping) -> str:
+    """A difference with its interval, "+0.100 [-0.050, +0.250]", or n/a."""
+    if d["delta"] is None:
+        return "n/a"
+    return f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+
+
+def split_problems(splits: Mapping) -> list[str]:
+    """The listed problems of the splits (or subtasks) of a report: bad records, missing images, failures."""
+    out = []
+    for name, s in splits.items():
+        out += [f"malformed line: {p}" for p in s["malformed_lines"]]
+        out += [f"missing image: {p}" for p in s["missing_images"]]
+        out += [f"failed ({name} / {c}): {p}" for c, ps in s["failed"].items() for p in ps]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- document
+
+
+def start_document(title: str, report: Mapping, what: str = "questions") -> Document:
+    """A report's document opened with its conditions (and a line when the run was interrupted)."""
+    doc = Document(f"{title}: {report['model']}")
+    doc.bullets([f"{c}: {note}" for c, note in report["conditions"].items()])
+    if report.get("interrupted"):
+        doc.paragraph(f"Interrupted: the numbers cover the {what} answered so far; rerun to finish.")
+    return doc
+
+
+FLIP_KEYS = ("question_id", "image", "question", "label", "before", "after", "now_correct")
+
+
+def flipped_section(doc: Document, splits: Mapping) -> None:
+    """One table per (split, condition) of the answers the condition flipped vs none."""
+    doc.heading("Flipped answers")
+    for name, s in splits.items():
+        for c, d in s["vs_none"].items():
+            doc.heading(f"{name}: none -> {c} ({len(d['flipped'])})", level=3)
+            doc.table(
+                FLIP_KEYS,
+                [[str(f[k]) if k == "now_correct" else f[k] for k in FLIP_KEYS] for f in d["flipped"]],
+            )
+
+
+def problems_section(doc: Document, report: Mapping, problems: list[str]) -> None:
+    """The outcome, the problems (the answer log's first) and the notes."""
+    problems = list(report["problems"]["answers_file"]) + problems
+    o = report["outcome"]
+    doc.heading(f"Problems ({len(problems)})")
+    doc.paragraph(f"Outcome: {o['status']} ({o['answered']} of {o['items']} answers, {o['failed']} failed)")
+    doc.bullets(problems)
+    if report["notes"]:
+        doc.heading(f"Notes ({len(report['notes'])})")
+        doc.bullets(report["notes"])
+
+
+def answered_line(run: AnswerRun, out: Path) -> str:
+    """The console line of an answering run."""
+    failed = f", {len(run.failed)} failed (listed in the report)" if run.failed else ""
+    return (
+        f"{run.done} answered, {run.skipped} already in {out / 'answers.jsonl'}{failed} ({run.seconds:.1f} s)"
+    )
+
+
+def condition_lines(result: ReportResult, out: Path, metrics: Mapping[str, str]) -> list[str]:
+    """A report's console summary: the answering line, then per condition `metrics` (label: key in the
+    report's "metrics"), each as a number or n/a."""
+    lines = [answered_line(result.run, out)]
+    for c, m in result.report["metrics"].items():
+        lines.append(f"  {c}: " + ", ".join(f"{label} {fmt(m[key])}" for label, key in metrics.items()))
+    return lines
+
+
+def split_lines(result: ReportResult, out: Path, splits: str, label: str, spec: str = ".3f") -> list[str]:
+    """A report's console summary: the answering line, then per split (`splits`: the report's key for them)
+    the metric `label` under each condition, and how many records were left out."""
+    lines = [answered_line(result.run, out)]
+    for name, s in result.report[splits].items():
+        values = ", ".join(f"{c} {fmt(m[label], spec)}" for c, m in s["metrics"].items())
+        bad = len(s["malformed_lines"]) + len(s["missing_images"])
+        lines.append(f"  {name}: {label} {values}" + (f" ({bad} skipped: see the report)" if bad else ""))
+    return lines

@@ -1,0 +1,207 @@
+"""Answering runs of the LVLM benchmark reports (POPE, MME, AMBER, CHAIR): greedy answers of a vision-language
+model to every question of a few question files, under each intervention condition, logged as they come.
+
+Conditions: "none" (the plain model), "vhr" (`VHR()`, paper defaults) and "var" (`VAR(tau=...)`; models
+whose default VAR range 2..L-2 is empty, i.e. with at most 3 language layers, get layers (0, 1) and the
+note says so). Prompts use the LLaVA-1.5 format around the question text.
+
+Rules (`answer_all`):
+- answers go to the `runs.answers.AnswerLog` as they come, so a rerun skips what is there and Ctrl-C keeps
+  everything answered so far (`AnswerRun.interrupted`);
+- a question whose answer fails (its image does not decode, is a decompression bomb, the processor or the
+  model raises) is listed in `AnswerRun.failed` (its split, condition, id and the reason) and stays
+  unanswered; every other question is answered, and a rerun tries it again;
+- a `Split` holds only usable questions: a question whose image path is unusable or names no file is listed
+  in `missing_images` by `Split.add` and never asked; malformed records are listed in `problems`;
+- `outcome` is the run's `runs.outcome.Outcome`: usable questions x conditions, how many are answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from headlab.datasets.pope import PopeQuestion
+from headlab.errors import InputError
+from headlab.runs.answers import AnswerLog
+from headlab.runs.outcome import Outcome, Progress, reason
+
+CONDITIONS = ("none", "vhr", "var")
+
+
+@dataclass
+class Split:
+    """One question file: its usable questions (the first `n`), and the records left out with the reason."""
+
+    name: str
+    path: Path
+    images: Path
+    questions: list[PopeQuestion]
+    problems: list[str] = field(default_factory=list)  # malformed records
+    missing_images: list[str] = field(default_factory=list)  # left out: image path unusable or absent
+
+    def image_file(self, q: PopeQuestion) -> Path:
+        """The image file of `q` inside the image folder (`inputs.image_path`: InputError if it leads out)."""
+        from headlab.inputs import image_path
+
+        return image_path(q.image, self.images)
+
+    def add(self, q: PopeQuestion, where: str) -> None:
+        """Keep `q` when its image file exists; else list it in `missing_images` ("where: why")."""
+        try:
+            path = self.image_file(q)
+        except InputError as err:
+            self.missing_images.append(f"{where}: {err}")
+            return
+        if path.is_file():
+            self.questions.append(q)
+        else:
+            self.missing_images.append(f"{where}: image {path} does not exist")
+
+
+def condition_interventions(name: str, n_layers: int, *, var_tau: float = 20.0) -> tuple[tuple, str]:
+    """The interventions of a condition for a language model of `n_layers` layers, and a note on them."""
+    from headlab.interventions import VAR, VHR
+
+    if name == "none":
+        return (), "the plain model"
+    if name == "vhr":
+        return (VHR(),), "VHR(), paper defaults (alpha 2)"
+    if name == "var":
+        if len(range(2, n_layers - 1)) == 0:
+            note = (
+                f"VAR(tau={var_tau}, layers=(0, 1)): the default range 2..L-2 is empty for a "
+                f"{n_layers}-layer language model, so layers 0 and 1 are used"
+            )
+            return (VAR(tau=var_tau, layers=(0, 1)),), note
+        return (VAR(tau=var_tau),), f"VAR(tau={var_tau}), official-code defaults (layers 2..L-2)"
+    raise InputError(f"unknown condition {name!r}: choose from {', '.join(CONDITIONS)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failure:
+    """One answer that could not be given in this run."""
+
+    condition: str
+    split: str
+    question_id: int | str
+    reason: str
+
+
+@dataclass
+class AnswerRun:
+    done: int = 0
+    skipped: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    def then(self, more: AnswerRun) -> AnswerRun:
+        """This run followed by `more` (its interruption is the last word)."""
+        return AnswerRun(
+            self.done + more.done,
+            self.skipped + more.skipped,
+            self.failed + more.failed,
+            more.interrupted,
+            self.seconds + more.seconds,
+        )
+
+    def failures(self, split: str) -> dict[str, list[str]]:
+        """{condition: ["question ID: reason", ...]} of one split."""
+        out: dict[str, list[str]] = {}
+        for f in self.failed:
+            if f.split == split:
+                out.setdefault(f.condition, []).append(f"question {f.question_id!r}: {f.reason}")
+        return out
+
+
+def generate_answer(lm, prompt: str, image: Path, max_new_tokens: int) -> str:
+    """The greedy continuation (at most `max_new_tokens` tokens) of one prompt with its image, as text."""
+    import torch
+
+    from headlab.inputs import prepare
+
+    inputs = prepare(lm, [prompt], [image])
+    with torch.no_grad():
+        out = lm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    tokenizer = getattr(lm.processor, "tokenizer", None) or lm.tokenizer
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def prompt_for(question: PopeQuestion) -> str:
+    """The LLaVA-1.5 conversation around a question."""
+    from headlab.models.llava import conversation
+
+    return conversation(question.text)
+
+
+def answer_all(
+    lm,
+    splits: Sequence[Split],
+    conditions: Sequence[str],
+    log: AnswerLog,
+    *,
+    max_new_tokens: int = 4,
+    var_tau: float = 20.0,
+    progress: Progress | None = None,
+) -> AnswerRun:
+    """Answer every question not yet in `log`, per condition and split; a failing question is listed in
+    `failed` and the others go on; Ctrl-C stops with `interrupted`."""
+    from headlab.interventions import intervene
+
+    run, start = AnswerRun(), time.perf_counter()
+    n_layers = lm.tower("lm").n_layers
+    try:
+        for condition in conditions:
+            interventions, _ = condition_interventions(condition, n_layers, var_tau=var_tau)
+            for split in splits:
+                have = log.get(condition, split.name)
+                todo = [q for q in split.questions if q.question_id not in have]
+                run.skipped += len(split.questions) - len(todo)
+                if not todo:
+                    continue
+                tick = progress(f"{condition} / {split.name}", len(todo)) if progress else None
+                scope = intervene(lm, *interventions) if interventions else contextlib.nullcontext()
+                with scope:
+                    for q in todo:
+                        _answer_one(lm, split, q, condition, log, run, max_new_tokens)
+                        if tick:
+                            tick()
+    except KeyboardInterrupt:
+        run.interrupted = True
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def _answer_one(lm, split: Split, q: PopeQuestion, condition: str, log: AnswerLog, run: AnswerRun, tokens):
+    try:
+        text = generate_answer(lm, prompt_for(q), split.image_file(q), tokens)
+    except Exception as err:  # an item's failure is listed; only Ctrl-C stops the run
+        run.failed.append(
+            Failure(condition=condition, split=split.name, question_id=q.question_id, reason=reason(err))
+        )
+        return
+    log.append(condition, split.name, q.question_id, text)
+    run.done += 1
+
+
+def outcome(
+    splits: Sequence[Split], conditions: Sequence[str], log: AnswerLog, run: AnswerRun, bad_input: int
+) -> Outcome:
+    """The run's `Outcome`: usable questions x conditions, how many are answered, what failed or was bad."""
+    items = answered = 0
+    for split in splits:
+        for c in conditions:
+            have = log.get(c, split.name)
+            items += len(split.questions)
+            answered += sum(q.question_id in have for q in split.questions)
+    return Outcome(
+        items=items,
+        answered=answered,
+        failed=len(run.failed),
+        bad_input=bad_input,
+        interrupted=run.interrupted,
+    )
