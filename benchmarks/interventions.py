@@ -86,8 +86,10 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="n = 256 only, one repeat, nothing written (smoke test)"
     )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096], help="sequence lengths")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the results are written")
     args = parser.parse_args()
-    sizes, repeats = ((256,), 1) if args.quick else ((1024, 4096), 3)
+    sizes, repeats = ((256,), 1) if args.quick else (tuple(args.sizes), 3)
     lm = build()
     rows = []
     for n in sizes:
@@ -124,12 +126,16 @@ def main() -> None:
             print(f"n={n} {name}: {seconds:.3f} s ({seconds / base:.2f}x)", flush=True)
     if args.quick:
         return  # a smoke test: the measured tables stay as they are
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(exist_ok=True)
+    earlier = args.out / "interventions.json"
+    if earlier.is_file():  # a run at some sizes keeps the rows of the others
+        kept = [r for r in json.loads(earlier.read_text())["rows"] if r["n"] not in sizes]
+        rows = sorted(kept + rows, key=lambda r: r["n"])
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    (RESULTS / "interventions.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    earlier.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     lines = ["| n | condition | seconds | vs plain |", "|---|---|---|---|"]
     lines += [f"| {r['n']} | {r['condition']} | {r['seconds']:.3f} | {r['ratio']:.2f}x |" for r in rows]
-    (RESULTS / "interventions.md").write_text("\n".join(lines) + "\n")
+    (args.out / "interventions.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from headlab.analyses.registry import Analysis, Option, StoreValues
+from headlab.analyses.registry import Analysis, Option, tower_option
 from headlab.analyses.sinks import HEAD, Source, example_frame, stat_frame
 from headlab.errors import InputError, SelectionError
 from headlab.loading import LoadedModel
@@ -277,10 +277,6 @@ def _run_vit(store: Store, options: dict) -> pd.DataFrame:
     return vit_attention_distance(store, tower=options["tower"], patch_size=options["patch_size"])
 
 
-def _tower(default: str, text: str) -> Option:
-    return Option(type=str, default=default, among=StoreValues.TOWERS, help=text)
-
-
 ANALYSES: dict[str, Analysis] = {
     "slot-profile": Analysis(
         name="slot-profile",
@@ -293,7 +289,7 @@ ANALYSES: dict[str, Analysis] = {
                 choices=("mass_last", "mass"),
                 help="the last token's attention (mass_last) or the mean over queries (mass)",
             ),
-            "tower": _tower("lm", "the tower whose heads are profiled"),
+            "tower": tower_option("the tower whose heads are profiled", "lm"),
             "per_token": Option(
                 type=bool, default=False, help="divide each segment's mass by its length (needs meta 'spans')"
             ),
@@ -303,14 +299,14 @@ ANALYSES: dict[str, Analysis] = {
         name="distance-profile",
         description="per-head mean attended distance in tokens (and its RMS)",
         run=_run_distance,
-        options={"tower": _tower("lm", "the text tower")},
+        options={"tower": tower_option("the text tower", "lm")},
     ),
     "vit-distance": Analysis(
         name="vit-distance",
         description="per-head ViT mean attention distance over the patch grid (patches, or pixels)",
         run=_run_vit,
         options={
-            "tower": _tower("vision", "the vision tower"),
+            "tower": tower_option("the vision tower", "vision"),
             "patch_size": Option(
                 type=int,
                 default=None,

@@ -19,6 +19,7 @@ import enum
 import importlib
 import math
 import numbers
+import pkgutil
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -188,6 +189,11 @@ def as_text(value: object) -> str:
     return str(value) if value != "" else "''"
 
 
+def tower_option(help: str, default: str | None = None) -> Option:
+    """The `tower` option: one of the towers the store holds (None, the default, when every tower is meant)."""
+    return Option(type=str, default=default, optional=default is None, among=StoreValues.TOWERS, help=help)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Analysis:
     name: str
@@ -227,22 +233,24 @@ class Analysis:
         return typed
 
 
-# modules that contribute `ANALYSES`; each is imported on first use
-MODULES: tuple[str, ...] = ("vhd", "sinks", "position", "importance", "pruning", "circuits", "sae", "atlas")
-
 ANALYSES: dict[str, Analysis] = {}
 
 
 def registered() -> dict[str, Analysis]:
-    """Every analysis by name (the modules are imported on first use; a name declared twice is an error)."""
+    """Every analysis by name, in name order: the `ANALYSES` of each module of this package that declares them (imported on
+    first use; a name declared twice, or under another name, is an error). Adding an analysis is adding such a
+    module (and its tests)."""
     if not ANALYSES:
         found: dict[str, Analysis] = {}
-        for module in MODULES:
-            for name, entry in importlib.import_module(f"headlab.analyses.{module}").ANALYSES.items():
+        for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+            declared = getattr(importlib.import_module(f"{__package__}.{module.name}"), "ANALYSES", None)
+            if declared is None or module.name == "registry":
+                continue
+            for name, entry in declared.items():
                 if name in found or name != entry.name:
                     raise RuntimeError(f"analysis {name!r} is declared twice or under another name")
                 found[name] = entry
-        ANALYSES.update(found)
+        ANALYSES.update(sorted(found.items()))
     return ANALYSES
 
 

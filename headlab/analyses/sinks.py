@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from headlab.analyses.registry import Analysis, Option, StoreValues
+from headlab.analyses.registry import Analysis, Option, tower_option
 from headlab.errors import InputError
 from headlab.probe.record import Record
 from headlab.store import Store
@@ -320,10 +320,6 @@ def _run_massive(store: Store, options: dict) -> pd.DataFrame:
     return massive_activations(store, threshold=options["threshold"], ratio=options["ratio"])
 
 
-def _tower(text: str) -> Option:
-    return Option(type=str, default=None, optional=True, among=StoreValues.TOWERS, help=text)
-
-
 ANALYSES: dict[str, Analysis] = {
     "sinks": Analysis(
         name="sinks",
@@ -337,7 +333,7 @@ ANALYSES: dict[str, Analysis] = {
                 le=1,
                 help="a head is a sink when its mean alpha_0 (a share of attention) exceeds this (Gu et al.: 0.3)",
             ),
-            "tower": _tower("only this tower (default: every tower with alpha statistics)"),
+            "tower": tower_option("only this tower (default: every tower with alpha statistics)"),
         },
     ),
     "hidden-sinks": Analysis(
@@ -355,7 +351,7 @@ ANALYSES: dict[str, Analysis] = {
                 gt=0,
                 help="relative threshold c / (T - k) instead of tau (detector spec: c ~ 5)",
             ),
-            "tower": _tower("only this tower (default: every tower with alpha statistics)"),
+            "tower": tower_option("only this tower (default: every tower with alpha statistics)"),
         },
     ),
     "massive-activations": Analysis(

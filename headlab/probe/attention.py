@@ -39,19 +39,8 @@ def headlab_attention(
 ) -> tuple[torch.Tensor, None]:
     """AttentionInterface signature: q [batch, head, q, d], k/v [batch, kv_head, k, d] -> ([batch, q, head, d], None)."""
     session = getattr(module, "_headlab_session", None)
-    if session is None:
-        return plain_attention(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            scaling=scaling,
-            is_causal=is_causal,
-            dropout=dropout,
-            **kwargs,
-        )
-    return session.attend(
+    attend = plain_attention if session is None else session.attend
+    return attend(
         module,
         query,
         key,

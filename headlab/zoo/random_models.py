@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 import transformers as tf
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from headlab.errors import HeadlabError
+from headlab.zoo.vocab import BOS, EOS, IMAGE, PAD, UNK, wrap_tokenizer
 
 _CORPUS = """
 The quick brown fox jumps over the lazy dog. A red square sits left of a blue circle.
@@ -32,7 +33,6 @@ USER: ASSISTANT: Question: Answer: Document [1] Document [2] Document [3] Which 
 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 a b c d e f g h i j k l m n o p q r s t u v w x y z
 """
 
-BOS, EOS, PAD, UNK, IMAGE = "<s>", "</s>", "<pad>", "<unk>", "<image>"
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
 
@@ -49,18 +49,7 @@ def _train_tokenizer(vocab_size: int, *, add_bos: bool) -> tf.PreTrainedTokenize
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
-        )
-    return tf.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        extra_special_tokens={"image_token": IMAGE},
-    )
+    return wrap_tokenizer(tok, image=True, bos=add_bos)
 
 
 def _ids(tokenizer: tf.PreTrainedTokenizerFast) -> dict[str, int]:

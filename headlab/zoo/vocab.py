@@ -34,9 +34,16 @@ def word_tokenizer(texts: Iterable[str], *, extra: Iterable[str] = (), image: bo
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(_PIECE), behavior="isolated")]
     )
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
-    )
+    return wrap_tokenizer(tok, image=image)
+
+
+def wrap_tokenizer(tok: Tokenizer, *, image: bool, bos: bool = True) -> tf.PreTrainedTokenizerFast:
+    """`tok` as a transformers tokenizer with the zoo's special tokens: <s> in front of each text when `bos`,
+    <image> as its image token when `image`."""
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+        )
     return tf.PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
