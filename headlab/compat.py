@@ -12,6 +12,10 @@ What changed so far:
   from 5.24 it is `cache=` (the old name is still accepted by `forward` through a deprecation shim, so a
   forward pre-hook may see either), and model outputs carry the cache as `.cache` instead of
   `.past_key_values`.
+- how many tokens a static cache holds (`past_length`): 5.0's `StaticLayer.get_seq_length` counts the
+  non-zero slots of the first row and head, 5.24's reads a counter; both give the filled slots. What did
+  not change from 5.0 to 5.24: which keys each cache layer hands the attention function (the last ones
+  of a sliding window in order, a static cache's slots in token order), read in headlab.probe.keys.
 - typer 0.2x vendors its own copy of click (`typer._click`); the usage-error classes the CLI catches live
   there, and in `click` for older typer releases.
 """

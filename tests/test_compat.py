@@ -12,8 +12,10 @@ import torch
 from headlab import compat
 
 
-def test_generate_hands_the_cache_to_forward_under_this_releases_keyword(tiny):
-    """Whatever keyword this transformers release uses, compat finds the cache of every decode step."""
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_generate_hands_the_cache_to_forward_under_this_releases_keyword(tiny, cache):
+    """Whatever keyword this transformers release uses, compat finds the cache of every decode step and how
+    many tokens it holds (a static cache: its filled slots, not its size)."""
     lm = tiny("llama")
     seen: list[tuple[str | None, int]] = []
 
@@ -25,7 +27,9 @@ def test_generate_hands_the_cache_to_forward_under_this_releases_keyword(tiny):
     try:
         inputs = lm.tokenizer(["The quick brown fox"], return_tensors="pt")
         with torch.no_grad():
-            lm.model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+            lm.model.generate(
+                **inputs, max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation=cache
+            )
     finally:
         handle.remove()
     n_prompt = inputs["input_ids"].shape[1]

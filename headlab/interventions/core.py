@@ -13,7 +13,8 @@ headlab attention function consults on every attention call of the layers it tou
 - `transform(call, out)`: edits of the head outputs before o_proj (VHR, head ablation and scaling); a
   patch whose transform is a per-head factor also says so in `head_scale(call)`, and when every patch of a
   call does, the runner folds the factors into the fused kernel's epilogue (one pass, no extra op).
-- `replace(call)`: compute the attention itself (PINE: per-query positions and segment masks).
+- `replace(call)`: compute the attention itself (PINE: per-query positions and segment masks); it needs
+  every key, so a decode step whose sliding-window cache evicted keys is refused for such a patch.
 - `on_pass(runner, kwargs)`: run before each forward pass of the model (VHR's first-step selection).
 
 An intervene block is an `Editor` of the model's attention session (headlab.probe.session): the session
@@ -33,7 +34,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch.nn import functional as F
 
-from headlab.errors import SelectionError
+from headlab.errors import SelectionError, UnsupportedModelError
 from headlab.kernels.fused import fused_attention
 from headlab.kernels.rebuild import rows_from_lse
 from headlab.kernels.reference import expand_kv
@@ -206,7 +207,7 @@ def edited_attention(call: AttentionCall, patches: Sequence[Patch], engine: str)
     head ablation), with pure head scales folded into one fused call when nothing else edits."""
     out = None
     for p in patches:
-        out = p.replace(call)
+        out = _replacement(p, call)
         if out is not None:
             break
     edits = [e for p in patches for e in p.edits(call)]
@@ -224,6 +225,18 @@ def edited_attention(call: AttentionCall, patches: Sequence[Patch], engine: str)
     for p in patches:
         out = p.transform(call, out)
     return out
+
+
+def _replacement(patch: Patch, call: AttentionCall) -> torch.Tensor | None:
+    """`patch.replace(call)`. A patch that replaces the attention (PINE) recomputes it from the positions of
+    every token, so a call whose sliding-window cache evicted the first tokens is refused."""
+    if call.key_start and type(patch).replace is not Patch.replace:
+        raise UnsupportedModelError(
+            "an attention-replacing intervention (PINE) needs every token of the sequence, but the sliding "
+            f"window KV cache of layer {call.layer} has evicted the first {call.key_start} token columns; keep "
+            "prompt plus generated tokens within the window, or use a model without a sliding window"
+        )
+    return patch.replace(call)
 
 
 class Runner(Editor):

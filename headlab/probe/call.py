@@ -3,8 +3,11 @@
 The session builds an `AttentionCall` from the arguments transformers hands the attention function: post-
 RoPE q [b, h, q, d] and k, v [b, kv, k, d] (GQA: kv heads are shared by h // kv query heads), the mask as
 booleans (True = may attend; transformers' mask is the truth: headlab never re-applies causality over it),
-the scale, whether the module is causal, the soft-cap and the sliding window. Each block then sees the
-call with its own batch context (`with_context`): which examples the rows are and their token roles.
+the scale, whether the module is causal, the soft-cap and the sliding window. The keys are the last n_k
+token columns of the pass and the queries the last n_q keys (the session drops a static cache's unfilled
+slots first; a sliding-window cache may have evicted `key_start` columns before the first key: see
+headlab.probe.keys). Each block then sees the call with its own batch context (`with_context`): which
+examples the rows are, their token roles and each key's example position.
 
 Explicit scores and rows come from the one rebuild primitive (`headlab.kernels.rebuild`); the unedited
 output and logsumexp come from one fused call (`plain`, computed at most once per call and context).
@@ -51,12 +54,14 @@ class AttentionCall:
     softcap: float | None = None  # attention logit soft-cap (Gemma 2)
     raw_mask: torch.Tensor | None = None  # the mask exactly as transformers passed it (may be additive)
     window: int | None = None  # sliding window (already in the mask; naming it lets kernels skip blocks)
+    key_start: int = 0  # token columns before the first key (evicted by a sliding-window cache)
 
     @classmethod
     def build(
-        cls, module: nn.Module, q, k, v, mask, *, scaling=None, is_causal=None, **kwargs
+        cls, module: nn.Module, q, k, v, mask, *, scaling=None, is_causal=None, key_start: int = 0, **kwargs
     ) -> AttentionCall:
-        """The call transformers made to the attention function of `module` (tagged with its site)."""
+        """The call transformers made to the attention function of `module` (tagged with its site), with its
+        keys already mapped to token columns (`headlab.probe.keys.call_keys`)."""
         tower, layer = module._headlab_site
         return cls(
             module=module,
@@ -73,6 +78,7 @@ class AttentionCall:
             softcap=kwargs.get("softcap"),
             raw_mask=mask,
             window=kwargs.get("sliding_window", getattr(module, "sliding_window", None)),
+            key_start=key_start,
         )
 
     def with_context(self, ctx: BatchContext) -> AttentionCall:

@@ -205,9 +205,12 @@ class Probe(Observer):
             rows = torch.tensor(idx)
             bias = _bias_rows(mask, rows, n_q, n_k, causal, b)  # [q_sel, k]
             valid = ctx.key_valid[b]
+            at = ctx.key_pos[b, valid].to(q.device)  # example positions of the real keys
             for h in heads:
                 scores = attention_scores(q[b, h, rows], k_full[b, h], scale=scale, softcap=softcap)
-                probs = rows_from_lse(scores, lse[b, h, rows], bias=bias)[:, valid]
+                kept = rows_from_lse(scores, lse[b, h, rows], bias=bias)[:, valid]
+                # a row over every token of the example: keys a cache evicted get 0, as they get no attention
+                probs = kept.new_zeros(len(idx), ctx.lengths[b]).index_copy_(1, at, kept)
                 self.record.patterns.append(
                     AttentionRows(example, ctx.tower, ctx.step, layer, h, tuple(positions), probs)
                 )

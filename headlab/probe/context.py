@@ -4,6 +4,11 @@ A `BatchContext` maps the padded [batch, key] axis of an attention call to examp
 example `examples[b]`; `key_valid[b, j]` says whether padded key j is a real token; `key_pos[b, j]` is its
 example position (0 = first real token, -1 for padding); `key_role[b, j]` indexes `names` (-1 for padding).
 Queries of a call are the LAST n_q keys (prefill: all of them; decode: the new tokens).
+
+A pass's context covers all its token columns. An attention call whose KV cache evicted the oldest columns
+(a sliding window) sees the context of its last n_k columns (`fit_keys`): `evicted[b]` real tokens of
+example b come before its first key, and key positions stay example positions (key j of a decode step at
+position 30 with a window of 8 is position 23 + j, not j).
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ class BatchContext:
     examples: tuple[int, ...]
     roles: tuple[TokenRoles, ...]
     key_valid: torch.Tensor  # [batch, n_k] bool
+    evicted: torch.Tensor | None = None  # [batch] long: real tokens before key 0 (None = 0)
 
     def __post_init__(self) -> None:
-        lengths = self.key_valid.sum(-1).tolist()
+        lengths = (self.key_valid.sum(-1) + self.n_evicted).tolist()
         for b, (n, r) in enumerate(zip(lengths, self.roles, strict=True)):
             if n != len(r):
                 raise InputError(f"example {self.examples[b]} has {n} real tokens but roles for {len(r)}")
@@ -41,20 +47,30 @@ class BatchContext:
     def n_keys(self) -> int:
         return self.key_valid.shape[1]
 
+    @property
+    def n_evicted(self) -> torch.Tensor:
+        """[batch] long: each example's real tokens before the first key (evicted from a KV cache)."""
+        return self.evicted if self.evicted is not None else torch.zeros(self.batch, dtype=torch.long)
+
     def fit_keys(self, n_k: int) -> BatchContext:
-        """This context with the key axis right-padded to n_k (static caches hold unused slots)."""
+        """This context seen by an attention call over its LAST n_k token columns (a sliding-window cache
+        evicted the others; n_k = n_keys: the context itself)."""
         if n_k == self.n_keys:
             return self
-        if n_k < self.n_keys:
-            raise InputError(f"attention saw {n_k} keys but the input has {self.n_keys} tokens")
-        pad = torch.zeros(self.batch, n_k - self.n_keys, dtype=torch.bool)
+        if n_k > self.n_keys:
+            raise InputError(
+                f"attention saw {n_k} keys but the input has {self.n_keys} tokens; headlab maps the keys of "
+                "dynamic, sliding-window, static and hybrid KV caches, not of this one"
+            )
+        dropped = self.key_valid[:, : self.n_keys - n_k].sum(-1)
         return BatchContext(
             tower=self.tower,
             step=self.step,
             pass_id=self.pass_id,
             examples=self.examples,
             roles=self.roles,
-            key_valid=torch.cat([self.key_valid, pad], 1),
+            key_valid=self.key_valid[:, -n_k:],
+            evicted=self.n_evicted + dropped,
         )
 
     @cached_property
@@ -67,16 +83,24 @@ class BatchContext:
 
     @cached_property
     def key_pos(self) -> torch.Tensor:
-        pos = self.key_valid.long().cumsum(-1) - 1
+        """[batch, n_k] example position of each key (-1 for padding)."""
+        pos = self.key_valid.long().cumsum(-1) - 1 + self.n_evicted[:, None]
         return torch.where(self.key_valid, pos, -1)
 
     @cached_property
     def key_role(self) -> torch.Tensor:
+        """[batch, n_k] role of each key, an index into `names` (-1 for padding)."""
         out = torch.full(self.key_valid.shape, -1, dtype=torch.long)
-        for b, r in enumerate(self.roles):
+        for b, (r, first) in enumerate(zip(self.roles, self.n_evicted.tolist(), strict=True)):
             remap = torch.tensor([self.names.index(n) for n in r.names], dtype=torch.long)
-            out[b, self.key_valid[b]] = remap[r.tensor()]
+            out[b, self.key_valid[b]] = remap[r.tensor()[first:]]
         return out
+
+    def key_index(self, positions: torch.Tensor) -> torch.Tensor:
+        """[batch, a] key index of each example position in `positions` [batch, a] (-1 where the position
+        is not among this call's keys: evicted, or -1 itself)."""
+        hit = (self.key_pos[:, None, :] == positions[:, :, None]) & (positions[:, :, None] >= 0)
+        return torch.where(hit.any(-1), hit.long().argmax(-1), -1)
 
     @cached_property
     def role_present(self) -> torch.Tensor:

@@ -109,7 +109,7 @@ class HeadOutputRecorder(Observer):
         example's length)."""
         tapped = self.found[layer]
         z, ctx = tapped.z, tapped.ctx
-        n = int(ctx.key_valid.sum(-1).max())
+        n = max(ctx.lengths)
         table = torch.zeros(z.shape[0], z.shape[1], n, z.shape[-1])
         pos = ctx.key_pos[:, -z.shape[2] :]
         for b in range(z.shape[0]):

@@ -7,7 +7,10 @@ use. Example ids are the block's own (0, 1, ... in the order the block saw them)
 inside an intervene block numbers its examples from 0 as it would alone.
 
 A decode step (a KV cache built inside the block) extends the previous context's roles by the new tokens;
-a cache built outside the block is refused: its tokens have no roles.
+a cache built outside the block is refused: its tokens have no roles. Which token columns are real comes
+from the forward's attention mask (`headlab.probe.keys.token_validity`: 2-D, or the 4-D masks generate()
+builds for static caches). A context covers every token column of its pass, also those a sliding-window
+cache has evicted; each attention call sees it through `BatchContext.fit_keys`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from headlab.compat import past_length
 from headlab.errors import InputError
 from headlab.loading import Family, LoadedModel
 from headlab.probe.context import BatchContext, text_context
+from headlab.probe.keys import token_validity
 from headlab.probe.roles import TokenRoles, grid_roles, text_roles
 
 
@@ -61,14 +65,10 @@ class PassContexts:
             return  # inputs_embeds only: roles fall back to the default text roles at the first layer
         past = past_length(kwargs)
         mask = kwargs.get("attention_mask")
-        valid = (
-            mask.bool()
-            if mask is not None
-            else torch.ones(ids.shape[0], past + ids.shape[1], dtype=torch.bool)
-        )
         if past:
-            self._pending["lm"] = self._decode_step(past, ids.shape[1], valid)
+            self._pending["lm"] = self._decode_step(past, ids.shape[1], mask)
             return
+        valid = token_validity(mask, batch=ids.shape[0], past=0, n_new=ids.shape[1], previous=None)
         examples = self._new_examples(ids.shape[0])
         roles, self._roles_override = self._roles_override, None
         ctx = text_context(
@@ -90,13 +90,14 @@ class PassContexts:
                 ex for ex, c in zip(examples, counts, strict=True) for _ in range(c)
             )
 
-    def _decode_step(self, past: int, n_new: int, valid: torch.Tensor) -> BatchContext:
+    def _decode_step(self, past: int, n_new: int, mask) -> BatchContext:
         prev = self._active.get("lm")
         if prev is None:
             raise InputError(
                 f"this forward pass continues a KV cache of {past} tokens that was built outside the headlab "
                 "block; open capture()/intervene() before the prefill (e.g. run generate() inside the block)"
             )
+        valid = token_validity(mask, batch=prev.batch, past=past, n_new=n_new, previous=prev.key_valid)
         return BatchContext(
             tower="lm",
             step=prev.step + 1,

@@ -21,7 +21,8 @@ _STAT_COLUMNS = ("example", "tower", "step", "layer", "head", "stat", "role", "v
 
 @dataclass(frozen=True)
 class AttentionRows:
-    """Attention rows of one head: probs[i, j] from query queries[i] to key j (example coordinates)."""
+    """Attention rows of one head: probs[i, j] from query queries[i] to key j (example coordinates; j
+    spans every token of the example so far, and keys a sliding-window KV cache evicted have 0)."""
 
     example: int
     tower: str

@@ -23,7 +23,10 @@ class Stats:
 
     which: any of "mass" (attention mass per role), "entropy" (nats), "distance" (mean and RMS attended
         distance: 1-D over text, 2-D over the patch grid), "alpha" (received-attention score of the first
-        `first_k` keys and of flagged tokens, Gu et al.).
+        `first_k` keys and of flagged tokens, Gu et al.; prefill passes only, where every key is present).
+        Every statistic describes the row the model computed: in a decode step whose sliding-window cache
+        evicted keys, those keys get no attention (a role all of whose tokens were evicted has mass 0), as
+        in eager attention, where the window hides them.
     queries: query positions averaged over (None = every real query). The last token is always reported
         separately (stat names ending in "_last").
     roles: role names to report mass for (None = every role present); asking for a role that no example

@@ -16,6 +16,11 @@ A layer no handler wants runs transformers' own SDPA (or, under a soft-cap, head
 Per forward pass, the pre-hook first lets editors run their own passes (`Editor.on_pass`: VHR's selection,
 VAR's sink search) and then every block builds its batch contexts. A pass an editor runs for itself
 (`side_pass`) is served by the editors only; observers neither see nor record it.
+
+KV caches. The session knows how many token columns (cached + new tokens) the current pass of the
+language model has, and maps each language-model call's keys to them before any handler sees it
+(`headlab.probe.keys.call_keys`): a static cache's unfilled slots are dropped (the model's own attention
+never sees them either), and a sliding-window cache's evicted columns are counted (`call.key_start`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from headlab.errors import SelectionError
 from headlab.loading import LoadedModel
 from headlab.probe.attention import plain_attention, switched_to_headlab
 from headlab.probe.call import AttentionCall
+from headlab.probe.keys import call_keys, pass_columns
 
 
 class Observer:
@@ -79,9 +85,11 @@ class Session:
         self.observers: list[Observer] = []
         self.editors: list[Editor] = []
         self.calibrating = False  # True during an editor's own pass (`side_pass`)
+        self.columns: int | None = None  # token columns of the current language-model pass (None: unknown)
 
     def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the whole model: editors' own passes first, then every block's contexts."""
+        self.columns = pass_columns(args, kwargs)
         for editor in list(self.editors):
             editor.on_pass(kwargs)
         for handler in (*self.editors, *self.observers):
@@ -91,17 +99,22 @@ class Session:
         """Run the model on `inputs` for an editor's own purposes (e.g. VHR's selection pass): editors serve
         it (they see `session.calibrating`), observers neither see nor record it."""
         self.calibrating = True
+        columns, self.columns = self.columns, pass_columns((), inputs)
         try:
             for editor in self.editors:
                 editor.on_model_call(self.lm.model, (), inputs)
             with torch.no_grad():
                 return self.lm.model.forward(**inputs)  # forward(): the model-level pre-hook stays out
         finally:
-            self.calibrating = False
+            self.calibrating, self.columns = False, columns
 
     def attend(self, module, q, k, v, mask, *, scaling=None, is_causal=None, dropout=0.0, **kwargs):
         """The attention function of a tagged module: observers, edits, observers (module docstring)."""
-        call = AttentionCall.build(module, q, k, v, mask, scaling=scaling, is_causal=is_causal, **kwargs)
+        columns = self.columns if module._headlab_site[0] == "lm" else None  # only the LM has a KV cache
+        k, v, mask, key_start = call_keys(k, v, mask, columns=columns, n_q=q.shape[2])
+        call = AttentionCall.build(
+            module, q, k, v, mask, scaling=scaling, is_causal=is_causal, key_start=key_start, **kwargs
+        )
         observers = () if self.calibrating else tuple(self.observers)
         unedited = None
         for observer in observers:

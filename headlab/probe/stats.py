@@ -116,12 +116,13 @@ def alpha_from_lse(
     q, k, lse, keep, *, scale: float, causal: bool, ctx: BatchContext, alpha_pos, softcap: float | None = None
 ) -> torch.Tensor:
     """[batch, head, q, a] = A[i, k_a], rebuilt exactly for the few alpha keys as exp(s_ia - lse_i)."""
-    idx = torch.where(alpha_pos >= 0, _padded(ctx, alpha_pos), 0).to(q.device)  # [batch, a] key indices
+    index = ctx.key_index(alpha_pos)  # [batch, a]; -1: not a key of this call
+    idx = index.clamp(min=0).to(q.device)
     n_q, n_k = q.shape[2], k.shape[2]
     k = expand_kv(k, q.shape[1])
     k_a = k.gather(2, idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))  # [batch, head, a, d]
     scores = attention_scores(q, k_a, scale=scale, softcap=softcap)  # [batch, head, q, a]
-    sees = (alpha_pos >= 0).to(q.device)[:, None, None, :]
+    sees = (index >= 0).to(q.device)[:, None, None, :]
     if causal:
         sees = sees & (idx[:, None, None, :] <= torch.arange(n_k - n_q, n_k, device=q.device)[:, None])
     if keep is not None:
@@ -138,10 +139,10 @@ def _grid_coords(ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
         if r.grid is None:
             continue
         rows, cols = r.grid
-        idx = torch.arange(rows * cols)
-        padded = torch.nonzero(ctx.key_valid[b])[:, 0][r.grid_start : r.grid_start + rows * cols]
-        coords[b, padded] = torch.stack([idx // cols, idx % cols], -1).float()
-        is_patch[b, padded] = True
+        idx = ctx.key_pos[b] - r.grid_start  # patch index of each key (keys evicted from a cache are absent)
+        patch = (idx >= 0) & (idx < rows * cols)
+        coords[b, patch] = torch.stack([idx[patch] // cols, idx[patch] % cols], -1).float()
+        is_patch[b, patch] = True
     return coords, is_patch
 
 
@@ -211,24 +212,16 @@ def _visible_counts(
     """[batch, a] number of real queries of the call that can see alpha key a."""
     q_valid = ctx.key_valid[:, -n_q:]
     q_pos = ctx.key_pos[:, -n_q:]
-    sees = q_valid[:, :, None] & (alpha_pos[:, None, :] >= 0)
+    index = ctx.key_index(alpha_pos)  # [batch, a]; -1: not a key of this call
+    sees = q_valid[:, :, None] & (index[:, None, :] >= 0)
     if causal:
         sees = sees & (q_pos[:, :, None] >= alpha_pos[:, None, :])
     if keep is not None:  # a mask may hide more (sliding windows): read the alpha columns of it
-        idx = torch.where(alpha_pos >= 0, _padded(ctx, alpha_pos), 0)  # [batch, a]
+        idx = index.clamp(min=0)
         rows = keep[:, 0].expand(ctx.batch, -1, -1)  # masks may be shared across the batch
         cols = rows.gather(-1, idx[:, None, :].expand(-1, rows.shape[-2], -1))  # [batch, q, a]
         sees = sees & cols[:, -n_q:]
     return sees.sum(1)
-
-
-def _padded(ctx: BatchContext, positions: torch.Tensor) -> torch.Tensor:
-    """Padded key indices of example positions [batch, a] (positions must exist)."""
-    out = torch.zeros_like(positions)
-    for b in range(ctx.batch):
-        valid_idx = torch.nonzero(ctx.key_valid[b])[:, 0]
-        out[b] = valid_idx[positions[b].clamp(min=0)]
-    return out
 
 
 def reduce(
