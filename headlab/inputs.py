@@ -8,15 +8,23 @@ The contract, for every caller (capture, `headlab stats`, the reports, the dashb
   `InputError` naming the file: missing, more than `MAX_IMAGE_PIXELS` pixels (checked from the header before
   anything is decoded, so a decompression bomb costs nothing), or any failure of the decoder (truncated,
   corrupt, not an image).
-- `prepare(lm, prompts, images)` builds one padded batch. An LVLM prompt must hold exactly one image token
-  (e.g. `<image>`) for its one image; an LLM prompt must not be empty (or only white space). Any exception the
-  tokenizer or processor raises becomes an `InputError` naming the model, so a caller that prepares items one
-  by one can skip the bad one and keep the rest.
+- `prepare(lm, prompts, images)` builds one padded batch. An LVLM given one image per prompt: each prompt must
+  hold exactly one image token (e.g. `<image>`) for its image. An LVLM given no images: every prompt is
+  captured text-only, by the rule of `text_only_prompt` (the image placeholder removed, no pixels). A text
+  prompt must not be empty (or only white space). A vision model takes images only (prompts are ignored). Any
+  exception the tokenizer or processor raises becomes an `InputError` naming the model, so a caller that
+  prepares items one by one can skip the bad one and keep the rest.
+- `text_only_prompt(lm, prompt)` is the one text-only rule ("no image" in VHD, the `no_image` condition, an
+  LVLM line without an image): the prompt with every image placeholder of the model removed, nothing else.
+- `example_tokens(lm, inputs)` gives each example's real token ids (padding dropped, image tokens as the
+  processor expanded them) and each id decoded alone, for the store; `thumbnail_png(image)` a small PNG of an
+  image (longest side `THUMBNAIL_PX`).
 Importing this module does not import torch (the dataset readers use `image_path` and `open_image`).
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +41,7 @@ if TYPE_CHECKING:
     from headlab.loading import LoadedModel
 
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default limit (about 9459 x 9459): larger images are refused
+THUMBNAIL_PX = 96  # the longest side of the thumbnails the store keeps
 
 
 def image_path(name: str, folder: str | Path) -> Path:
@@ -84,26 +93,79 @@ def _check_pixels(size: tuple[int, int], what) -> None:
 
 
 def prepare(lm: LoadedModel, prompts: Sequence[str], images: Sequence = ()) -> dict[str, torch.Tensor]:
-    """A padded batch for `lm`: token ids for LLMs, ids + pixels for LVLMs, pixels for ViTs."""
+    """A padded batch for `lm`: token ids for LLMs, ids + pixels for LVLMs (ids alone when given no images:
+    text-only), pixels for ViTs (module docstring)."""
     if lm.family is Family.VIT:
         if not images:
             raise InputError("a vision model needs images: pass --image PATH")
         return _call(lm, lm.processor, [open_image(i) for i in images], return_tensors="pt")
     if lm.processor is None:
         raise InputError(f"{lm.source} has no tokenizer or processor files; tokenize the inputs yourself")
-    if lm.family is Family.LVLM:
+    if lm.family is Family.LVLM and images:
         if len(images) != len(prompts):
             raise InputError(
-                f"got {len(prompts)} prompts and {len(images)} images; an LVLM needs one image per prompt"
+                f"got {len(prompts)} prompts and {len(images)} images; an LVLM takes one image per prompt, "
+                "or none (text only)"
             )
         _check_image_tokens(lm, prompts)
         opened = [open_image(i) for i in images]
         return _call(lm, lm.processor, images=opened, text=list(prompts), return_tensors="pt", padding=True)
+    if lm.family is Family.LVLM:
+        prompts = [text_only_prompt(lm, p) for p in prompts]
     empty = [i for i, prompt in enumerate(prompts) if not prompt.strip()]
     if empty:
         where = f"prompt {empty[0]} of the batch" if len(prompts) > 1 else "the prompt"
         raise InputError(f"{where} is empty; give it some text")
-    return _call(lm, lm.tokenizer, list(prompts), return_tensors="pt", padding=True)
+    return _call(lm, _tokenizer(lm), list(prompts), return_tensors="pt", padding=True)
+
+
+def text_only_prompt(lm: LoadedModel, prompt: str) -> str:
+    """`prompt` without its image: every image placeholder of `lm` removed (module docstring); an LLM's or a
+    vision model's prompt is returned as it is."""
+    if lm.family is not Family.LVLM:
+        return prompt
+    for placeholder in _placeholders(lm):
+        prompt = prompt.replace(placeholder, "")
+    return prompt
+
+
+def _placeholders(lm: LoadedModel) -> list[str]:
+    """The strings that stand for an image in `lm`'s prompts: the processor's image token and the
+    adapter's placeholder (usually both `<image>`)."""
+    found = [getattr(lm.processor, "image_token", None), lm.adapter.image_placeholder]
+    return list(dict.fromkeys(p for p in found if p))
+
+
+def _tokenizer(lm: LoadedModel):
+    """The text tokenizer of `lm` (an LVLM's processor holds it)."""
+    return getattr(lm.processor, "tokenizer", None) or lm.tokenizer
+
+
+def example_tokens(
+    lm: LoadedModel, inputs: dict[str, torch.Tensor]
+) -> list[tuple[tuple[int, ...], tuple[str, ...]] | None]:
+    """Per example of a prepared batch: (its token ids without padding, each id decoded alone); None for a
+    vision model, whose tokens are its CLS prefix and patch grid, not ids."""
+    ids = inputs.get("input_ids")
+    if lm.family is Family.VIT or ids is None:
+        return [None] * (len(ids) if ids is not None else len(inputs["pixel_values"]))
+    mask = inputs.get("attention_mask")
+    tokenizer = _tokenizer(lm)
+    out = []
+    for b in range(ids.shape[0]):
+        row = ids[b][mask[b].bool()] if mask is not None else ids[b]
+        kept = tuple(int(i) for i in row.tolist())
+        out.append((kept, tuple(tokenizer.batch_decode([[i] for i in kept]))))
+    return out
+
+
+def thumbnail_png(image: Image.Image, px: int = THUMBNAIL_PX) -> bytes:
+    """A PNG of `image` whose longest side is at most `px` pixels (aspect ratio kept, never enlarged)."""
+    small = image.convert("RGB")
+    small.thumbnail((px, px))
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
 
 
 def _check_image_tokens(lm: LoadedModel, prompts: Sequence[str]) -> None:

@@ -1,5 +1,6 @@
 """VHD from a store equals the divergence the VHR intervention computes at run time; T-VHD sums the top-k;
-`headlab analyze vhd STORE` saves the result into the store; bad input gets a clear error."""
+`headlab analyze vhd STORE` saves the result into the store; `capture_vhd_conditions` stores what a browser
+needs under both conditions and resumes; bad input gets a clear error."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import headlab as hl
 from headlab.analyses import run_analysis
 from headlab.analyses.vhd import capture_vhd_conditions, token_vhd, vhd_per_example, vhd_per_head
 from headlab.cli import app
+from headlab.conditions import NO_IMAGE, WITH_IMAGE
 from headlab.datasets import scenes
+from headlab.inputs import text_only_prompt
 from headlab.interventions import VHR, intervene
 from headlab.zoo import llava as llava_recipe
 
@@ -69,3 +72,23 @@ def test_analyze_cli_saves_the_result(filled):
     assert bad.exit_code == 2 and "has no option" in bad.output
     with pytest.raises(hl.SelectionError, match="with_condition=vhr is not a condition in"):
         run_analysis("vhd", store, with_condition="vhr")
+
+
+def test_capture_vhd_conditions_stores_what_a_browser_needs_and_resumes(filled):
+    lm, store, prompts, images = filled
+    assert store.conditions() == [NO_IMAGE, WITH_IMAGE]
+    ex = store.examples()
+    assert set(ex[ex.condition == WITH_IMAGE].tower) == {"lm", "vision"}
+    assert set(store.head_stats(condition=NO_IMAGE).tower) == {"lm"}
+    for example, prompt in enumerate(prompts):
+        with_image = store.example_info(example, condition=WITH_IMAGE)
+        without = store.example_info(example, condition=NO_IMAGE)
+        assert with_image.prompt == prompt and without.prompt == text_only_prompt(lm, prompt)
+        assert with_image.tokens.count("<image>") == lm.tokens_per_image and "<image>" not in without.tokens
+        assert store.image(example) is not None and store.image(example, condition=NO_IMAGE) is None
+        assert store.pattern(example, 1, 0, condition=NO_IMAGE).shape[0] == len(without.tokens)
+    shards = len(store.shard_ids())
+    capture_vhd_conditions(lm, store, prompts, images)  # a rerun: every pair is committed
+    assert len(store.shard_ids()) == shards
+    with pytest.raises(hl.InputError, match="VHD compares a vision-language model"):
+        capture_vhd_conditions(hl.load("zoo:vit"), store, prompts, images)

@@ -55,6 +55,7 @@ class Case:
     sabotage: str | None = None  # a prompt on which the model's forward pass raises ValueError
     exit: int = 1
     stored: set | None = None
+    condition: str | None = None  # whose committed ids `stored` is (None: the store's only condition)
     says: tuple[str, ...] = ()
 
 
@@ -225,6 +226,105 @@ CAPTURE_CASES = [
         exit=0,
         stored={0},
     ),
+    # conditions: each (line, condition) pair on its own; an LVLM line without an image is text-only
+    Case(
+        id="lvlm-line-without-an-image-is-text-only",
+        model="llava",
+        lines=[_pic(0), {"id": 1, "prompt": LLAVA_PROMPT}, {"id": 2, "prompt": "no placeholder at all"}],
+        images={"ok.png": "ok"},
+        exit=0,
+        stored={0, 1, 2},
+    ),
+    Case(
+        id="a-bad-image-costs-only-its-with-image-pair",
+        model="llava",
+        lines=[_pic(0), _pic(1, "bad.png"), _pic(2)],
+        images={"ok.png": "ok", "bad.png": "corrupt"},
+        args=("--condition", "with_image", "--condition", "no_image"),
+        stored={0, 2},
+        condition="with_image",
+        says=("5 captured", "1 bad", "data.jsonl:2: id 1 [with_image]: could not read image", "pairs over"),
+    ),
+    Case(
+        id="an-intervention-on-a-line-without-an-image",
+        model="llava",
+        lines=[_pic(0), {"id": 1, "prompt": LLAVA_PROMPT}],
+        images={"ok.png": "ok"},
+        args=("--condition", "with_image+vhr"),
+        stored={0},
+        says=("data.jsonl:2: id 1: VHR acts on the image and this line has none",),
+    ),
+    Case(
+        id="vit-line-without-an-image",
+        model="vit",
+        lines=[{"id": 0, "image": "ok.png"}, {"id": 1, "prompt": "a prompt is not an image"}],
+        images={"ok.png": "ok"},
+        stored={0},
+        says=("data.jsonl:2: no image, and this model needs one",),
+    ),
+    Case(
+        id="vit-has-no-text-only-condition",
+        model="vit",
+        lines=[{"id": 0, "image": "ok.png"}],
+        images={"ok.png": "ok"},
+        args=("--condition", "no_image"),
+        exit=2,
+        says=("condition 'no_image': a vision model has no text",),
+    ),
+    Case(
+        id="condition-names",
+        lines=[_line(0)],
+        args=("--condition", "with_image,,x"),
+        exit=2,
+        says=("--condition takes names separated by commas",),
+    ),
+    Case(
+        id="condition-given-twice",
+        lines=[_line(0)],
+        args=("--condition", "with_image", "--condition", "with_image"),
+        exit=2,
+        says=("condition 'with_image' is given twice",),
+    ),
+    Case(
+        id="condition-not-a-name",
+        lines=[_line(0)],
+        args=("--condition", "with image"),
+        exit=2,
+        says=("condition 'with image' is not a condition name",),
+    ),
+    Case(
+        id="condition-unknown-intervention",
+        lines=[_line(0)],
+        args=("--condition", "with_image+none"),
+        exit=2,
+        says=("unknown intervention 'none'; choose from vhr, var; leave out '+none'",),
+    ),
+    Case(
+        id="condition-intervention-without-the-image",
+        lines=[_line(0)],
+        args=("--condition", "no_image+vhr"),
+        exit=2,
+        says=("VHR acts on the image tokens, and no_image has none; use with_image+vhr",),
+    ),
+    Case(
+        id="condition-intervention-on-an-llm",
+        lines=[_line(0)],
+        args=("--condition", "default+var"),
+        exit=2,
+        says=("VAR edits a vision-language model's attention to the image",),
+    ),
+    Case(
+        id="unknown-tower", lines=[_line(0)], args=("--towers", "vision"), exit=2, says=("no tower 'vision'",)
+    ),
+    Case(
+        id="attention-layer-out-of-range-in-one-tower",
+        model="llava",
+        lines=[_pic(0)],
+        images={"ok.png": "ok"},
+        args=("--towers", "lm", "--attention", "2"),
+        exit=2,
+        says=("layer 2 is out of range", "(lm tower"),
+    ),
     # 7. exit codes
     Case(
         id="every-line-bad-exits-2",
@@ -343,7 +443,8 @@ def test_capture_corpus(case: Case, model_dirs, tmp_path, monkeypatch):
     for phrase in case.says:
         assert phrase in result.output, f"{phrase!r} not in:\n{result.output}"
     if case.stored is not None:
-        stored = Store.open(out).committed() if (out / "manifest.json").is_file() else set()
+        opened = Store.open(out) if (out / "manifest.json").is_file() else None
+        stored = opened.committed(case.condition) if opened else set()
         assert stored == case.stored
         assert all(type(a) is type(b) for a in stored for b in case.stored if a == b)
 

@@ -3,6 +3,7 @@ writers, verification of corrupted files, model and schema checks, and the resum
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -16,11 +17,12 @@ import pytest
 import torch
 import zarr
 from conftest import eager_attentions, inputs_for
+from PIL import Image
 from typer.testing import CliRunner
 
 import headlab as hl
 from headlab.cli import app
-from headlab.store import Store
+from headlab.store import ExampleInfo, Store
 
 SELECT = dict(
     compact=hl.Select(),
@@ -296,3 +298,80 @@ def test_sliding_window_patterns_rebuild_exactly(tiny, tmp_path, name):
                 store.pattern(0, layer, head), eager[layer][0, head].numpy(), atol=1e-5
             )
     assert (eager[0][0, 0, -1, :-6] == 0).all()  # the window really cuts
+
+
+def _info(lm, prompt: str, **fields) -> ExampleInfo:
+    ids = lm.tokenizer(prompt)["input_ids"]
+    tokens = tuple(lm.tokenizer.batch_decode([[i] for i in ids]))
+    return ExampleInfo(prompt=prompt, token_ids=tuple(ids), tokens=tokens, **fields)
+
+
+def _thumbnail() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 10), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_example_inputs_round_trip(tiny, tmp_path):
+    lm = tiny("gpt2")
+    store = Store.create(tmp_path / "s", lm)
+    prompts = ["a red square", "a blue circle"]
+    infos = [
+        _info(lm, prompts[0], label="yes"),
+        _info(lm, prompts[1], image="x/1.png", thumbnail=_thumbnail()),
+    ]
+    rec = _record(lm, lm.tokenizer(prompts, return_tensors="pt", padding=True))
+    store.append(rec, examples=[4, 5], condition="with", info=infos)
+    assert store.example_info(4) == infos[0] and store.example_info(5) == infos[1]
+    assert store.tokens(4) == list(infos[0].tokens) and store.image(4) is None
+    assert store.image(5).size == (20, 10) and store.image(5).getpixel((0, 0)) == (200, 30, 30)
+    assert store.info()["stored"]["with"] == {
+        "head stats": 2,
+        "residuals": 2,
+        "head outputs": 2,
+        "compact attention": 2,
+        "attention rows": 2,
+        "tokens": 2,
+        "images": 1,
+        "labels": 1,
+    }
+    with pytest.raises(hl.StoreError, match="2 tokens for 3 token ids"):
+        ExampleInfo(token_ids=(1, 2, 3), tokens=("a", "b"))
+    with pytest.raises(hl.StoreError, match="got 1 ExampleInfo for a record of 2 examples"):
+        store.append(rec, examples=[6, 7], condition="with", info=infos[:1])
+
+
+def test_a_store_without_example_inputs_reads_none(llama_store):
+    store = llama_store[3]  # appended with meta only, as every store before the inputs table
+    info = store.example_info(11)
+    assert info == ExampleInfo(prompt="b")  # the prompt from the meta; the rest None, never an error
+    assert store.tokens(10) is None and store.image(10) is None
+    assert "tokens" not in store.stored()["default"]
+
+
+def test_shards_with_and_without_each_field_read_together(tiny, tmp_path):
+    """inputs.parquet has a fixed schema: a shard whose columns are all null (a ViT, a text-only LVLM line)
+    reads together with one that fills them, in either order."""
+    lm = tiny("gpt2")
+    infos = {1: ExampleInfo(label=3), 2: _info(lm, "two words", thumbnail=_thumbnail())}
+    for order in ((1, 2), (2, 1)):
+        store = Store.create(tmp_path / f"s{order[0]}", lm)
+        for example in order:
+            rec = _record(lm, lm.tokenizer(["two words"], return_tensors="pt"))
+            store.append(rec, examples=[example], info=[infos[example]])
+        assert store.example_info(1) == infos[1] and store.example_info(2) == infos[2]
+        assert store.image(2) is not None and store.image(1) is None
+        assert store.stored()["default"]["tokens"] == 1
+
+
+def test_annotations_attach_answers_and_the_latest_wins(llama_store):
+    store = llama_store[3]
+    store.annotate({10: {"answer": "yes", "label": "no"}, 11: {"answer": "no"}}, condition="default")
+    store.annotate({10: {"answer": "maybe"}}, condition="default")
+    assert store.committed() == {10, 11}  # annotation shards commit no example
+    first = store.example_info(10)
+    assert (first.answer, first.label, first.prompt) == ("maybe", "no", "a")
+    assert store.stored()["default"]["answers"] == 2 and store.stored()["default"]["labels"] == 1
+    assert Store.open(store.root).example_info(11).answer == "no" and store.verify().ok
+    shown = CliRunner().invoke(app, ["store", "info", str(store.root), "--example", "10"])
+    assert shown.exit_code == 0 and 'answer: "maybe"' in shown.output and "tokens: -" in shown.output

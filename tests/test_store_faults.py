@@ -36,7 +36,7 @@ from headlab.analyses.sinks import sink_scores
 from headlab.cli import app
 from headlab.dashboards.data import BrowserData
 from headlab.errors import SelectionError, StoreError
-from headlab.store import Store
+from headlab.store import ExampleInfo, Store
 from headlab.store.shard import ShardWriter, meta_checksum
 from headlab.store.write import write_arrays, write_tables
 
@@ -58,16 +58,22 @@ def _record(lm, prompts: list[str]):
 
 @pytest.fixture(scope="module")
 def base(tiny, tmp_path_factory) -> Path:
-    """Shard A: examples 10, 11 and shard B: example 12 (condition "default", everything captured); shard C:
-    example 10 under "rows" with only selected attention rows; a saved result."""
+    """Shard A: examples 10, 11 and shard B: example 12 with its inputs (condition "default", everything
+    captured); shard C: example 10 under "rows" with only selected attention rows; shard D: annotations of
+    10 and 12; a saved result."""
     lm = tiny("gpt2")
     store = Store.create(tmp_path_factory.mktemp("faults") / "store", lm)
     store.append(_record(lm, ["The quick brown fox", "jumps over the lazy dog"]), examples=[10, 11])
-    store.append(_record(lm, ["A third example here"]), examples=[12])
+    ids = lm.tokenizer("A third example here")["input_ids"]
+    info = ExampleInfo(
+        prompt="A third example here", token_ids=tuple(ids), tokens=tuple(map(str, ids)), label=1
+    )
+    store.append(_record(lm, ["A third example here"]), examples=[12], info=[info])
     rows = hl.Select(layers=[1], heads=[2], queries=[0, -1])
     with torch.no_grad(), hl.capture(lm, patterns=rows) as rec:
         lm.model(**lm.tokenizer(["The quick brown fox"], return_tensors="pt"))
     store.append(rec, examples=[10], condition="rows")
+    store.annotate({10: {"answer": "yes"}, 12: {"answer": "no", "label": 0}}, condition="default")
     store.save_result("sinks", pd.DataFrame({"layer": [0, 1], "head": [0, 0], "score": [0.5, 0.25]}))
     return store.root
 
@@ -459,6 +465,50 @@ MISUSES = [
         says="not all stored rows",
     ),
     Misuse(
+        id="annotate-unknown-field",
+        call=lambda s, r: s.annotate({10: {"score": 1}}, condition="default"),
+        error=StoreError,
+        says="unknown annotation 'score'; the store keeps answer, label",
+    ),
+    Misuse(
+        id="annotate-example-not-stored",
+        call=lambda s, r: s.annotate({99: {"answer": "yes"}}, condition="default"),
+        says="example 99 is not stored under condition 'default'",
+    ),
+    Misuse(
+        id="annotate-not-json",
+        call=lambda s, r: s.annotate({10: {"answer": float("nan")}}, condition="default"),
+        error=StoreError,
+        says="the answer nan is not a JSON value",
+    ),
+    Misuse(
+        id="annotate-unknown-condition",
+        call=lambda s, r: s.annotate({10: {"answer": "yes"}}, condition="with_image"),
+        says="condition 'with_image' is not stored",
+    ),
+    Misuse(
+        id="annotate-nothing",
+        call=lambda s, r: s.annotate({}, condition="default"),
+        error=StoreError,
+        says="at least one example",
+    ),
+    Misuse(
+        id="example-info-not-stored",
+        call=lambda s, r: s.example_info(11, condition="rows"),
+        says="example 11 is not stored under condition 'rows'",
+    ),
+    Misuse(
+        id="example-info-no-condition-of-several",
+        call=lambda s, r: s.example_info(10),
+        says="several conditions",
+    ),
+    Misuse(
+        id="image-of-a-string-id",
+        call=lambda s, r: s.image("10"),
+        error=StoreError,
+        says="example '10' is a string but this store holds integer ids",
+    ),
+    Misuse(
         id="rows-head-not-stored",
         call=lambda s, r: s.pattern(10, 1, 0, condition="rows"),
         error=StoreError,
@@ -495,6 +545,7 @@ def _every_read(root: Path) -> dict[str, object]:
     reads["rows"] = functools.partial(store.pattern, 10, 1, 2, condition="rows")
     reads["head_stats"] = lambda: store.head_stats().sort_values(["example", "layer", "head", "stat", "role"])
     reads["residuals"] = store.residuals
+    reads |= {f"info {e}": functools.partial(store.example_info, e, condition="default") for e in (10, 12)}
     out = {}
     for name, read in reads.items():
         try:
@@ -505,6 +556,7 @@ def _every_read(root: Path) -> dict[str, object]:
         out[name] = value[1] if name.startswith("z ") else value
         out[name] = out[name].value.to_numpy() if name == "head_stats" else out[name]
         out[name] = out[name].norm.to_numpy() if name == "residuals" else out[name]
+        out[name] = repr(out[name]) if name.startswith("info ") else out[name]
     return out
 
 
@@ -514,6 +566,8 @@ FLIP_TARGETS = {
     "rows-chunk": lambda r: _chunk(r, "rows/values", 2),
     "attn-index": lambda r: _shards(r)[0] / "attn_index.parquet",
     "head-stats": lambda r: _shards(r)[1] / "head_stats.parquet",
+    "inputs": lambda r: _shards(r)[1] / "inputs.parquet",
+    "annotations": lambda r: _shards(r)[3] / "annotations.parquet",
 }
 
 
@@ -685,12 +739,17 @@ def test_repair_rebuilds_a_broken_manifest_for_the_given_model(root: Path, model
 
 def test_info_counts_examples_and_rows(root: Path):
     info = Store.open(root).info()
-    assert (info["examples"], info["rows"], info["shards"]) == (3, 4, 3)
+    assert (info["examples"], info["rows"], info["shards"]) == (3, 4, 4)  # the 4th: annotations only
     assert info["conditions"] == ["default", "rows"] and info["towers"] == ["lm"]
     assert (
         info["stored"]["default"]["compact attention"] == 3 and info["stored"]["rows"]["attention rows"] == 1
     )
     assert "compact attention" not in info["stored"]["rows"]
+    assert {k: info["stored"]["default"].get(k) for k in ("tokens", "labels", "answers")} == {
+        "tokens": 1,
+        "labels": 1,
+        "answers": 2,
+    }
     assert info["results"] == ["sinks"]
     shown = CliRunner().invoke(app, ["store", "info", str(root)])
     assert shown.exit_code == 0 and "(example, condition) rows: 4" in shown.output

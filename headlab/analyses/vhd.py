@@ -1,7 +1,8 @@
 """VHD: vision-aware head divergence per head, and token-level T-VHD (He et al., ACL 2025), from a store.
 
 For each example captured under two conditions, with the image (`with_condition`, default "with_image") and
-with the image tokens removed from the sequence (`without_condition`, default "no_image"), and each layer:
+with the image placeholder removed from the prompt, so no image tokens at all (`without_condition`, default
+"no_image"; the names are `headlab.conditions.WITH_IMAGE` / `NO_IMAGE`), and each layer:
 VHD_{l,h} = || A_{l,h}(with image) - A_{l,h}(without) ||_2, where A is the head's output before o_proj at the
 last position (the position predicting the next token), and TA_{l,h} = || A_{l,h}(without) ||^2 (VHR's
 outlier rule uses it). `vhr_selected` marks the heads VHR would reinforce for that example (outlier rule,
@@ -11,19 +12,24 @@ not the intervention; `headlab.interventions.VHR` does the real thing).
 T-VHD of an example = sum over layers of the sum of the k largest VHDs in that layer (Eq. 5); the paper does
 not state k: headlab's default is half the heads (the size of VHR's selection), `top_k` changes it.
 
-`capture_vhd_conditions` fills a store with exactly what this needs (head outputs at the last position,
-every layer, both conditions) from prompts and images.
+A store gets what this needs (head outputs at the last position of every language-model layer, under both
+conditions) from `headlab capture --condition with_image,no_image` on a prompt file with images, or from
+`capture_vhd_conditions`, its Python API for prompts and images in memory. Both store the same: per-head
+statistics of every tower, compact attention, head outputs, and the tokens, image and label of each example
+under each condition (`runs.batch.capture_to_store`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from headlab.analyses.registry import Analysis, Option, StoreValues
+from headlab.conditions import NO_IMAGE, WITH_IMAGE, Condition
 from headlab.errors import InputError, SelectionError, StoreError
 from headlab.interventions.vhr import select_heads
 from headlab.loading import Family, LoadedModel
@@ -31,7 +37,7 @@ from headlab.store import Store
 
 
 def vhd_per_example(
-    store: Store, *, with_condition: str = "with_image", without_condition: str = "no_image"
+    store: Store, *, with_condition: str = WITH_IMAGE, without_condition: str = NO_IMAGE
 ) -> pd.DataFrame:
     """Tidy (example, layer, head, vhd, ta, vhr_selected) for every example stored under both conditions."""
     frames = []
@@ -45,7 +51,8 @@ def vhd_per_example(
         except StoreError:
             raise StoreError(
                 "VHD needs head outputs at the last position under both conditions; fill the store with "
-                "headlab.analyses.vhd.capture_vhd_conditions(lm, store, prompts, images)"
+                f"`headlab capture --condition {WITH_IMAGE},{NO_IMAGE}` (or "
+                "headlab.analyses.vhd.capture_vhd_conditions(lm, store, prompts, images))"
             ) from None
         if not len(idx_w) or not len(idx_o):
             break
@@ -102,35 +109,61 @@ def token_vhd(store: Store, *, top_k: int | None = None, **conditions) -> pd.Dat
     return top.groupby("example").vhd.sum().rename("t_vhd").reset_index()
 
 
-@torch.no_grad()
 def capture_vhd_conditions(
     lm: LoadedModel,
     store: Store,
     prompts: Sequence[str],
     images: Sequence,
     *,
-    examples: Sequence[int] | None = None,
-    with_condition: str = "with_image",
-    without_condition: str = "no_image",
+    examples: Sequence[int | str] | None = None,
+    with_condition: str = WITH_IMAGE,
+    without_condition: str = NO_IMAGE,
+    attention_layers: Sequence[int] | None = None,
+    batch_size: int = 8,
 ) -> None:
-    """Capture each (prompt, image) with the image and with its image placeholder removed (text only), head
-    outputs at the last position of every language-model layer, into `store` under the two conditions."""
-    from headlab.probe import Select, capture
+    """Capture each (prompt, image) with the image and text-only (`inputs.text_only_prompt`) into `store`
+    under the two conditions: the Python API of `headlab capture --condition with_image,no_image`, storing
+    the same (module docstring). images: PIL images or paths; examples: their ids (default 0, 1, ...);
+    attention_layers: language-model and vision layers whose compact attention is kept (None = all, () =
+    none). Resumable: pairs already committed are skipped. Raises InputError listing the pairs that failed
+    (the others are stored), and KeyboardInterrupt when interrupted (committed batches stay)."""
+    from headlab.datasets.prompts import PromptItem
+    from headlab.runs.batch import capture_to_store
 
     if lm.family is not Family.LVLM:
         raise InputError("VHD compares a vision-language model with and without its image")
     if len(prompts) != len(images):
         raise InputError(f"got {len(prompts)} prompts but {len(images)} images")
     ids = list(examples) if examples is not None else list(range(len(prompts)))
-    select = Select(queries=[-1])
-    placeholder = getattr(lm.processor, "image_token", None) or lm.adapter.image_placeholder
-    for prompt, image, example in zip(prompts, images, ids, strict=True):
-        with_inputs = lm.processor(text=[prompt], images=[image], return_tensors="pt")
-        text_only = lm.processor.tokenizer([prompt.replace(placeholder, "")], return_tensors="pt")
-        for condition, inputs in ((with_condition, with_inputs), (without_condition, text_only)):
-            with capture(lm, stats=None, head_outputs=select) as rec:
-                lm.model(**dict(inputs))
-            store.append(rec, examples=[example], condition=condition, meta=[{"prompt": prompt}])
+    items = [
+        PromptItem(
+            ident,
+            prompt,
+            image,
+            {"prompt": prompt},
+            i + 1,
+            f"item {i}",
+            image_name=str(image) if isinstance(image, str | Path) else None,
+        )
+        for i, (ident, prompt, image) in enumerate(zip(ids, prompts, images, strict=True))
+    ]
+    conditions = (
+        Condition(name=with_condition, image=True, intervention=None),
+        Condition(name=without_condition, image=False, intervention=None),
+    )
+    report = capture_to_store(
+        lm,
+        store,
+        items,
+        conditions=conditions,
+        batch_size=batch_size,
+        attention_layers=attention_layers,
+        progress=False,
+    )
+    if report.interrupted:
+        raise KeyboardInterrupt
+    if report.failed:
+        raise InputError(f"{len(report.failed)} captures failed: {'; '.join(report.failed)}")
 
 
 def _run_vhd(store: Store, options: dict) -> pd.DataFrame:
@@ -147,13 +180,13 @@ ANALYSES = {
         options={
             "with_condition": Option(
                 type=str,
-                default="with_image",
+                default=WITH_IMAGE,
                 among=StoreValues.CONDITIONS,
                 help="condition holding the with-image captures",
             ),
             "without_condition": Option(
                 type=str,
-                default="no_image",
+                default=NO_IMAGE,
                 among=StoreValues.CONDITIONS,
                 help="condition holding the text-only captures",
             ),

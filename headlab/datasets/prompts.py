@@ -2,8 +2,11 @@
 
 Each record is an object with a prompt under "prompt" (or "text", or "question": the first of these keys
 present is the prompt and must be a string), optionally an "id" (or "question_id"; default: the record's
-0-based position among the file's non-blank records) and an "image" path. Every other field is kept as the
-example's meta.
+0-based position among the file's non-blank records) and an "image" path. A record for a vision model
+(`need_prompt=False`) may hold only an image: its prompt, if any, is kept as meta. A record without an image
+is refused only when the model needs one (`need_images`: vision models); an LVLM's is captured text-only.
+Every other field (a "label", an "answer", ...) is kept as the example's meta; "label" and "answer" are also
+what the store shows as the example's label and answer.
 
 - The file is read by `records.iter_records` (UTF-8, a leading byte-order mark ignored, bad lines listed).
 - Ids follow `headlab.ids.example_id`: integers within int64 or non-empty strings, kept as given; a repeated id
@@ -31,11 +34,12 @@ _ID_KEYS = ("id", "question_id")
 @dataclass(frozen=True)
 class PromptItem:
     id: int | str
-    prompt: str
-    image: Path | None
+    prompt: str | None  # None: a vision model's image-only record
+    image: Path | None  # the image file, resolved inside the image folder
     meta: dict
     line: int
     where: str = ""  # "file:line", the prefix of every message about this item
+    image_name: str | None = None  # the image path as the record gives it (relative to the image folder)
 
     def describe(self) -> str:
         """Where the item comes from and its id, for messages: "file:line: id 42"."""
@@ -49,9 +53,16 @@ class PromptFile:
 
 
 def read_prompts(
-    path: str | Path, *, images_dir: str | Path | None = None, need_images: bool = False
+    path: str | Path,
+    *,
+    images_dir: str | Path | None = None,
+    need_images: bool = False,
+    need_prompt: bool = True,
 ) -> PromptFile:
-    """The usable prompts of `path` and the problems of the others (module docstring: the rules)."""
+    """The usable prompts of `path` and the problems of the others (module docstring: the rules).
+
+    need_images: a record without an image is a problem (vision models). need_prompt: a record without a
+    prompt is a problem (every model but a vision model, whose records may hold only an image)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file {path} does not exist")
@@ -65,7 +76,7 @@ def read_prompts(
             out.problems.append(entry.problem)
             continue
         try:
-            item = _item(entry, index, base, need_images)
+            item = _item(entry, index, base, need_images, need_prompt)
         except InputError as err:
             out.problems.append(f"{entry.where}: {err}")
             continue
@@ -77,23 +88,29 @@ def read_prompts(
     return out
 
 
-def _item(entry: Entry, index: int, base: Path, need_images: bool) -> PromptItem:
+def _item(entry: Entry, index: int, base: Path, need_images: bool, need_prompt: bool) -> PromptItem:
     """One record as a PromptItem, or an InputError saying what is wrong with it."""
     obj = entry.obj
     key = next((k for k in _PROMPT_KEYS if k in obj), None)
-    if key is None:
+    prompt = None
+    if key is not None and need_prompt:
+        prompt = obj[key]
+        if not isinstance(prompt, str):
+            raise InputError(f"the prompt {key!r} is {json_kind(prompt)}, not a string")
+    elif need_prompt:
         raise InputError(f"no prompt (one of {', '.join(_PROMPT_KEYS)})")
-    prompt = obj[key]
-    if not isinstance(prompt, str):
-        raise InputError(f"the prompt {key!r} is {json_kind(prompt)}, not a string")
     id_key = next((k for k in _ID_KEYS if k in obj), None)
     ident = example_id(obj[id_key]) if id_key is not None else index
-    image = None
+    image, name = None, None
     if obj.get("image") is not None and obj.get("image") != "":
-        image = image_path(obj["image"], base)
+        name = obj["image"]
+        image = image_path(name, base)
         if not image.is_file():
             raise InputError(f"image {image} does not exist; pass --images with the folder that holds it")
     elif need_images:
         raise InputError("no image, and this model needs one")
-    meta = {k: v for k, v in obj.items() if k not in (*_PROMPT_KEYS, *_ID_KEYS)}
-    return PromptItem(ident, prompt, image, {"prompt": prompt, **meta}, entry.position, entry.where)
+    dropped = (*_PROMPT_KEYS, *_ID_KEYS) if need_prompt else _ID_KEYS
+    meta = {k: v for k, v in obj.items() if k not in dropped}
+    if prompt is not None:
+        meta = {"prompt": prompt, **meta}
+    return PromptItem(ident, prompt, image, meta, entry.position, entry.where, name)

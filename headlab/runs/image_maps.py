@@ -20,6 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from headlab.conditions import NO_IMAGE, WITH_IMAGE  # the names `headlab capture` and `analyze vhd` use
 from headlab.errors import InputError, StoreError
 from headlab.runs.answering import Split, prompt_for
 from headlab.runs.atomic import write_text_atomic
@@ -27,7 +28,6 @@ from headlab.runs.outcome import reason
 
 VHD_STORE = "vhd_store"
 VHD_PICKS = "vhd_picks.json"
-WITH_IMAGE, NO_IMAGE = "with_image", "no_image"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -65,3 +65,15 @@ def examples_are(ids: Iterable[int | str]) -> str:
     """ "example 12 is" or "examples 10, 11 are", for messages."""
     ids = list(ids)
     return f"example {ids[0]!r} is" if len(ids) == 1 else f"examples {describe_ids(ids)} are"
+
+
+def typed_id(text: str, store_kind: str | None) -> int | str:
+    """An id typed on a command line, as the store keeps it: digits ("42", "-3") are an integer in a store of
+    integer ids, and any text is kept verbatim in a store of string ids ("000042" stays "000042")."""
+    if store_kind == "int":
+        stripped = text.strip()
+        digits = stripped[1:] if stripped.startswith("-") else stripped
+        if not digits.isdigit():
+            raise StoreError(f"example ids of this store are integers; {text!r} is not one")
+        return checked_id(int(stripped))
+    return checked_id(text)

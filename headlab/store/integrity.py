@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from headlab.errors import StoreError
 from headlab.store.catalog import foreign_problem, listing_problems, ownership
+from headlab.store.examples import ANNOTATIONS, ANNOTATIONS_COLUMNS, INPUTS, INPUTS_COLUMNS
 from headlab.store.fingerprint import fingerprint
 from headlab.store.lock import locked
 from headlab.store.manifest import MANIFEST, manifest_broken, new_manifest, read_manifest
@@ -42,6 +43,8 @@ QUARANTINE = "quarantine"
 REQUIRED_COLUMNS = {
     "examples": {"example", "condition", "tower", "n_tokens", "roles", "meta"},
     "head_stats": {"example", "condition", "tower", "step", "layer", "head", "stat", "role", "value"},
+    INPUTS: set(INPUTS_COLUMNS),
+    ANNOTATIONS: set(ANNOTATIONS_COLUMNS),
 }
 
 

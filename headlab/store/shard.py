@@ -191,9 +191,11 @@ class ShardWriter:
         self._group = None
         self._files: dict[str, dict] | None = None
 
-    def table(self, name: str, frame: pd.DataFrame) -> None:
+    def table(self, name: str, frame: pd.DataFrame, *, schema=None) -> None:
+        """`frame` as `<name>.parquet` (nothing for an empty frame); `schema`: an explicit pyarrow schema,
+        for tables whose columns may be all null in one shard and filled in another."""
         if len(frame):
-            frame.to_parquet(self.tmp / f"{name}.parquet", index=False)
+            frame.to_parquet(self.tmp / f"{name}.parquet", index=False, schema=schema)
 
     def array(self, name: str, data: np.ndarray, *, row_chunk: int = 1024) -> None:
         """A float array chunked along rows (one chunk per row block and per column of axis 1), with the

@@ -12,6 +12,10 @@ Layout:
                              -> arrays.zarr/attn/<tower>/L<layer>: [token, head + kv_head, d_head + 1],
                              q | lse then k | 0 (token rows start:stop; see write._pack_qk)
         rows_index.parquet   example, condition, tower, step, layer, head, query, start, length -> rows/values
+        inputs.parquet       example, condition, prompt, token_ids, tokens, image, thumbnail, label, answer
+                             (what went into the model; examples.py)
+        annotations.parquet  example, condition, field, value: answers and labels attached later, in a
+                             shard of their own that commits no example (`annotate`; examples.py)
     results/<name>.parquet   an analysis result (tidy table keyed by layer and head), written atomically,
     results/<name>.json      with its parameters and the parquet's sha256 (`save_result` / `result`)
     quarantine/              what `headlab store verify --repair` moved aside; never read
@@ -25,6 +29,8 @@ Contract:
 - First commit wins. For each (example, condition) the earliest committed shard that holds it is the truth;
   later rows of it are ignored by every reader (catalog.py). `append` refuses ids already committed under
   its condition; it checks and commits under the store's lock, so local writers never duplicate.
+- Example inputs. `example_info`, `tokens` and `image` read what went into the model; what a store does not
+  hold (a store written before the inputs table, a vision model's token ids) reads as None, never an error.
 - Selections. A condition, example, tower, layer, head, step or stat that the store does not hold is a
   SelectionError saying what it holds; a `condition=None` where one is needed means the store's only
   condition (several: an error listing them). A valid filter that matches no rows returns an empty frame.
@@ -39,7 +45,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,19 +53,33 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
-import torch
 
 from headlab.errors import SelectionError, StoreError
-from headlab.kernels.rebuild import rebuild_rows
 from headlab.loading import LoadedModel
+from headlab.store.attention import attention_held, compact_rows, stored_rows
 from headlab.store.catalog import Catalog, repair_hint
+from headlab.store.examples import (
+    ANNOTATIONS,
+    INPUTS,
+    ExampleInfo,
+    annotations_frame,
+    annotations_schema,
+    decode_thumbnail,
+    held_columns,
+    held_counts,
+    info_from_row,
+    inputs_frame,
+    inputs_schema,
+    latest_annotations,
+    meta_of,
+)
 from headlab.store.fingerprint import fingerprint
 from headlab.store.ids import checked_ids, describe_ids, examples_are
 from headlab.store.integrity import QUARANTINE, RepairReport, VerifyReport, repair_store, verify_store
 from headlab.store.lock import locked
 from headlab.store.manifest import MANIFEST, manifest_hint, new_manifest, read_manifest
 from headlab.store.results import RESULTS, read_result, result_names, result_sidecar, save_result
-from headlab.store.selection import at_position, ints, names, parquet_filter, positions, span
+from headlab.store.selection import at_position, ints, names, parquet_filter, span
 from headlab.store.shard import SCHEMA_VERSION, ShardWriter, write_json_atomic
 from headlab.store.write import write_arrays, write_tables
 from headlab.version import __version__
@@ -67,7 +87,7 @@ from headlab.version import __version__
 if TYPE_CHECKING:  # the store keeps what a capture recorded; it never runs the probe
     from headlab.probe.record import Record
 
-__all__ = ["SCHEMA_VERSION", "Store", "VerifyReport"]
+__all__ = ["SCHEMA_VERSION", "ExampleInfo", "Store", "VerifyReport"]
 STORED = {  # file of a shard -> what it means that the shard's examples have, for `info`
     "head_stats.parquet": "head stats",
     "residuals.parquet": "residuals",
@@ -198,6 +218,7 @@ class Store:
         examples: Sequence[int | str] | None = None,
         condition: str = "default",
         meta: Sequence[dict] | None = None,
+        info: Sequence[ExampleInfo] | None = None,
         top_k: int | None = None,
     ) -> str:
         """Commit one record as a new shard; returns its id.
@@ -206,6 +227,8 @@ class Store:
         store's kind (default: the next free integer ids, fine for one writer; give explicit ids when
         several processes write). Ids already committed under `condition` are a StoreError listing them.
         meta: a JSON-able dict per example (prompt, image path, label, ...), kept in the examples table.
+        info: an ExampleInfo per example (prompt, token ids and tokens, image path and thumbnail, label,
+        answer), kept in the inputs table for `example_info`, `tokens` and `image`.
         top_k: keep only the k largest entries of each selected attention row (rec.patterns).
         """
         if not isinstance(condition, str) or not condition:
@@ -216,31 +239,61 @@ class Store:
         given = self._default_ids(len(captured)) if examples is None else list(examples)
         if len(given) != len(captured):
             raise StoreError(f"got {len(given)} example ids for a record of {len(captured)} examples")
-        if meta is not None and len(meta) != len(captured):
-            raise StoreError(f"got {len(meta)} meta dicts for a record of {len(captured)} examples")
+        for what, given_per in (("meta dicts", meta), ("ExampleInfo", info)):
+            if given_per is not None and len(given_per) != len(captured):
+                raise StoreError(f"got {len(given_per)} {what} for a record of {len(captured)} examples")
         ids = dict(zip(captured, self._new_ids(given, condition), strict=True))
         meta_of = dict(zip(captured, meta, strict=True)) if meta is not None else {}
         writer = ShardWriter(self.root / "shards")
         try:
             write_tables(writer, rec, ids, meta_of, condition)
             write_arrays(writer, rec, ids, condition, top_k)
-            writer.seal()
-            with locked(self.root):  # check and commit as one step: no other writer commits these ids
-                self._new_ids(given, condition)
-                shard = writer.commit(
-                    {
-                        "condition": condition,
-                        "created": time.time(),
-                        "run": self._run,
-                        "examples": list(ids.values()),
-                        "schema_version": SCHEMA_VERSION,
-                    }
-                )
+            if info is not None:
+                kind = "str" if isinstance(next(iter(ids.values())), str) else "int"
+                frame = inputs_frame(list(ids.values()), condition, info)
+                writer.table(INPUTS, frame, schema=inputs_schema(kind))
+            return self._commit(
+                writer, condition, list(ids.values()), check=lambda: self._new_ids(given, condition)
+            )
         except BaseException:
             writer.abort()
             raise
+
+    def _commit(self, writer: ShardWriter, condition: str, examples: list, *, check=None) -> str:
+        """Seal and commit `writer`'s shard under the store's lock, after `check()` (which raises to refuse)."""
+        writer.seal()
+        with locked(self.root):  # check and commit as one step: no other writer commits these ids
+            if check is not None:
+                check()
+            shard = writer.commit(
+                {
+                    "condition": condition,
+                    "created": time.time(),
+                    "run": self._run,
+                    "examples": examples,
+                    "schema_version": SCHEMA_VERSION,
+                }
+            )
         self._note_run()
         return shard
+
+    def annotate(self, values: Mapping[int | str, Mapping[str, object]], *, condition: str) -> str:
+        """Attach answers and labels to examples stored under `condition` (e.g. the answers a report got):
+        `values` maps an example id to {"answer": ..., "label": ...} (JSON values). They are committed as a
+        shard of their own holding only these annotations (append-only and verified like every shard; it
+        commits no example); for each field the latest annotation wins. Returns the shard id."""
+        if not values:
+            raise StoreError("give the annotations of at least one example, e.g. {101: {'answer': 'yes'}}")
+        condition = self._condition(condition, needed=True)
+        ids = self._stored_examples(list(values), condition)
+        frame = annotations_frame(dict(zip(ids, values.values(), strict=True)), condition)
+        writer = ShardWriter(self.root / "shards")
+        try:
+            writer.table(ANNOTATIONS, frame, schema=annotations_schema(self.id_kind))
+            return self._commit(writer, condition, [])
+        except BaseException:
+            writer.abort()
+            raise
 
     def _default_ids(self, n: int) -> list[int]:
         if self.id_kind == "str":
@@ -323,6 +376,39 @@ class Store:
         self._check_present("residuals", "residual rows", frame, wanted)
         return frame
 
+    # ----- reading: what went into the model (examples.py) ----------------------------------------------
+    def example_info(self, example: int | str, *, condition: str | None = None) -> ExampleInfo:
+        """What went into the model for `example` under `condition` (None: the store's only condition):
+        prompt, token ids and tokens, image path and thumbnail, label, answer; None where not stored."""
+        condition = self._condition(condition, needed=True)
+        (example,) = self._stored_examples([example], condition)
+        rows = self._table(INPUTS, filter=parquet_filter(condition=condition, example=[example]))
+        row = rows.iloc[0].to_dict() if len(rows) else None
+        meta = meta_of(self._index("examples"), example, condition)
+        notes = latest_annotations(self._index(ANNOTATIONS)).get((example, condition), {})
+        return info_from_row(row, meta, notes)
+
+    def tokens(self, example: int | str, *, condition: str | None = None) -> list[str] | None:
+        """The example's language-model tokens, each id decoded alone, in example positions (image tokens
+        included); None when not stored (a store from before token ids, a vision model)."""
+        tokens = self.example_info(example, condition=condition).tokens
+        return None if tokens is None else list(tokens)
+
+    def image(self, example: int | str, *, condition: str | None = None):
+        """The stored thumbnail of the example's image as a PIL image, or None (text-only, or not stored).
+        condition None: the first condition (by name) that holds an image of it."""
+        conditions = self.conditions() if condition is None else [self._condition(condition, needed=True)]
+        (example,) = self._stored_examples([example], condition)
+        where = parquet_filter(condition=conditions, example=[example]) & pads.field("thumbnail").is_valid()
+        found = self._table(INPUTS, columns=["condition", "thumbnail"], filter=where)
+        if not len(found):
+            return None
+        return decode_thumbnail(found.sort_values("condition").thumbnail.iloc[0], example)
+
+    def _inputs_held(self) -> dict[str, dict[str, int]]:
+        """condition -> {"tokens" / "images" / "labels" / "answers": (example, condition) rows holding it}."""
+        return held_counts(self._table(INPUTS, columns=held_columns()), self._index(ANNOTATIONS))
+
     def _condition(self, condition: str | None, *, needed: bool) -> str | None:
         """A stored condition; None stays None unless `needed` (then: the only condition, or an error)."""
         held = self.conditions()
@@ -393,32 +479,7 @@ class Store:
         row = self._compact_lookup().get((example, condition, tower, layer))
         if row is None:
             return self._stored_rows(example, layer, head, tower, condition, queries)
-        heads = [int(h) for h in row.heads]
-        if head not in heads:
-            raise SelectionError(
-                f"head {head} of {tower} layer {layer} was not stored; stored heads: {heads}"
-            )
-        start, stop, h = int(row.start), int(row.stop), heads.index(head)
-        n = stop - start
-        at = torch.tensor(positions(queries, n, example))
-        both = self._catalog.read(
-            row.shard,
-            f"attn/{tower}/L{layer}",
-            (slice(start, stop), [h, len(heads) + head // int(row.group)]),
-        )
-        q, lse, k = (torch.from_numpy(x) for x in (both[:, 0, :-1], both[:, 0, -1], both[:, 1, :-1]))
-        window = None if int(row.window) < 0 else int(row.window)
-        softcap = float(getattr(row, "softcap", float("nan")))  # stores from before soft-cap support lack it
-        return rebuild_rows(
-            q[at],
-            k,
-            lse[at],
-            scale=float(row.scale),
-            query_positions=at,
-            causal=bool(row.causal),
-            window=window,
-            softcap=None if np.isnan(softcap) else softcap,
-        ).numpy()
+        return compact_rows(self._catalog, row, example, tower, layer, head, queries)
 
     def _compact_lookup(self) -> dict[tuple, tuple]:
         """(example, condition, tower, layer) -> its owned attn_index row; rebuilt when shards appear."""
@@ -430,52 +491,11 @@ class Store:
         return self._attn_lookup[1]
 
     def _stored_rows(self, example, layer, head, tower, condition, queries) -> np.ndarray:
+        """Selected rows stored densely or top-k (attention.stored_rows), when no compact attention is."""
         idx = self._index("rows_index")
-        hit = (
-            idx[
-                (idx.example == example)
-                & (idx.condition == condition)
-                & (idx.tower == tower)
-                & (idx.layer == layer)
-                & (idx["head"] == head)
-                & (idx.step == 0)
-            ]
-            if len(idx)
-            else idx
-        )
-        if not len(hit):
-            raise StoreError(
-                f"no attention stored for example {example!r} ({condition}), {tower} layer {layer} head {head}; "
-                f"stored for this example: {self._attention_held(example, condition)}; capture it with "
-                "compact=Select(...) or patterns=Select(...)"
-            )
-        n_keys = int(hit.n_keys.iloc[0])
-        if queries is not None:
-            wanted = [q % n_keys for q in positions(queries, n_keys, example)]
-            hit = hit[hit["query"].isin(wanted)]
-            if len(hit) < len(set(wanted)):
-                raise SelectionError(f"queries {list(queries)} are not all stored rows of this head")
-        shard = hit.shard.iloc[0]
-        sparse = "arrays.zarr/rows/keys/zarr.json" in self._catalog.meta(shard).files
-        rows = np.zeros((len(hit), n_keys), dtype=np.float32)
-        for i, r in enumerate(hit.itertuples()):
-            part = (slice(int(r.start), int(r.start) + int(r.length)),)
-            values = self._catalog.read(shard, "rows/values", part)
-            if sparse:
-                rows[i, self._catalog.read(shard, "rows/keys", part)] = values
-            else:
-                rows[i] = values
-        return rows
-
-    def _attention_held(self, example, condition: str) -> str:
-        """What attention is stored for one example, for messages."""
-        held = []
-        for name, what in (("attn_index", "compact attention"), ("rows_index", "rows")):
-            idx = self._index(name)
-            mine = idx[(idx.example == example) & (idx.condition == condition)] if len(idx) else idx
-            for tower, group in mine.groupby("tower") if len(mine) else ():
-                held.append(f"{what} of {tower} layers {span(group.layer.unique())}")
-        return "; ".join(held) or "none"
+        held = lambda: attention_held(self._index("attn_index"), idx, example, condition)  # noqa: E731
+        where = dict(example=example, condition=condition, tower=tower, layer=layer, head=head)
+        return stored_rows(self._catalog, idx, where, queries, held)
 
     def head_outputs(
         self,
@@ -524,7 +544,8 @@ class Store:
         return repair_store(Path(path), lm)
 
     def stored(self) -> dict[str, dict[str, int]]:
-        """condition -> {what is stored ("head stats", "head outputs", ...): number of examples with it}."""
+        """condition -> {what is stored ("head stats", "head outputs", ..., "tokens", "images", "labels",
+        "answers"): number of examples with it}."""
         cat = self._catalog
         cat.refresh()
         out: dict[str, dict[str, int]] = {c: {} for c in cat.conditions()}
@@ -532,6 +553,8 @@ class Store:
             for rel, what in STORED.items():
                 if rel in cat.meta(shard).files:
                     out[condition][what] = out[condition].get(what, 0) + 1
+        for condition, counts in self._inputs_held().items():
+            out.setdefault(condition, {}).update(counts)
         return out
 
     def info(self) -> dict:
