@@ -29,6 +29,10 @@ def test_chair_report_end_to_end_and_resume(tmp_path):
         captions = {r["question_id"]: r["answer"] for r in lines if r["condition"] == condition}
         score = chair.score_chair(captions, truth, vocab)
         assert metrics["chair_i"] == score.chair_i and metrics["recall"] == score.recall
+        for key in ("chair_s", "chair_i", "recall"):
+            low, high = metrics["intervals"][key]
+            assert low <= metrics[key] <= high
+    assert report["var"]["statement"].startswith("VAR found no visual sink tokens above tau=20")
     before = (out / "answers.jsonl").read_text()
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "0 answered, 18 already" in again.output

@@ -407,6 +407,41 @@ def _check_report_intact(ctx: Ctx, output: str) -> None:
     assert not [p for p in ctx.out.iterdir() if p.name.endswith(".tmp")]
 
 
+def _stale_plotly_write_fails(ctx: Ctx) -> list[str]:
+    """The folder's plotly.min.js is of another plotly version, and the write that would replace it fails."""
+    from headlab.reports.html import PLOTLY_JS
+
+    args = _failing_report_write(ctx)  # answered once, then every fsync fails
+    (ctx.out / PLOTLY_JS).write_text("/* plotly.js v0.0.1 */")
+    ctx.saved[PLOTLY_JS] = (ctx.out / PLOTLY_JS).read_bytes()
+    return args
+
+
+def _check_plotly_fresh(ctx: Ctx, output: str) -> None:
+    from plotly.offline import get_plotlyjs
+
+    assert (ctx.out / "plotly.min.js").read_text() == get_plotlyjs()
+
+
+# ---------------------------------------------------------------------------------------- VAR's counts
+
+
+def _var_counts_corrupt(ctx: Ctx) -> list[str]:
+    """Answered under var once; then var_sinks.json is not JSON: the report is written all the same."""
+    args = ctx.pope(None, "--interventions", "none,var")
+    ctx.run(args)
+    assert ctx.report()["var"]["observed"] == 3
+    (ctx.out / "var_sinks.json").write_text("{not json")
+    return args
+
+
+def _check_var_counts_lost(ctx: Ctx, output: str) -> None:
+    report = ctx.report()
+    assert any("var_sinks.json could not be read" in n for n in report["notes"])
+    assert report["var"]["observed"] == 0 and report["var"]["answers"] == 3
+    assert report["var"]["statement"].startswith("VAR's effect was not observed")
+
+
 # ------------------------------------------------------------------------------- other benchmarks
 
 
@@ -551,6 +586,10 @@ CASES = [
          says="holds answers of model 'zoo:other'"),
     Case(id="report-write-fails", build=_failing_report_write, code=2, says="previous files are unchanged",
          check=_check_report_intact, rerun=0),
+    Case(id="stale-plotly-js-write-fails", build=_stale_plotly_write_fails, code=2,
+         says="previous files are unchanged", check=_check_report_intact, rerun=0, rerun_check=_check_plotly_fresh),
+    Case(id="var-counts-file-corrupt", build=_var_counts_corrupt, code=0, says="0 answered, 6 already",
+         check=_check_var_counts_lost),
     # 10: answers follow the model, not its path
     Case(id="model-swapped-at-same-path", build=_swapped_model, code=2, says="other weights"),
     Case(id="same-model-at-another-path", build=_moved_model, code=0, says="0 answered, 3 already"),

@@ -13,6 +13,7 @@ from headlab.analyses import position, sinks
 from headlab.cli import app
 from headlab.reports import position_bias as position_report
 from headlab.reports import sinks as sinks_report
+from headlab.reports.document import Figure
 from headlab.store import Store
 
 runner = CliRunner()
@@ -74,6 +75,10 @@ def test_sinks_end_to_end(sinks_run):
     assert len(store.result("sinks")) == len(scores)
     html = (out / "report.html").read_text()
     assert "alpha_0 per head" in html and "Plotly" in html
+    (fig,) = [b.figure for b in sinks_report.document(rep).blocks if isinstance(b, Figure)]
+    axes = fig.to_plotly_json()["layout"]
+    assert axes["xaxis"]["type"] == axes["yaxis"]["type"] == "category"
+    assert list(fig.data[0].x) == ["H0", "H1", "H2", "H3"] and list(fig.data[0].y) == ["L0", "L1"]
     if not len(massive):
         assert "none found" in html and "none found" in (out / "report.md").read_text()
 

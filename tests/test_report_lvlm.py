@@ -58,6 +58,19 @@ def test_mme_defaults_end_to_end(mme_run):
         assert d["accuracy"]["ci_low"] <= d["accuracy"]["delta"] <= d["accuracy"]["ci_high"]
     assert "layers=(0, 1)" in report["conditions"]["var"]
     assert "<table>" in (out / "report.html").read_text()
+    _check_score_error_bars(report)
+
+
+def _check_score_error_bars(report: dict) -> None:
+    """The score chart's error bars are each condition's bootstrap interval over images."""
+    from headlab.reports.document import Figure
+
+    sub = report["subtasks"]["existence"]
+    (fig,) = [b.figure for b in mme_report.document(report).blocks if isinstance(b, Figure)]
+    for trace in fig.data:
+        low, high = sub["intervals"][trace.name]["score"]
+        score = sub["metrics"][trace.name]["score"]
+        assert low <= score <= high and trace.error_y.array[0] == pytest.approx(high - score)
 
 
 def test_mme_resume_answers_nothing(mme_run, tmp_path):
@@ -159,6 +172,12 @@ def test_amber_defaults_end_to_end(amber_run):
         assert d["f1"]["delta"] == pytest.approx(
             f1 - report["metrics"]["none"]["discriminative"]["overall"]["f1"]
         )
+        assert all("image" in f for f in d["flipped"])
+    for metrics in report["metrics"].values():
+        for key in ("chair", "cover", "hal", "cog"):
+            low, high = metrics["intervals"][key]
+            assert low <= metrics[key] <= high
+    assert report["var"]["observed"] == report["var"]["answers"] == 8  # 4 queries of each kind
 
 
 def test_amber_resume_escaping_and_problems(amber_run, tmp_path):

@@ -168,3 +168,123 @@ def test_page_escapes_text():
     page.table(["<q>"], [["<script>x</script>", 0.5, 3]])
     text = page.render()
     assert "<script>x</script>" not in text and "&lt;q&gt;" in text and "0.5000" in text
+
+
+def _figures(doc):
+    from headlab.reports.document import Figure
+
+    return [block.figure for block in doc.blocks if isinstance(block, Figure)]
+
+
+def test_figures_axes_error_bars_and_plotly_once(default_run):
+    """Layer / head axes are categorical (L0.., H0..), the metric bars carry bootstrap intervals, and the
+    page loads plotly.js from the folder's one plotly.min.js."""
+    import pandas as pd
+
+    from headlab.reports import pope
+
+    out, _ = default_run
+    report = json.loads((out / "report.json").read_text())
+    figures = _figures(pope.document(report, pd.DataFrame(report["vhd_per_head"])))
+    heatmaps = [f for f in figures if f.data[0].type == "heatmap"]
+    assert len(heatmaps) == 3  # image attention, visual sinks, VHD
+    for fig in heatmaps:
+        layout = fig.to_plotly_json()["layout"]
+        assert layout["xaxis"]["type"] == layout["yaxis"]["type"] == "category"
+        assert list(fig.data[0].y) == ["L0", "L1"]  # the zoo LLaVA's 2 layers, no half steps
+    assert [list(f.data[0].x) for f in heatmaps if f.layout.xaxis.title.text == "head"] == [
+        ["H0", "H1", "H2", "H3"]
+    ] * 2
+    bars = [f for f in figures if f.data[0].type == "bar"]
+    assert len(bars) == 3
+    for fig, entry in zip(bars, report["splits"].values(), strict=True):
+        for trace in fig.data:
+            low, high = entry["intervals"][trace.name]["accuracy"]
+            acc = entry["metrics"][trace.name]["accuracy"]
+            assert low <= acc <= high
+            assert trace.error_y.array[0] == pytest.approx(high - acc)
+            assert trace.error_y.arrayminus[0] == pytest.approx(acc - low)
+    html = (out / "report.html").read_text()
+    assert html.count('<script src="plotly.min.js"></script>') == 1 and len(html) < 200_000
+    assert (out / "plotly.min.js").stat().st_size > 1_000_000 and "plotly.js v" not in html
+
+
+def test_var_statement_when_nothing_was_redistributed(default_run):
+    out, _ = default_run
+    var = json.loads((out / "report.json").read_text())["var"]
+    assert var["observed"] == var["answers"] == 18 and var["rows_redistributed"] == 0
+    assert sum(var["visual_sink_tokens"]) == 0 and max(var["max_phi"]) < var["phi_bound"] == 8.0
+    said = "VAR found no visual sink tokens above tau=20 in any layer on this model: the condition equals"
+    assert var["statement"].startswith(said + " `none`")
+    assert said in (out / "report.html").read_text() and said in (out / "report.md").read_text()
+    assert "no token can pass tau=20" in var["statement"]  # phi <= sqrt(64) = 8 < 20
+
+
+def test_var_statement_when_var_acts(default_run, tmp_path):
+    out, _ = default_run
+    args = ["report", "pope", "--out", str(tmp_path / "r"), "--data", str(out / "data" / "pope_random.json")]
+    result = runner.invoke(
+        app, [*args, "--n", "2", "--interventions", "var", "--var-tau", "1", "--vhd-images", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    var = json.loads((tmp_path / "r" / "report.json").read_text())["var"]
+    assert var["rows_redistributed"] > 0 and var["answers_edited"] == var["observed"] == 2
+    assert var["statement"].startswith("VAR redistributed") and "`none`" not in var["statement"]
+
+
+def test_var_statement_cases():
+    from headlab.reports.var_sinks import statement
+
+    base = {"tau": 20.0, "answers": 10, "observed": 10, "layers": [2, 3], "rows_redistributed": 0}
+    base |= {"answers_edited": 0, "sink_tokens": [3, 0], "visual_sink_tokens": [0, 0], "max_phi": [30.0, 5.0]}
+    base |= {"hidden_size": 4096, "phi_bound": 64.0}
+    assert statement(base).startswith(
+        "VAR found no visual sink tokens above tau=20 in any layer on this model (3 text sink tokens"
+    )
+    assert "cannot exceed" not in statement(base) and "L2 30.00, L3 5.00" in statement(base)
+    seen = statement(base | {"visual_sink_tokens": [2, 0], "observed": 4})
+    assert seen.startswith("VAR found 2 visual sink tokens") and "4 answers given under var of 10" in seen
+    assert statement(base | {"observed": 0}).startswith("VAR's effect was not observed")
+    assert statement(base | {"answers": 0}) is None
+
+
+def test_flipped_tables_are_paged_with_thumbnails(default_run):
+    from headlab.reports import pope
+    from headlab.reports.document import Document, markdown
+    from headlab.reports.html import html_page
+
+    out, _ = default_run
+    (split,) = pope.load_splits([out / "data" / "pope_random.json"], None, 6)
+    qs = split.questions
+    rows = benchmark.flipped(qs, {q.question_id: "Yes" for q in qs}, {q.question_id: "No" for q in qs}) * 20
+    entries = {split.name: {"vs_none": {"vhr": {"flipped": rows}}}}
+    thumbs = benchmark.flipped_thumbnails([split], entries)
+    assert all(uri.startswith("data:image/jpeg;base64,") for uri in thumbs[split.name].values())
+    doc = Document("flips")
+    benchmark.flipped_section(doc, entries, thumbs)
+    md, page = markdown(doc), html_page(doc)
+    assert "none -> vhr (120)" in md and "_70 more rows: all 120 are in report.html and report.json._" in md
+    assert page.count("<tr hidden>") == 70 and "page 1 of 3 (120 rows)" in page
+    images = {q.image for q in qs}
+    assert page.count("data:image/jpeg;base64,") == len(images)  # each image stored once
+    assert page.count("<img data-thumb=") == 120
+
+
+def test_var_counts_agree_between_engines():
+    """VAR's read-only counts are the same whether its edits run fused or on explicit rows (the oracle)."""
+    import torch
+
+    import headlab as hl
+    from headlab.datasets import scenes
+    from headlab.inputs import prepare
+
+    lm = hl.load("zoo:llava")
+    prompt = answering.prompt_for(PopeQuestion(1, "x.png", "Is there a cup in the image?", "yes"))
+    inputs = prepare(lm, [prompt], [scenes.render(scenes.make_scenes(1)[0])])
+    counts = {}
+    for engine in ("fused", "reference"):
+        with torch.no_grad(), hl.intervene(lm, hl.VAR(tau=1.0, layers=(0, 1)), engine=engine) as runner:
+            lm.model(**inputs)
+            counts[engine] = runner.patches[0].take()
+    assert counts["fused"] == counts["reference"]
+    assert counts["fused"].rows > 0 and counts["fused"].prefills == 1 and counts["fused"].width == 64

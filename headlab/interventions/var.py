@@ -17,12 +17,18 @@ Multimodal Models", ICLR 2025; official code MICV-yonsei/VisAttnSink, whose sema
 
 Departure: the official code needs eager attention and batch size 1; headlab runs any batch, fused.
 Layers: the code computes sinks for layers 2..L-1 and skips the last; `layers=` overrides (tiny models).
+
+Counts (read-only): a bound VAR counts what it saw and did (`VARPatch.take()` -> `SinkCounts`): per layer the
+sink tokens (all types, and the image tokens among them) and the largest phi of a prefill, and the attention
+rows it redistributed. Counting never changes an edit. Note phi <= sqrt(d) for a hidden size d (one
+dimension cannot exceed the RMS times sqrt(d)), so a model with d <= tau^2 (d <= 400 at tau = 20) has no
+sink at all and VAR leaves it unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -89,12 +95,50 @@ class VAR(Intervention):
         return VARPatch(self, lm, layers)
 
 
+@dataclass
+class SinkCounts:
+    """What a bound VAR saw and did over some passes (module docstring, "Counts"). Per layer it acts on:
+    `sinks`, the tokens entering it with phi > tau (every token type, BOS included), `visual_sinks` the
+    image tokens among them, `max_phi` the largest phi of a token entering it. `prefills`: the prefill
+    passes seen; `rows`: the (example, head, query) attention rows redistributed, over all layers and steps;
+    `width`: the hidden size d (phi <= sqrt(d))."""
+
+    prefills: int = 0
+    rows: int = 0
+    width: int = 0
+    sinks: dict[int, int] = field(default_factory=dict)
+    visual_sinks: dict[int, int] = field(default_factory=dict)
+    max_phi: dict[int, float] = field(default_factory=dict)
+
+    def add_prefill(self, layer: int, phi: torch.Tensor, sink: torch.Tensor, image: torch.Tensor) -> None:
+        """One layer input of a prefill: its valid tokens' phi, sink flags and image flags (bool, [n])."""
+        self.sinks[layer] = self.sinks.get(layer, 0) + int(sink.sum())
+        self.visual_sinks[layer] = self.visual_sinks.get(layer, 0) + int((sink & image).sum())
+        if phi.numel():
+            self.max_phi[layer] = max(self.max_phi.get(layer, 0.0), float(phi.max()))
+
+
 class VARPatch(Patch):
     def __init__(self, spec: VAR, lm: LoadedModel, layers: tuple[int, ...]) -> None:
         self.spec, self.lm, self.layers = spec, lm, layers
         self.dims = tuple(spec.dims) if spec.dims is not None else None
         self.sinks: dict[int, list[torch.Tensor]] = {}  # layer -> per example: bool [n_tokens] (prefill)
         self.keep = spec.p if spec.p_means == "kept" else 1.0 - spec.p
+        self.counts = SinkCounts()  # read-only counters (module docstring), since the last take()
+        self._rows: torch.Tensor | None = None  # redistributed rows, summed on the device until take()
+
+    def take(self) -> SinkCounts:
+        """The counts since the last `take()` (or the bind), and start counting again."""
+        counts, self.counts = self.counts, SinkCounts()
+        if self._rows is not None:
+            counts.rows += int(self._rows)
+            self._rows = None
+        return counts
+
+    def count_rows(self, selected: torch.Tensor) -> None:
+        """Add the rows an edit selected (bool [b, h, q]) to the counts, without a device sync."""
+        n = selected.sum()
+        self._rows = n if self._rows is None else self._rows + n.to(self._rows.device)
 
     def touches(self, tower: str, layer: int) -> bool:
         return tower == "lm" and layer in self.layers
@@ -117,9 +161,16 @@ class VARPatch(Patch):
     def layer_input(self, tower: str, layer: int, hidden: torch.Tensor, ctx: BatchContext) -> None:
         if ctx.step > 0 or self.dims is None:
             return  # decode: the prefill's sinks stay
-        phi = sink_scores(hidden, self.dims)  # [b, n]
-        valid = ctx.key_valid[:, -hidden.shape[1] :]
-        self.sinks[layer] = [(phi[b][valid[b]] > self.spec.tau).cpu() for b in range(hidden.shape[0])]
+        phi = sink_scores(hidden, self.dims).cpu()  # [b, n]
+        valid = ctx.key_valid[:, -hidden.shape[1] :].cpu()
+        self.sinks[layer] = [phi[b][valid[b]] > self.spec.tau for b in range(hidden.shape[0])]
+        self.counts.prefills += layer == self.layers[0]
+        self.counts.width = hidden.shape[-1]
+        for b, roles in enumerate(ctx.roles):
+            image = torch.zeros(len(self.sinks[layer][b]), dtype=torch.bool)
+            if "image" in roles.present():
+                image[[p for p in roles.positions("image") if p < len(image)]] = True
+            self.counts.add_prefill(layer, phi[b][valid[b]], self.sinks[layer][b], image)
 
     def edits(self, call: AttentionCall) -> list[GroupEdit]:
         sinks = self.sinks.get(call.layer)
@@ -151,11 +202,13 @@ def _key_groups(call: AttentionCall, sinks: list[torch.Tensor]):
 
 
 class _VAREdit(GroupEdit):
+    patch: VARPatch | None = None  # whose counts the selected rows are added to (none: not counted)
+
     def __init__(self, call: AttentionCall, sinks, patch: VARPatch) -> None:
         s_vis, s_txt, non_sink, rows = _key_groups(call, sinks)
         self.groups = (s_vis, s_txt, non_sink)
         self.rows = rows[:, None, :]  # [b, 1, q]
-        self.spec, self.keep = patch.spec, patch.keep
+        self.spec, self.keep, self.patch = patch.spec, patch.keep, patch
 
     def _selected(self, m_svis, m_n):
         m_v = m_svis + m_n
@@ -168,6 +221,8 @@ class _VAREdit(GroupEdit):
     def factors(self, mass, rest):
         m_svis, m_stxt, m_n = mass
         on = self._selected(m_svis, m_n)
+        if self.patch is not None:
+            self.patch.count_rows(on)
         sink_f = torch.where(on, self.keep, 1.0)
         gain = 1.0 + (1.0 - self.keep) * (m_svis + m_stxt) / m_n.clamp(min=1e-30)
         return [sink_f, sink_f, torch.where(on, gain, 1.0)], torch.ones_like(rest)
@@ -195,6 +250,8 @@ class _VAREdit(GroupEdit):
                     mass_n = row[non_sink[i]].sum()
                     if summ < self.spec.summ or not share_ok or mass_n <= 0:
                         continue
+                    if self.patch is not None:
+                        self.patch.counts.rows += 1
                     omega = (1.0 - self.keep) * row[sink].sum()
                     new = row.clone()
                     new[sink] = self.keep * row[sink]

@@ -10,6 +10,8 @@ Scores: `score_amber_generative` (rule nouns, exact matching) on the generative 
 `score_amber_discriminative` on `normalize_yes_no` of the discriminative ones, and `amber_score(CHAIR,
 overall F1)`. Differences vs none: the paired bootstrap over the discriminative questions (accuracy with
 invalid answers wrong; F1 with "No" positive, as AMBER), aggregate differences for the generative metrics.
+Each condition's CHAIR / Cover / Hal / Cog get a bootstrap 95% interval over its scored responses (the
+error bars of the generative chart); flipped discriminative answers are listed with their image.
 
 Built on `reports.benchmark` and `runs.answering` (answers, bad items and exit codes follow their rules): a query entry that is malformed,
 has an id breaking the id rule (`headlab.ids.example_id`) or without an annotation of its kind, or whose image is
@@ -39,13 +41,16 @@ from headlab.reports.benchmark import (
     Answered,
     answer,
     begin,
+    bootstrap_intervals,
     condition_lines,
+    flipped_thumbnails,
     fmt_ci,
     paired_bootstrap,
     problems_section,
+    ratio,
     start_document,
 )
-from headlab.reports.document import Document
+from headlab.reports.document import Document, Thumbnail
 from headlab.reports.output import minus, synthetic_data, write_report_files
 from headlab.reports.registry import Report, ReportOption, ReportResult, out_option
 from headlab.runs.answering import CONDITIONS, Split
@@ -135,9 +140,32 @@ def _amber_correct(truth: str, response: str) -> str:
     return truth if right else ("no" if truth == "yes" else "yes")
 
 
+def generative_intervals(score) -> dict[str, list[float] | None]:
+    """Bootstrap 95% intervals of CHAIR, Cover, Hal and Cog over the scored responses of `score` (an
+    `AmberGenerativeScore`: each metric is a ratio of per-response sums)."""
+    details = score.per_response
+    columns = {
+        "nouns": [len(d.nouns) for d in details],
+        "hallucinated": [len(d.hallucinated) for d in details],
+        "has_hallucination": [float(bool(d.hallucinated)) for d in details],
+        "covered": [len(d.covered) for d in details],
+        "truth": [d.n_truth for d in details],
+        "mentioned_hallu": [len(d.mentioned_hallu) for d in details],
+        "hallu": [d.n_hallu for d in details],
+        "responses": [1.0] * len(details),
+    }
+    statistics = {
+        "chair": lambda s: ratio(s["hallucinated"], s["nouns"]),
+        "cover": lambda s: ratio(s["covered"], s["truth"]),
+        "hal": lambda s: s["has_hallucination"] / s["responses"],
+        "cog": lambda s: ratio(s["mentioned_hallu"], s["hallu"]),
+    }
+    return bootstrap_intervals(columns, statistics)
+
+
 def _amber_metrics(conditions, splits, log: AnswerLog, files: dict) -> tuple[dict, dict]:
-    """Per condition: the generative scores, the discriminative ones and the AMBER score; and the normalised
-    discriminative responses per condition."""
+    """Per condition: the generative scores (with their intervals under "intervals"), the discriminative
+    ones and the AMBER score; and the normalised discriminative responses per condition."""
     from headlab.datasets.amber import (
         amber_score,
         normalize_yes_no,
@@ -157,6 +185,7 @@ def _amber_metrics(conditions, splits, log: AnswerLog, files: dict) -> tuple[dic
         responses[c] = {i: normalize_yes_no(d[i]) for i in dis_ids if i in d}
         dis = score_amber_discriminative(files["questions"], responses[c])
         entry = {k: v for k, v in asdict(gen).items() if k not in ("per_response", "problems")}
+        entry["intervals"] = generative_intervals(gen)
         entry["discriminative"] = {k: asdict(v) for k, v in dis.items()}
         f1 = dis["overall"].f1
         entry["amber_score"] = None if gen.chair is None or f1 is None else amber_score(gen.chair, f1)
@@ -184,6 +213,7 @@ def _amber_vs_none(c: str, metrics, responses, splits, files, log: AnswerLog) ->
     flips = [
         {
             "id": i,
+            "image": q.image,
             "query": q.text,
             "truth": files["questions"][i].truth,
             "before": log.get("none", AMBER_DIS)[i],
@@ -262,8 +292,9 @@ def _amber_tables(report: Mapping):
     )
 
 
-def document(report: Mapping) -> Document:
-    import plotly.graph_objects as go
+def document(report: Mapping, thumbs: Mapping[str, str | None] | None = None) -> Document:
+    """The report's document; `thumbs`: {image: thumbnail} of the flipped discriminative answers."""
+    from headlab.reports.figures import grouped_bars
 
     doc = start_document("AMBER report", report)
     (gh, gr), (dh, dr), (xh, xr) = _amber_tables(report)
@@ -274,19 +305,24 @@ def document(report: Mapping) -> Document:
     doc.heading("Difference vs none (bootstrap 95% CI over the discriminative questions, paired)")
     doc.table(xh, xr)
     keys = ("chair", "cover", "hal", "cog")
-    fig = go.Figure(
-        [go.Bar(name=c, x=list(keys), y=[m[k] for k in keys]) for c, m in report["metrics"].items()]
-    )
-    fig.update_layout(barmode="group", title="AMBER generative", yaxis_range=[0, 1], height=340)
+    intervals = {c: m.get("intervals", {}) for c, m in report["metrics"].items()}
+    title = "AMBER generative (error bars: bootstrap 95% interval over responses)"
+    fig = grouped_bars(report["metrics"], intervals, keys, title=title, yaxis_range=[0, 1], height=340)
     doc.figure(fig)
     doc.heading("Example answers")
     ex = ("id", "image", "query", *report["conditions"])
     doc.table(ex, [[e[k] for k in ex] for e in report["examples"]])
     doc.heading("Flipped discriminative answers")
-    fk = ("id", "query", "truth", "before", "after")
+    fk = ("id", "image", "query", "truth", "before", "after")
     for c, d in report["vs_none"].items():
         doc.heading(f"none -> {c} ({len(d['flipped'])})", level=3)
-        doc.table(fk, [[f[k] for k in fk] for f in d["flipped"]])
+        if not d["flipped"]:
+            doc.paragraph("No answer changed.")
+            continue
+        rows = [
+            {**f, "image": Thumbnail(str(f["image"]), (thumbs or {}).get(f["image"]))} for f in d["flipped"]
+        ]
+        doc.table(fk, [[f[k] for k in fk] for f in rows])
     problems_section(doc, report, _amber_problems(report))
     return doc
 
@@ -361,7 +397,9 @@ def amber_report(
         gen_tokens=gen_tokens,
         n_per_kind=n,
     )
-    return ReportResult(write_report_files(out, report, document(report)), report, ans.run)
+    thumbs = flipped_thumbnails([splits[AMBER_DIS]], {AMBER_DIS: {"vs_none": report["vs_none"]}})
+    doc = document(report, thumbs[AMBER_DIS])
+    return ReportResult(write_report_files(out, report, doc), report, ans.run)
 
 
 def summary(result: ReportResult, out: Path) -> list[str]:

@@ -6,20 +6,28 @@ Every one of them answers questions under the conditions of `runs.answering` (no
 answer log of `runs.answers`, and follows the same rules: bad records and missing images are listed and left
 out, a failed answer is listed per split and condition, a metric over zero answers is None (n/a), and the
 run's `Outcome` gives the exit code. Differences vs "none" come with a percentile bootstrap 95% confidence
-interval over the questions answered under both conditions (paired resampling, `BOOTSTRAP`).
+interval over the questions answered under both conditions (paired resampling, `BOOTSTRAP`); each
+condition's own metrics get one too (`bootstrap_intervals`, the error bars of the reports' bar charts).
+
+VAR: what it did is counted per answer and summarised in report.json's "var" entry, whose statement the
+document shows after the conditions (`reports.var_sinks`): on a model where no token passes VAR's sink
+threshold tau (the paper's 20, kept as the default: the method gives tau = 20 and a per-model rule only
+for the sink dimensions), the report says that the "var" condition equals "none", from the counts of the run.
+Flipped answers are listed in full in report.json and in paged tables, with a thumbnail of each question's
+image when its file opens (`reports.thumbnails`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from headlab.datasets.pope import PopeQuestion, parse_answer
 from headlab.errors import InputError
 from headlab.reports import registry
-from headlab.reports.document import Document
+from headlab.reports.document import Document, Thumbnail
 from headlab.reports.output import fmt
 from headlab.reports.registry import Report, ReportOption, ReportResult
 from headlab.runs.answering import CONDITIONS, AnswerRun, Split, answer_all, condition_interventions, outcome
@@ -107,22 +115,35 @@ class Answered:
     log: AnswerLog
     run: AnswerRun
     var_tau: float
+    splits: list[Split] = field(default_factory=list)
+    var_records: list[dict] = field(default_factory=list)  # reports.var_sinks: every answer's VAR counts
+    var_notes: list[str] = field(default_factory=list)
 
     def head(self) -> dict:
         """The fields every LVLM report starts with: the model, the conditions, the answer log's problems and
-        notes, VAR's tau, whether the run was interrupted, and the bootstrap's settings."""
+        notes, VAR's tau and what VAR did ("var", when it is a condition), whether the run was interrupted,
+        and the bootstrap's settings."""
+        from headlab.reports.var_sinks import var_summary
+
         n_layers = self.lm.tower("lm").n_layers
         notes = {c: condition_interventions(c, n_layers, var_tau=self.var_tau)[1] for c in self.conditions}
-        return {
+        head = {
             "model": self.identity.given,
             "model_path": self.identity.path,
             "conditions": notes,
             "problems": {"answers_file": list(self.log.problems)},
-            "notes": list(self.log.notes),
+            "notes": list(self.log.notes) + self.var_notes,
             "var_tau": self.var_tau,
             "interrupted": self.run.interrupted,
             "bootstrap": BOOTSTRAP,
         }
+        if "var" in self.conditions:
+            answered = {
+                s.name: {q.question_id for q in s.questions} & set(self.log.get("var", s.name))
+                for s in self.splits
+            }
+            head["var"] = var_summary(self.var_records, answered, self.var_tau)
+        return head
 
     def outcome(self, splits: Sequence[Split], bad_input: int) -> dict:
         """The run's outcome over `splits` (`runs.answering.outcome`), as report.json holds it."""
@@ -141,8 +162,9 @@ def answer(
 ) -> Answered:
     """Load the report's model (refused unless an LVLM; `model` None: the answer log's, else zoo:llava),
     open `out/answers.jsonl`, and answer each group of splits with its number of tokens, in order, until one
-    is interrupted (`runs.answering.answer_all`)."""
+    is interrupted (`runs.answering.answer_all`); VAR's counts are kept in `out/var_sinks.json`."""
     from headlab.loading import Family
+    from headlab.reports import var_sinks
 
     lm, identity = load_report_model(out, model, DEFAULT_MODEL)
     if lm.family is not Family.LVLM:
@@ -158,7 +180,20 @@ def answer(
             lm, splits, conditions, log, max_new_tokens=tokens, var_tau=var_tau, progress=progress
         )
         run = run.then(more)
-    return Answered(lm=lm, identity=identity, conditions=conditions, log=log, run=run, var_tau=var_tau)
+    records, notes = ([], [])
+    if "var" in conditions:
+        records, notes = var_sinks.update(out, identity, var_tau, run.var_seen)
+    return Answered(
+        lm=lm,
+        identity=identity,
+        conditions=conditions,
+        log=log,
+        run=run,
+        var_tau=var_tau,
+        splits=[split for splits, _ in groups for split in splits],
+        var_records=records,
+        var_notes=notes,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- numbers
@@ -211,6 +246,46 @@ def paired_bootstrap(
     return out
 
 
+def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den elementwise, 0 where den is 0 (the scorers' rule for an empty denominator)."""
+    import numpy as np
+
+    return np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+
+
+Statistic = Callable[[Mapping[str, "np.ndarray"]], "np.ndarray"]
+
+
+def bootstrap_intervals(
+    columns: Mapping[str, Sequence[float]],
+    statistics: Mapping[str, Statistic],
+    *,
+    resamples: int = BOOTSTRAP["resamples"],
+    seed: int = BOOTSTRAP["seed"],
+) -> dict[str, list[float] | None]:
+    """A percentile bootstrap 95% interval [low, high] of each statistic over items (the rows of `columns`,
+    one value per item each), resampled with replacement. A statistic maps the column sums of the resamples
+    ({name: [resample]}) to its value per resample: every metric of these reports is a function of per-item
+    sums (a mean, or a ratio of sums as precision, F1 or CHAIR_i: `ratio`). No item: None for each."""
+    import numpy as np
+
+    data = {name: np.asarray(values, dtype=float) for name, values in columns.items()}
+    n = len(next(iter(data.values()))) if data else 0
+    if n == 0:
+        return dict.fromkeys(statistics)
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[np.ndarray]] = {name: [] for name in statistics}
+    for start in range(0, resamples, 100):  # 100 resamples at a time: [100, item] indices
+        idx = rng.integers(0, n, size=(min(100, resamples - start), n))
+        sums = {name: column[idx].sum(-1) for name, column in data.items()}
+        for name, stat in statistics.items():
+            values[name].append(np.broadcast_to(stat(sums), idx.shape[:1]))
+    return {
+        name: [float(v) for v in np.percentile(np.concatenate(vs), [2.5, 97.5])]
+        for name, vs in values.items()
+    }
+
+
 def flipped(
     questions: Sequence[PopeQuestion], before: Mapping[int | str, str], after: Mapping[int | str, str]
 ) -> list[dict]:
@@ -252,9 +327,12 @@ def split_problems(splits: Mapping) -> list[str]:
 
 
 def start_document(title: str, report: Mapping, what: str = "questions") -> Document:
-    """A report's document opened with its conditions (and a line when the run was interrupted)."""
+    """A report's document opened with its conditions, what VAR did (`reports.var_sinks`), and a line when
+    the run was interrupted."""
     doc = Document(f"{title}: {report['model']}")
     doc.bullets([f"{c}: {note}" for c, note in report["conditions"].items()])
+    if (report.get("var") or {}).get("statement"):
+        doc.paragraph(report["var"]["statement"])
     if report.get("interrupted"):
         doc.paragraph(f"Interrupted: the numbers cover the {what} answered so far; rerun to finish.")
     return doc
@@ -263,16 +341,42 @@ def start_document(title: str, report: Mapping, what: str = "questions") -> Docu
 FLIP_KEYS = ("question_id", "image", "question", "label", "before", "after", "now_correct")
 
 
-def flipped_section(doc: Document, splits: Mapping) -> None:
-    """One table per (split, condition) of the answers the condition flipped vs none."""
+def flipped_section(doc: Document, splits: Mapping, thumbs: Mapping[str, Mapping] | None = None) -> None:
+    """One table per (split, condition) of the answers the condition flipped vs none (paged when long), the
+    image shown by its thumbnail (`thumbs[split][image]`, from `flipped_thumbnails`) when there is one."""
     doc.heading("Flipped answers")
     for name, s in splits.items():
+        images = (thumbs or {}).get(name, {})
         for c, d in s["vs_none"].items():
             doc.heading(f"{name}: none -> {c} ({len(d['flipped'])})", level=3)
-            doc.table(
-                FLIP_KEYS,
-                [[str(f[k]) if k == "now_correct" else f[k] for k in FLIP_KEYS] for f in d["flipped"]],
-            )
+            if not d["flipped"]:
+                doc.paragraph("No answer changed.")
+                continue
+            rows = []
+            for f in d["flipped"]:
+                row = {**f, "now_correct": str(f["now_correct"])}
+                row["image"] = Thumbnail(str(f["image"]), images.get(f["image"]))
+                rows.append([row[k] for k in FLIP_KEYS])
+            doc.table(FLIP_KEYS, rows)
+
+
+def flipped_thumbnails(splits: Sequence[Split], entries: Mapping) -> dict[str, dict[str, str | None]]:
+    """{split: {image: thumbnail data URI or None}} for the images of the flipped answers in `entries`
+    (report.json's splits or subtasks), made once per image file (`reports.thumbnails`)."""
+    from headlab.errors import InputError
+    from headlab.reports.thumbnails import Thumbnails
+
+    made, out = Thumbnails(), {}
+    for split in splits:
+        by_image = {q.image: q for q in split.questions}
+        images = {f["image"] for d in entries[split.name]["vs_none"].values() for f in d["flipped"]}
+        out[split.name] = {}
+        for image in sorted(images, key=str):
+            try:
+                out[split.name][image] = made.get(split.image_file(by_image[image]))
+            except (InputError, KeyError):
+                out[split.name][image] = None
+    return out
 
 
 def problems_section(doc: Document, report: Mapping, problems: list[str]) -> None:

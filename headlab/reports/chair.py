@@ -11,7 +11,8 @@ Each image is described ("Describe the image.", greedy, `gen_tokens` tokens) und
 vhr / var, `runs.answering`), answers appended to `answers.jsonl` (a rerun resumes), then scored with
 `headlab.datasets.chair.score_chair`: CHAIR_s (captions with a hallucinated object), CHAIR_i (hallucinated
 mentions / mentions), recall, length. Differences from `none` come with a paired bootstrap 95% CI over
-images for CHAIR_s (per-caption indicator) and as plain differences for the rest.
+images for CHAIR_s (per-caption indicator) and as plain differences for the rest; each condition's CHAIR_s,
+CHAIR_i and recall get a bootstrap 95% interval over its captions (the error bars of the chart).
 
 Built on `reports.benchmark` and `runs.answering` (answers, bad items and exit codes follow their rules): an images.json entry that is
 malformed, has an id breaking the id rule (`headlab.ids.example_id`), has no usable ground truth (a truth.json
@@ -42,9 +43,11 @@ from headlab.reports.benchmark import (
     Answered,
     answer,
     begin,
+    bootstrap_intervals,
     condition_lines,
     fmt_ci,
     problems_section,
+    ratio,
     split_problems,
     start_document,
 )
@@ -127,8 +130,31 @@ def _bootstrap_chair_s(before: np.ndarray, after: np.ndarray) -> dict:
     return {"delta": float(after.mean() - before.mean()), "ci_low": float(low), "ci_high": float(high)}
 
 
+def chair_intervals(captions: dict, truth, vocab) -> dict[str, list[float] | None]:
+    """Bootstrap 95% intervals of CHAIR_s, CHAIR_i and recall over `captions` (as `score_chair` counts)."""
+    columns: dict[str, list[float]] = {
+        k: [] for k in ("bad", "hallucinated", "mentions", "recalled", "truth")
+    }
+    for image_id, caption in captions.items():
+        nodes, _ = chair.mentions(caption, vocab)
+        bad = [n for n in nodes if n not in truth[image_id]]
+        columns["bad"].append(float(bool(bad)))
+        columns["hallucinated"].append(len(bad))
+        columns["mentions"].append(len(nodes))
+        columns["recalled"].append(len(truth[image_id] & set(nodes)))
+        columns["truth"].append(len(truth[image_id]))
+    columns["captions"] = [1.0] * len(captions)
+    statistics = {
+        "chair_s": lambda s: s["bad"] / s["captions"],
+        "chair_i": lambda s: ratio(s["hallucinated"], s["mentions"]),
+        "recall": lambda s: ratio(s["recalled"], s["truth"]),
+    }
+    return bootstrap_intervals(columns, statistics)
+
+
 def _chair_metrics(split, vocab, truth, conditions, log: AnswerLog) -> tuple[dict, dict, dict]:
-    """Per condition: the CHAIR metrics, the hallucinated objects per image, and example captions."""
+    """Per condition: the CHAIR metrics (with their intervals under "intervals"), the hallucinated objects
+    per image, and example captions."""
     ids = [q.question_id for q in split.questions]
     metrics, hallucinated, examples = {}, {}, {}
     for condition in conditions:
@@ -136,6 +162,7 @@ def _chair_metrics(split, vocab, truth, conditions, log: AnswerLog) -> tuple[dic
         captions = {i: answers[i] for i in ids if i in answers}
         score = chair.score_chair(captions, truth, vocab)
         metrics[condition] = {k: getattr(score, k) for k in KEYS}
+        metrics[condition]["intervals"] = chair_intervals(captions, truth, vocab)
         hallucinated[condition] = {
             i: [w for w in chair.mentions(c, vocab)[0] if w not in truth[i]] for i, c in captions.items()
         }
@@ -172,7 +199,7 @@ def build_chair_report(ans: Answered, split: Split, vocab, truth, *, gen_tokens:
 
 
 def document(report) -> Document:
-    import plotly.graph_objects as go
+    from headlab.reports.figures import grouped_bars
 
     doc = start_document("CHAIR report", report, what="images")
     doc.heading("Metrics")
@@ -186,13 +213,10 @@ def document(report) -> Document:
                 for c, d in report["differences"].items()
             ],
         )
-    fig = go.Figure(
-        [
-            go.Bar(x=list(report["metrics"]), y=[m[k] for m in report["metrics"].values()], name=k)
-            for k in ("chair_s", "chair_i", "recall")
-        ]
-    )
-    fig.update_layout(barmode="group", title="CHAIR per condition")
+    intervals = {c: m.get("intervals", {}) for c, m in report["metrics"].items()}
+    title = "CHAIR per condition (error bars: bootstrap 95% interval over captions)"
+    fig = grouped_bars(report["metrics"], intervals, ("chair_s", "chair_i", "recall"), title=title)
+    fig.update_layout(yaxis_range=[0, 1])
     doc.figure(fig)
     for c, rows in report["examples"].items():
         doc.heading(f"Example captions: {c}", 3)

@@ -64,37 +64,33 @@ def vhd_heatmap_data(lm, picks, out: Path):
 
 
 def maps_section(doc: Document, maps: Mapping, vhd) -> None:
-    """The maps (from `runs.image_maps.attention_maps`) and the VHD heat map as sections of `doc`."""
+    """The maps (from `runs.image_maps.attention_maps`) and the VHD heat map as sections of `doc`, layers and
+    heads on categorical axes (`reports.figures`)."""
     import pandas as pd
     import plotly.graph_objects as go
 
+    from headlab.reports.figures import categorical_axes, layer_head_heatmap, layer_labels
+
     if maps.get("image_mass"):
         frame = pd.DataFrame(maps["image_mass"]).pivot(index="layer", columns="head", values="mass")
-        fig = go.Figure(go.Heatmap(z=frame.values, x=list(frame.columns), y=list(frame.index)))
-        fig.update_layout(
-            title=f"attention mass on the image tokens at the last query (mean over {maps['images']} images)",
-            xaxis_title="head",
-            yaxis_title="layer",
-        )
+        title = f"attention mass on the image tokens at the last query (mean over {maps['images']} images)"
         doc.heading("Image attention")
-        doc.figure(fig)
+        doc.figure(layer_head_heatmap(frame, title=title))
     if maps.get("visual_sinks"):
         sinks = maps["visual_sinks"]
-        fig = go.Figure(go.Heatmap(z=sinks["phi"], colorscale="Magma"))
+        tokens = [str(i) for i in range(len(sinks["phi"][0]) if sinks["phi"] else 0)]
+        fig = go.Figure(
+            go.Heatmap(z=sinks["phi"], x=tokens, y=layer_labels(range(len(sinks["phi"]))), colorscale="Magma")
+        )
         fig.update_layout(
             title=f"visual-sink score phi per layer and image token (sink dims {sinks['dims']}; "
-            f"phi > {sinks['tau']:g} = visual sink)",
-            xaxis_title="image token (row-major over the patch grid)",
-            yaxis_title="layer input",
+            f"phi > {sinks['tau']:g} = visual sink)"
         )
+        categorical_axes(fig, x="image token (row-major over the patch grid)", y="layer input")
         doc.heading("Visual sinks")
         doc.paragraph(f"visual sinks per layer: {sinks['sinks_per_layer']}")
         doc.figure(fig)
     if vhd is not None and len(vhd):
         grid = vhd.pivot(index="layer", columns="head", values="vhd")
-        fig = go.Figure(
-            go.Heatmap(z=grid.values, x=list(grid.columns), y=list(grid.index), colorscale="Viridis")
-        )
-        fig.update_layout(title="VHD per head (mean over images)", xaxis_title="head", yaxis_title="layer")
         doc.heading("Vision-aware head divergence")
-        doc.figure(fig)
+        doc.figure(layer_head_heatmap(grid, title="VHD per head (mean over images)", colorscale="Viridis"))

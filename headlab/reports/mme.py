@@ -11,7 +11,8 @@ synthetic existence subtask is written from `datasets.scenes` into `OUT/data` (t
 present object, Yes, and an absent one, No; the absent partner of a present object when there is one).
 Results are written per condition as the eval tool's input, `OUT/results/<condition>/<subtask>.txt`, and
 scored with `load_mme_results` + `score_mme`; a subtask without answers has score None (n/a), and so has the
-total then.
+total then. Each condition's acc, acc+ and score get a bootstrap 95% interval over the subtask's images (an
+image's questions are resampled together, as acc+ scores them): the error bars of the score chart.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ from headlab.reports.benchmark import (
     Answered,
     answer,
     begin,
+    bootstrap_intervals,
     flipped,
     flipped_section,
+    flipped_thumbnails,
     fmt_ci,
     paired_bootstrap,
     problems_section,
@@ -131,6 +134,25 @@ def write_mme_results(results: MmeFile, path: Path) -> Path:
     return path
 
 
+def mme_intervals(results: MmeFile) -> dict[str, list[float] | None]:
+    """Bootstrap 95% intervals of acc, acc+ and score (percent) over the images of `results`."""
+    right: dict[str, list[bool]] = {}
+    for line in results.lines:
+        right.setdefault(line.image, []).append(parse_answer(line.prediction) == line.answer)
+    columns = {
+        "right": [sum(oks) for oks in right.values()],
+        "asked": [len(oks) for oks in right.values()],
+        "all_right": [float(all(oks)) for oks in right.values()],
+        "images": [1.0] * len(right),
+    }
+    statistics = {
+        "acc": lambda s: 100 * s["right"] / s["asked"],
+        "acc_plus": lambda s: 100 * s["all_right"] / s["images"],
+        "score": lambda s: 100 * s["right"] / s["asked"] + 100 * s["all_right"] / s["images"],
+    }
+    return bootstrap_intervals(columns, statistics)
+
+
 def _as_correct(label: str, prediction: str) -> str:
     """A parsed MME prediction as yes/no for the bootstrap: right -> the label, wrong or "other" -> the
     opposite (so "other" counts wrong, as in MME)."""
@@ -140,14 +162,16 @@ def _as_correct(label: str, prediction: str) -> str:
 def _mme_entry(split: Split, ans: Answered, out: Path) -> dict:
     conditions, log = ans.conditions, ans.log
     entry: dict = {"file": str(split.path), "n_questions": len(split.questions), "metrics": {}}
-    entry |= {"results": {}, "vs_none": {}, "malformed_lines": split.problems}
+    entry |= {"results": {}, "vs_none": {}, "malformed_lines": split.problems, "intervals": {}}
     entry |= {"missing_images": split.missing_images, "failed": ans.run.failures(split.name)}
     for c in conditions:
         path = write_mme_results(
             mme_results(split, log.get(c, split.name)), out / "results" / c / f"{split.name}.txt"
         )
         entry["results"][c] = str(path)
-        entry["metrics"][c] = asdict(score_mme(load_mme_results(path)))
+        results = load_mme_results(path)
+        entry["metrics"][c] = asdict(score_mme(results))
+        entry["intervals"][c] = mme_intervals(results)
     base = log.get("none", split.name)
     for c in conditions[1:]:
         other = log.get(c, split.name)
@@ -182,8 +206,9 @@ def build_mme_report(ans: Answered, splits: Sequence[Split], out: Path, **extra)
     return report
 
 
-def document(report: Mapping) -> Document:
-    import plotly.graph_objects as go
+def document(report: Mapping, thumbs=None) -> Document:
+    """The report's document; `thumbs`: the flipped answers' thumbnails (`benchmark.flipped_thumbnails`)."""
+    from headlab.reports.figures import grouped_bars
 
     doc = start_document("MME report", report)
     doc.heading("Scores (acc and acc+ in percent; score = acc + acc+, at most 200 per subtask)")
@@ -203,23 +228,21 @@ def document(report: Mapping) -> Document:
         for c, d in s["vs_none"].items()
     ]
     doc.table(["subtask", "condition", "Δ accuracy", "Δ acc+", "Δ score", "flipped"], rows)
-    bars = [
-        go.Bar(
-            name=c,
-            x=list(report["subtasks"]),
-            y=[s["metrics"][c]["score"] for s in report["subtasks"].values()],
-        )
+    subtasks = report["subtasks"]
+    scores = {c: {n: s["metrics"][c]["score"] for n, s in subtasks.items()} for c in report["conditions"]}
+    intervals = {
+        c: {n: (s.get("intervals", {}).get(c) or {}).get("score") for n, s in subtasks.items()}
         for c in report["conditions"]
-    ]
-    fig = go.Figure(bars)
-    fig.update_layout(barmode="group", title="MME score per subtask", yaxis_range=[0, 200], height=340)
+    }
+    title = "MME score per subtask (error bars: bootstrap 95% interval over images)"
+    fig = grouped_bars(scores, intervals, list(subtasks), title=title, yaxis_range=[0, 200], height=340)
     doc.figure(fig)
     doc.heading("Example answers (first questions of each subtask)")
     for name, s in report["subtasks"].items():
         keys = ("question_id", "image", "question", "label", *report["conditions"])
         doc.heading(name, level=3)
         doc.table(keys, [[e[k] for k in keys] for e in s["examples"]])
-    flipped_section(doc, report["subtasks"])
+    flipped_section(doc, report["subtasks"], thumbs)
     problems_section(doc, report, split_problems(report["subtasks"]))
     return doc
 
@@ -250,7 +273,8 @@ def mme_report(
         out, model, "MME", conditions, [(splits, max_new_tokens)], var_tau=var_tau, progress=progress
     )
     report = build_mme_report(ans, splits, out, max_new_tokens=max_new_tokens, n_images_per_subtask=n)
-    return ReportResult(write_report_files(out, report, document(report)), report, ans.run)
+    doc = document(report, flipped_thumbnails(splits, report["subtasks"]))
+    return ReportResult(write_report_files(out, report, doc), report, ans.run)
 
 
 def summary(result: ReportResult, out: Path) -> list[str]:

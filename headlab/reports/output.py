@@ -7,7 +7,10 @@ Contract:
   document `doc`, rendered by `document.markdown` and `html.html_page`) are replaced together
   (`runs.atomic.replace_all`): a failure (full disk, permissions) leaves the previous report as it was and
   raises `StoreError` saying so; it never leaves a truncated report. report.json holds plain JSON: a number
-  that is not finite (NaN, infinity) is written as null.
+  that is not finite (NaN, infinity) is written as null. When the document has figures, the folder's
+  `plotly.min.js` (`html.PLOTLY_JS`, the installed plotly package's bundle, which report.html loads by a
+  relative path) is written in the same atomic step if it is missing or differs from that bundle, and left
+  as it is otherwise: one copy per folder, never a stale one.
 - A metric over zero answered items is `None`: null in JSON, "n/a" in Markdown, HTML and the console
   (`fmt`); a difference involving one is `None` too (`minus`).
 - `records(frame)`: a table's rows as plain JSON (NaN -> None, numpy scalars -> Python ones).
@@ -28,7 +31,7 @@ from pathlib import Path
 
 from headlab.errors import InputError
 from headlab.reports.document import Document, markdown
-from headlab.reports.html import html_page
+from headlab.reports.html import PLOTLY_JS, html_page
 from headlab.runs.atomic import replace_all
 
 REPORT_FILES = ("report.json", "report.md", "report.html")
@@ -118,5 +121,22 @@ def write_report_files(out: Path, report: Mapping, doc: Document) -> Path:
     """report.json/.md/.html in `out`, all replaced together (module docstring); returns the HTML path."""
     out.mkdir(parents=True, exist_ok=True)
     body = json.dumps(plain_json(report), indent=1, allow_nan=False)
-    replace_all(out, dict(zip(REPORT_FILES, (body, markdown(doc), html_page(doc)), strict=True)))
+    files = dict(zip(REPORT_FILES, (body, markdown(doc), html_page(doc)), strict=True))
+    if doc.has_figures:
+        files |= _plotly_js(out)
+    replace_all(out, files)
     return out / "report.html"
+
+
+def _plotly_js(out: Path) -> dict[str, str]:
+    """{PLOTLY_JS: the bundle} when `out` lacks it or holds another version; {} when it is up to date."""
+    from plotly.offline import get_plotlyjs
+
+    bundle = get_plotlyjs()
+    path = out / PLOTLY_JS
+    try:
+        if path.stat().st_size == len(bundle.encode()) and path.read_text(encoding="utf-8") == bundle:
+            return {}
+    except (OSError, UnicodeDecodeError):
+        pass  # missing or unreadable: written again
+    return {PLOTLY_JS: bundle}

@@ -8,8 +8,8 @@ into `OUT/data` once and used. Questions are answered by `runs.answering` (condi
 answers appended to `OUT/answers.jsonl` and resumed, bad items listed; the rules of `reports.benchmark`).
 
 Outputs, written atomically: report.json (every number), report.md and report.html (tables, a bar chart per
-split, the image maps of `reports.maps` on the first `vhd_images` images of the first split, flipped
-answers, problems).
+split with each condition's bootstrap 95% intervals as error bars, the image maps of `reports.maps` on the
+first `vhd_images` images of the first split, flipped answers with thumbnails, problems).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from headlab.datasets.pope import PopeFile, load_pope, parse_answer, score_pope
+from headlab.datasets.pope import PopeFile, PopeQuestion, load_pope, parse_answer, score_pope
 from headlab.errors import InputError
 from headlab.reports.benchmark import (
     IMAGES,
@@ -29,11 +29,14 @@ from headlab.reports.benchmark import (
     Answered,
     answer,
     begin,
+    bootstrap_intervals,
     flipped,
     flipped_section,
+    flipped_thumbnails,
     fmt_ci,
     paired_bootstrap,
     problems_section,
+    ratio,
     split_lines,
     split_problems,
     start_document,
@@ -68,6 +71,26 @@ def load_splits(data: Sequence[Path], images: Path | None, n: int | None) -> lis
     return splits
 
 
+def pope_intervals(questions: Sequence[PopeQuestion], answers) -> dict[str, list[float] | None]:
+    """A bootstrap 95% interval of each POPE metric over the answered questions (as `score_pope` counts
+    them: an answer parsed "yes" or anything else as "no")."""
+    import numpy as np
+
+    asked = [q for q in questions if q.question_id in answers]
+    yes = np.array([parse_answer(answers[q.question_id]) == "yes" for q in asked], dtype=float)
+    pos = np.array([q.label == "yes" for q in asked], dtype=float)
+    tp, tn = yes * pos, (1 - yes) * (1 - pos)
+    columns = {"n": np.ones_like(yes), "yes": yes, "pos": pos, "tp": tp, "right": tp + tn}
+    statistics = {
+        "accuracy": lambda s: s["right"] / s["n"],
+        "precision": lambda s: ratio(s["tp"], s["yes"]),
+        "recall": lambda s: ratio(s["tp"], s["pos"]),
+        "f1": lambda s: ratio(2 * s["tp"], s["yes"] + s["pos"]),  # 2tp / (2tp + fp + fn)
+        "yes_ratio": lambda s: s["yes"] / s["n"],
+    }
+    return bootstrap_intervals(columns, statistics)
+
+
 def build_report(ans: Answered, splits: Sequence[Split], **extra) -> dict:
     """Every number of the report as plain JSON-able data."""
     report = ans.head() | {"splits": {}, **extra}
@@ -75,8 +98,11 @@ def build_report(ans: Answered, splits: Sequence[Split], **extra) -> dict:
         entry: dict = {"file": str(split.path), "n_questions": len(split.questions), "metrics": {}}
         entry |= {"vs_none": {}, "malformed_lines": split.problems, "missing_images": split.missing_images}
         entry["failed"] = ans.run.failures(split.name)
+        entry["intervals"] = {}
         for c in ans.conditions:
-            entry["metrics"][c] = asdict(score_pope(split.questions, ans.log.get(c, split.name)))
+            answers = ans.log.get(c, split.name)
+            entry["metrics"][c] = asdict(score_pope(split.questions, answers))
+            entry["intervals"][c] = pope_intervals(split.questions, answers)
         base = ans.log.get("none", split.name)
         for c in ans.conditions[1:]:
             other = ans.log.get(c, split.name)
@@ -91,10 +117,10 @@ def build_report(ans: Answered, splits: Sequence[Split], **extra) -> dict:
     return report
 
 
-def document(report: dict, vhd=None) -> Document:
-    """The report's document; `vhd` is an optional (layer, head, vhd) DataFrame for a heat map."""
-    import plotly.graph_objects as go
-
+def document(report: dict, vhd=None, thumbs=None) -> Document:
+    """The report's document; `vhd` is an optional (layer, head, vhd) DataFrame for a heat map, `thumbs` the
+    flipped answers' thumbnails (`benchmark.flipped_thumbnails`)."""
+    from headlab.reports.figures import grouped_bars
     from headlab.reports.maps import maps_section
 
     doc = start_document("POPE report", report)
@@ -113,14 +139,13 @@ def document(report: dict, vhd=None) -> Document:
     ]
     doc.table(["split", "condition", "Δ accuracy", "Δ F1", "flipped"], rows)
     for name, s in report["splits"].items():
-        fig = go.Figure(
-            [go.Bar(name=c, x=list(METRICS), y=[m[k] for k in METRICS]) for c, m in s["metrics"].items()]
-        )
-        fig.update_layout(barmode="group", title=f"{name}", yaxis_range=[0, 1], height=340)
+        title = f"{name} (error bars: bootstrap 95% interval of each condition)"
+        intervals = s.get("intervals", {})
+        fig = grouped_bars(s["metrics"], intervals, METRICS, title=title, yaxis_range=[0, 1], height=340)
         doc.heading(f"Split {name}")
         doc.figure(fig)
     maps_section(doc, report.get("attention_maps") or {}, vhd)
-    flipped_section(doc, report["splits"])
+    flipped_section(doc, report["splits"], thumbs)
     problems_section(doc, report, split_problems(report["splits"]))
     return doc
 
@@ -173,7 +198,8 @@ def pope_report(
         report["vhd_per_head"] = vhd[["layer", "head", "vhd"]].to_dict(orient="records")
     if maps:
         report["attention_maps"] = maps
-    return ReportResult(write_report_files(out, report, document(report, vhd)), report, ans.run)
+    doc = document(report, vhd, flipped_thumbnails(splits, report["splits"]))
+    return ReportResult(write_report_files(out, report, doc), report, ans.run)
 
 
 def summary(result: ReportResult, out: Path) -> list[str]:

@@ -119,6 +119,7 @@ def document(report: Mapping) -> Document:
         ]
     )
     fig.update_layout(xaxis_title="gold document slot (0-based)", yaxis_title="accuracy", yaxis_range=[0, 1])
+    fig.update_xaxes(type="category")  # slots are whole numbers: one tick each, none between
     doc.figure(fig)
     doc.table(
         ["gold", *curves], [[g, *(curves[m][g]["accuracy"] for m in curves)] for g in range(report["k"])]

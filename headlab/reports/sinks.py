@@ -172,19 +172,15 @@ def document(report: Mapping) -> Document:
 def _heads_section(doc: Document, heads: list[dict]) -> None:
     """alpha_0 of every head: a heat map and the table."""
     import pandas as pd
-    import plotly.graph_objects as go
+
+    from headlab.reports.figures import layer_head_heatmap
 
     if not heads:
         return
     grid = pd.DataFrame(heads).pivot(index="layer", columns="head", values="alpha")
-    fig = go.Figure(
-        go.Heatmap(
-            z=grid.values, x=list(grid.columns), y=list(grid.index), colorscale="Viridis", zmin=0, zmax=1
-        )
-    )
-    fig.update_layout(title="alpha_0 per head (mean over examples)", xaxis_title="head", yaxis_title="layer")
+    title = "alpha_0 per head (mean over examples)"
     doc.heading("alpha_0 per head")
-    doc.figure(fig)
+    doc.figure(layer_head_heatmap(grid, title=title, colorscale="Viridis", zmin=0, zmax=1))
     doc.table(
         ["layer", "head", "alpha_0", "sink rate", "sink"],
         [[h["layer"], h["head"], h["alpha"], h["sink_rate"], str(h["is_sink"])] for h in heads],

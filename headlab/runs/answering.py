@@ -13,7 +13,10 @@ Rules (`answer_all`):
   unanswered; every other question is answered, and a rerun tries it again;
 - a `Split` holds only usable questions: a question whose image path is unusable or names no file is listed
   in `missing_images` by `Split.add` and never asked; malformed records are listed in `problems`;
-- `outcome` is the run's `runs.outcome.Outcome`: usable questions x conditions, how many are answered.
+- `outcome` is the run's `runs.outcome.Outcome`: usable questions x conditions, how many are answered;
+- under "var", what VAR saw and did for each question answered (`interventions.var.SinkCounts`: sink tokens
+  and the largest sink score phi per layer, attention rows redistributed) is kept in `AnswerRun.var_seen`,
+  one `VarSeen` per answer, so a report can say whether VAR changed anything (`reports.var_sinks`).
 """
 
 from __future__ import annotations
@@ -82,6 +85,35 @@ def condition_interventions(name: str, n_layers: int, *, var_tau: float = 20.0) 
 
 
 @dataclass(frozen=True, kw_only=True)
+class VarSeen:
+    """What VAR saw and did while one question was answered (`SinkCounts`, per layer in `layers` order)."""
+
+    split: str
+    question_id: int | str
+    layers: tuple[int, ...]
+    prefills: int
+    rows: int  # attention rows (head x query) redistributed
+    width: int  # hidden size: phi <= sqrt(width)
+    sinks: tuple[int, ...]  # tokens with phi > tau entering each layer (every type)
+    visual_sinks: tuple[int, ...]  # image tokens among them
+    max_phi: tuple[float, ...]  # largest phi entering each layer
+
+    @classmethod
+    def of(cls, split: str, question_id: int | str, layers: Sequence[int], counts) -> VarSeen:
+        return cls(
+            split=split,
+            question_id=question_id,
+            layers=tuple(layers),
+            prefills=counts.prefills,
+            rows=counts.rows,
+            width=counts.width,
+            sinks=tuple(counts.sinks.get(layer, 0) for layer in layers),
+            visual_sinks=tuple(counts.visual_sinks.get(layer, 0) for layer in layers),
+            max_phi=tuple(counts.max_phi.get(layer, 0.0) for layer in layers),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class Failure:
     """One answer that could not be given in this run."""
 
@@ -98,6 +130,7 @@ class AnswerRun:
     failed: list[Failure] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
+    var_seen: list[VarSeen] = field(default_factory=list)  # one per question answered under "var"
 
     def then(self, more: AnswerRun) -> AnswerRun:
         """This run followed by `more` (its interruption is the last word)."""
@@ -107,6 +140,7 @@ class AnswerRun:
             self.failed + more.failed,
             more.interrupted,
             self.seconds + more.seconds,
+            self.var_seen + more.var_seen,
         )
 
     def failures(self, split: str) -> dict[str, list[str]]:
@@ -165,9 +199,14 @@ def answer_all(
                     continue
                 tick = progress(f"{condition} / {split.name}", len(todo)) if progress else None
                 scope = intervene(lm, *interventions) if interventions else contextlib.nullcontext()
-                with scope:
+                with scope as runner:
+                    var = _var_patch(runner)
                     for q in todo:
-                        _answer_one(lm, split, q, condition, log, run, max_new_tokens)
+                        answered = _answer_one(lm, split, q, condition, log, run, max_new_tokens)
+                        if var is not None:
+                            counts = var.take()
+                            if answered:
+                                run.var_seen.append(VarSeen.of(split.name, q.question_id, var.layers, counts))
                         if tick:
                             tick()
     except KeyboardInterrupt:
@@ -176,16 +215,28 @@ def answer_all(
     return run
 
 
-def _answer_one(lm, split: Split, q: PopeQuestion, condition: str, log: AnswerLog, run: AnswerRun, tokens):
+def _var_patch(runner):
+    """The bound VAR of an intervene block (whose counts are read per question), or None."""
+    from headlab.interventions.var import VARPatch
+
+    patches = getattr(runner, "patches", ())
+    return next((p for p in patches if isinstance(p, VARPatch)), None)
+
+
+def _answer_one(
+    lm, split: Split, q: PopeQuestion, condition: str, log: AnswerLog, run: AnswerRun, tokens
+) -> bool:
+    """Answer `q` and log the answer (True), or list its failure (False)."""
     try:
         text = generate_answer(lm, prompt_for(q), split.image_file(q), tokens)
     except Exception as err:  # an item's failure is listed; only Ctrl-C stops the run
         run.failed.append(
             Failure(condition=condition, split=split.name, question_id=q.question_id, reason=reason(err))
         )
-        return
+        return False
     log.append(condition, split.name, q.question_id, text)
     run.done += 1
+    return True
 
 
 def outcome(
