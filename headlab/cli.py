@@ -62,6 +62,7 @@ def main() -> None:
 
 
 app.command("info")(_friendly(models.info))
+app.command("check", epilog=models.EXIT_CODES)(_friendly(models.check))
 app.command("stats")(_friendly(models.stats))
 app.command("capture")(_friendly(store.capture))
 store_app.command("verify")(_friendly(store.verify))

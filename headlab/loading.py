@@ -5,10 +5,21 @@ what the probe needs to know about the model: its family (llm / lvlm / vit), its
 language model and, for LVLMs, the vision tower), each tower's layer, head, KV-head and head-dim counts,
 whether the tower is causal, the patch grid of vision towers, and how an LVLM's image tokens are found.
 
-Towers are discovered from the model's real module tree: every attention module that routes through
-transformers' AttentionInterface sits at `<tower prefix>.<layer index>.<attention attr>`. What cannot be
-discovered (the auto class, CLS-like prefix tokens, sub-configs, the image token) is the family's adapter's
-declaration (`headlab.models`); `SUPPORTED` is the registry's read-only view.
+Towers are discovered from the model's real module tree: every attention module sits at
+`<tower prefix>.<layer index>.<attention attr>` (attn, self_attn, attention, self_attention), and what each
+tower is (heads, KV heads, head dim, windows, soft-cap, its MLP and rotary embedding) is read from it and
+its config (`headlab.models.discovery`). What cannot be discovered (the auto class, CLS-like prefix tokens,
+sub-configs, the image token) is the family's adapter's declaration (`headlab.models`); `SUPPORTED` is the
+registry's read-only view of the tested model types.
+
+A model headlab cannot serve is an `UnsupportedModelError` naming what is missing, raised before its
+weights are read where the class already says so: a model type the adapter's auto class has no class for
+(e.g. not a causal LM), or whose modeling code computes attention itself rather than through
+AttentionInterface (BLOOM with ALiBi, Falcon, MPT, GPT-Neo). Such eager-only models are refused, not
+captured through `output_attentions`: that would give their patterns but none of headlab's statistics,
+kernels, compact store or interventions, which all run inside the attention function. After loading, a
+model is refused whose attention is not found, does not route through the interface in every layer, sits
+only in some decoder layers (hybrids with recurrent or linear mixers) or under two stacks of one tower.
 
 A checkpoint that cannot be loaded as it is meant is a `ModelLoadError` naming the file and what to do,
 never a half-random model: an unreadable config.json, a folder without weights, a truncated or corrupt
@@ -21,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,11 +46,14 @@ from torch import nn
 
 from headlab.errors import ModelLoadError, UnsupportedModelError
 from headlab.hub import looks_like_hub_id, resolve_hub_id
-from headlab.models import SUPPORTED as SUPPORTED  # hl.SUPPORTED: model type -> its adapter (read-only)
-from headlab.models import Family, ModelAdapter, adapter_for
+from headlab.models import SUPPORTED as SUPPORTED  # hl.SUPPORTED: tested model type -> its adapter
+from headlab.models import Family, ModelAdapter, adapter_for, discovery
+from headlab.models.registry import is_registered
 
-# `<tower prefix>.<layer>.<attention attribute>` for every supported architecture.
-_ATTENTION_PATH = re.compile(r"^(?P<prefix>.*?)\.?(?P<layer>\d+)\.(?P<attr>attn|self_attn|attention)$")
+# `<tower prefix>.<layer>.<attention attribute>`: where every attention module headlab serves sits
+_ATTENTION_PATH = re.compile(
+    rf"^(?P<prefix>.*?)\.?(?P<layer>\d+)\.(?P<attr>{'|'.join(discovery.ATTENTION_ATTRS)})$"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +75,15 @@ class Tower:
     max_positions: int | None
     grid: tuple[int, int] | None = None
     prefix_tokens: int = 0
+    windows: tuple[int | None, ...] = ()  # each layer's sliding window (None: full attention)
+    softcap: float | None = None  # attention-logit soft-cap (Gemma 2)
+    mlp_attr: str | None = None  # the attribute of each decoder layer holding its MLP, None without one
+    rotary_attr: str | None = None  # the attribute next to the layer list holding the rotary embedding
+
+    @property
+    def sliding(self) -> bool:
+        """Whether any layer attends through a sliding window."""
+        return any(w is not None for w in self.windows)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -121,13 +145,14 @@ class LoadedModel:
 
     def rotary_module(self, tower: str = "lm") -> nn.Module | None:
         """The rotary embedding of `tower` (next to its layer list), None without one (learned positions)."""
-        path = self.tower(tower).path
-        parent = self.model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else self.model
-        return getattr(parent, self.adapter.rotary_attr, None)
+        info = self.tower(tower)
+        return None if info.rotary_attr is None else getattr(_holder(self.model, info.path), info.rotary_attr)
 
     def mlp_module(self, tower: str, layer: int) -> nn.Module | None:
-        """The MLP of decoder layer `layer` of `tower`, None if the layer has none under the family's name."""
-        return getattr(self.layer_modules[tower][layer], self.adapter.mlp_attr, None)
+        """The MLP of decoder layer `layer` of `tower` (the adapter's attribute or the discovered one: `mlp`,
+        `feed_forward`, `block_sparse_moe`, ...), None if its layers have none."""
+        attr = self.tower(tower).mlp_attr
+        return None if attr is None else getattr(self.layer_modules[tower][layer], attr)
 
     def __repr__(self) -> str:
         towers = ", ".join(
@@ -186,69 +211,140 @@ def _reason(err: Exception) -> str:
     return text if len(text) <= 200 else text[:199] + "…"
 
 
-def _tower(name: str, prefix: str, n_layers: int, config, prefix_tokens: int) -> Tower:
-    heads = config.num_attention_heads if hasattr(config, "num_attention_heads") else config.n_head
-    d_model = config.hidden_size
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or d_model // heads
-    grid, causal = None, True
-    if name == "vision":
-        size, patch = config.image_size, config.patch_size
-        rows, cols = (size, size) if isinstance(size, int) else tuple(size)
-        prows, pcols = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        grid = (rows // prows, cols // pcols)
-        causal = False
-    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+def _holder(model: nn.Module, path: str) -> nn.Module:
+    """The module holding the layer list at `path` (the model itself for a top-level list)."""
+    return model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """One stack of attention layers found in the module tree: its layer list's path, and per layer index
+    the attention module and the decoder layer holding it."""
+
+    prefix: str
+    attention: dict[int, nn.Module]
+    layers: dict[int, nn.Module]
+
+
+def _stacks(model: nn.Module) -> list[_Stack]:
+    """Every `<prefix>.<layer>.<attention attr>` module of the model, grouped by prefix."""
+    found: dict[str, _Stack] = {}
+    for path, module in model.named_modules():
+        match = _ATTENTION_PATH.match(path)
+        if match is None:
+            continue
+        stack = found.setdefault(match["prefix"], _Stack(match["prefix"], {}, {}))
+        stack.attention[int(match["layer"])] = module
+        stack.layers[int(match["layer"])] = model.get_submodule(path.rsplit(".", 1)[0])
+    return list(found.values())
+
+
+def _grid(config) -> tuple[int, int]:
+    size, patch = config.image_size, config.patch_size
+    rows, cols = (size, size) if isinstance(size, int) else tuple(size)
+    prows, pcols = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return rows // prows, cols // pcols
+
+
+def _tower(name: str, model: nn.Module, stack: _Stack, config, adapter: ModelAdapter) -> Tower:
+    """What the stack's modules and its config say about one tower (headlab.models.discovery)."""
+    modules = [stack.attention[i] for i in sorted(stack.attention)]
+    shape = discovery.head_shape(config, modules[0])
+    vision = name == "vision"
+    holder = _holder(model, stack.prefix)
     return Tower(
         name=name,
-        path=prefix,
-        n_layers=n_layers,
-        n_heads=heads,
-        n_kv_heads=kv,
-        head_dim=head_dim,
-        d_model=d_model,
-        causal=causal,
-        max_positions=max_pos,
-        grid=grid,
-        prefix_tokens=prefix_tokens,
+        path=stack.prefix,
+        n_layers=len(modules),
+        n_heads=shape.n_heads,
+        n_kv_heads=shape.n_kv_heads,
+        head_dim=shape.head_dim,
+        d_model=shape.d_model,
+        causal=not vision and bool(getattr(modules[0], "is_causal", True)),
+        max_positions=discovery.max_positions(config),
+        grid=_grid(config) if vision else None,
+        prefix_tokens=_vision_prefix_tokens(adapter, model.config) if vision else 0,
+        windows=discovery.layer_windows(config, modules),
+        softcap=discovery.softcap(config),
+        mlp_attr=discovery.mlp_attr(stack.layers[min(stack.layers)], adapter.mlp_attr),
+        rotary_attr=discovery.rotary_attr(holder, adapter.rotary_attr),
     )
 
 
 def _vision_prefix_tokens(adapter: ModelAdapter, config) -> int:
     """The CLS-like tokens before the patch grid of the vision tower: the family's own for a ViT, the
-    vision tower's family's for an LVLM (one CLS, as CLIP's, when that family is not registered)."""
+    vision tower's family's for an LVLM (one CLS, as CLIP's, when that family has no adapter)."""
     if adapter.family is Family.VIT:
         return adapter.prefix_tokens
     vision = adapter.sub_config(config, "vision")
-    try:
-        return adapter_for(vision).prefix_tokens
-    except UnsupportedModelError:
-        return 1
+    return adapter_for(vision).prefix_tokens if is_registered(vision.model_type) else 1
+
+
+def _check_served(model: nn.Module, stack: _Stack) -> None:
+    """Raise UnsupportedModelError when headlab's attention function would not see every layer of the
+    stack: attention computed without AttentionInterface, score terms it does not compute (sinks), or
+    attention in only some decoder layers."""
+    model_type = model.config.model_type
+    own = sorted(
+        {type(m).__name__ for m in stack.attention.values() if not discovery.routes_through_interface(m)}
+    )
+    if own:
+        raise UnsupportedModelError(
+            eager_only_message(model_type, f"its attention ({', '.join(own)}, at {stack.prefix})")
+        )
+    terms = sorted({t for m in stack.attention.values() for t in discovery.unsupported_scores(m)})
+    if terms:
+        raise UnsupportedModelError(
+            f"headlab cannot serve {model_type!r}: its attention adds {', '.join(terms)} to the scores, "
+            "which headlab's attention function does not compute yet; its statistics and patterns would "
+            "differ from the model's"
+        )
+    indices = sorted(stack.attention)
+    if indices != list(range(len(indices))):
+        raise UnsupportedModelError(
+            f"headlab cannot serve {model_type!r}: attention sits only in decoder layers {indices} of "
+            f"{stack.prefix} (a hybrid with recurrent or linear mixers); headlab numbers attention layers as "
+            "decoder layers and serves models with attention in every layer"
+        )
+
+
+def eager_only_message(model_type: str, what: str) -> str:
+    """Why a model whose attention does not run through AttentionInterface is refused, and what to do;
+    `what` names the code that was looked at."""
+    return (
+        f"headlab cannot serve {model_type!r}: {what} never calls AttentionInterface; transformers computes "
+        "that attention itself, only eagerly or through its own SDPA call (or there is none, or the module "
+        "that calls the interface sits under another name), so headlab cannot see inside it: no "
+        "statistics, patterns or interventions. Models whose attention routes through AttentionInterface "
+        "need no adapter; `headlab check MODEL` says which route a model takes"
+    )
 
 
 def describe(model: nn.Module, *, source: str = "<in memory>", processor=None) -> LoadedModel:
-    """Wrap an already-built Hugging Face model as a `LoadedModel` (no loading)."""
+    """Wrap an already-built Hugging Face model as a `LoadedModel` (no loading).
+
+    Raises UnsupportedModelError when headlab cannot serve the model (module docstring), naming why."""
     config = model.config
     adapter = adapter_for(config)
-    found: dict[str, dict[int, nn.Module]] = {}
-    layers: dict[str, dict[int, nn.Module]] = {}
-    for path, module in model.named_modules():
-        match = _ATTENTION_PATH.match(path)
-        if match is None:
-            continue
-        prefix, layer = match["prefix"], int(match["layer"])
-        found.setdefault(prefix, {})[layer] = module
-        layers.setdefault(prefix, {})[layer] = model.get_submodule(path.rsplit(".", 1)[0])
     towers, attention, layer_modules = [], {}, {}
-    for prefix, by_layer in found.items():
-        name = "vision" if ("vision" in prefix or adapter.family is Family.VIT) else "lm"
-        tower_config = adapter.sub_config(config, name)
-        prefix_tokens = _vision_prefix_tokens(adapter, config) if name == "vision" else 0
-        towers.append(_tower(name, prefix, len(by_layer), tower_config, prefix_tokens))
-        attention[name] = tuple(by_layer[i] for i in sorted(by_layer))
-        layer_modules[name] = tuple(layers[prefix][i] for i in sorted(by_layer))
+    for stack in _stacks(model):
+        name = "vision" if ("vision" in stack.prefix or adapter.family is Family.VIT) else "lm"
+        if name in attention:
+            first = next(t.path for t in towers if t.name == name)
+            raise UnsupportedModelError(
+                f"headlab cannot serve {config.model_type!r}: found two stacks of {name} attention layers "
+                f"({first} and {stack.prefix}); headlab serves one stack per tower"
+            )
+        _check_served(model, stack)
+        towers.append(_tower(name, model, stack, adapter.sub_config(config, name), adapter))
+        attention[name] = tuple(stack.attention[i] for i in sorted(stack.attention))
+        layer_modules[name] = tuple(stack.layers[i] for i in sorted(stack.layers))
     if not towers:
-        raise UnsupportedModelError(f"found no attention layers in {type(model).__name__}")
+        raise UnsupportedModelError(
+            f"found no attention layers in {type(model).__name__}: no `<layers>.<i>.<attr>` module with "
+            f"attr one of {', '.join(discovery.ATTENTION_ATTRS)} (a model without attention, e.g. Mamba or "
+            "RWKV, or attention under another name, which an adapter cannot declare yet)"
+        )
     tokenizer = getattr(processor, "tokenizer", processor) if processor is not None else None
     return LoadedModel(
         model=model,
@@ -341,7 +437,49 @@ def _no_load_report():
         log.removeFilter(_not_a_load_report)
 
 
-def _load_model(resolved: str, adapter: ModelAdapter, dtype, attn_implementation: str | None) -> nn.Module:
+def model_class(config, adapter: ModelAdapter) -> type[nn.Module]:
+    """The transformers class the adapter's auto class builds for `config`, before any weight is read.
+
+    Raises UnsupportedModelError for a model type that auto class has no class for (e.g. an encoder or a
+    speech model under AutoModelForCausalLM), or whose modeling code computes attention without
+    AttentionInterface (module docstring)."""
+    auto = getattr(tf, adapter.auto_class)
+    mapping = getattr(auto, "_model_mapping", {})
+    if type(config) not in mapping:
+        kind = "causal language model" if adapter.auto_class == "AutoModelForCausalLM" else "model"
+        raise UnsupportedModelError(
+            f"headlab cannot serve {config.model_type!r}: transformers has no {adapter.auto_class} class for "
+            f"it, so it is not a {kind} headlab can load by discovery; other families need an adapter (see "
+            "'Adding a model family' in the README)"
+        )
+    cls = _one_class(mapping[type(config)], config)
+    code = sys.modules.get(cls.__module__)
+    if not cls._supports_attention_backend and not hasattr(code, discovery.INTERFACE_REGISTRY):
+        raise UnsupportedModelError(
+            eager_only_message(config.model_type, f"its modeling code ({cls.__name__}, {cls.__module__})")
+        )
+    return cls
+
+
+def _one_class(found, config) -> type[nn.Module]:
+    """The class an auto mapping gives (several for some types, e.g. DeiT's: the config's architecture)."""
+    if not isinstance(found, tuple | list):
+        return found
+    named = [c for c in found if c.__name__ in (getattr(config, "architectures", None) or ())]
+    return (named or list(found))[0]
+
+
+def _attention_to_load(cls: type[nn.Module], adapter: ModelAdapter, requested: str | None) -> str:
+    """The model's own attention outside headlab's blocks: the caller's, else the adapter's, except that a
+    class without SDPA support (Gemma 2, GPT-OSS: scores SDPA cannot express) loads eagerly."""
+    if requested is not None:
+        return requested
+    if adapter.attention == "sdpa" and not cls._supports_sdpa:
+        return "eager"
+    return adapter.attention
+
+
+def _load_model(resolved: str, adapter: ModelAdapter, dtype, attention: str) -> nn.Module:
     if Path(resolved).is_dir():
         _check_weight_files(Path(resolved))
     try:
@@ -349,7 +487,7 @@ def _load_model(resolved: str, adapter: ModelAdapter, dtype, attn_implementation
             model, info = getattr(tf, adapter.auto_class).from_pretrained(
                 resolved,
                 dtype=dtype,
-                attn_implementation=attn_implementation or adapter.attention,
+                attn_implementation=attention,
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,  # reported by _check_weights, as an error
             )
@@ -404,17 +542,23 @@ def load(
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
 ) -> LoadedModel:
-    """Load a supported model from a local directory, a hub id or `zoo:NAME` (a shipped zoo model), in eval
-    mode, with its processor. `attn_implementation` is the model's own attention outside headlab's blocks
-    (None: the architecture's usual one, SDPA; eager for Gemma 2, whose soft-cap SDPA cannot express).
+    """Load a model from a local directory, a hub id or `zoo:NAME` (a shipped zoo model), in eval mode,
+    with its processor. Any causal LM whose attention transformers routes through AttentionInterface loads
+    without an adapter; LVLMs and ViTs through their family's adapter.
+
+    `dtype` None is transformers' "auto": the dtype the checkpoint's config names (e.g. bfloat16 for most
+    recent hub LLMs), else the weights' own; `device` is "cpu" unless given. `attn_implementation` is the
+    model's own attention outside headlab's blocks (None: SDPA; eager for a class without SDPA support, such
+    as Gemma 2, whose soft-cap SDPA cannot express).
 
     Raises ModelLoadError for a missing path, a hub id that cannot be fetched or a checkpoint that cannot be
-    loaded as it is meant (module docstring), UnsupportedModelError for an architecture headlab does not
-    know (the message lists the supported ones).
+    loaded as it is meant, UnsupportedModelError for a model headlab cannot serve, saying why (module
+    docstring); the latter before the weights are read where the class already tells.
     """
     resolved = _resolve(source)
     config = _load_config(resolved)
     adapter = adapter_for(config)
-    model = _load_model(resolved, adapter, dtype, attn_implementation)
+    cls = model_class(config, adapter)
+    model = _load_model(resolved, adapter, dtype, _attention_to_load(cls, adapter, attn_implementation))
     model.to(device).eval()
     return describe(model, source=resolved, processor=_load_processor(resolved, adapter))

@@ -14,7 +14,7 @@ runner = CliRunner()
 def test_help_lists_the_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("info", "stats", "demo", "zoo"):
+    for command in ("info", "check", "stats", "demo", "zoo"):
         assert command in result.output
 
 
@@ -71,3 +71,47 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert (out / "lm_head_stats.csv").is_file() and (out / "llava_store" / "manifest.json").is_file()
     again = runner.invoke(app, ["demo", "--out", str(out)])
     assert "0 captured, 2 already there" in again.output
+
+
+def test_zoo_random_builds_any_causal_lm_type_and_refuses_others(tmp_path):
+    result = runner.invoke(app, ["zoo", "random", "phi3", str(tmp_path / "phi3")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "phi3" / "config.json").is_file()
+    for name, says in (
+        ("t5", "could not build a tiny random 't5' as a causal LM"),
+        ("nonsense", "no random"),
+    ):
+        refused = runner.invoke(app, ["zoo", "random", name, str(tmp_path / name)])
+        assert refused.exit_code == 2 and says in refused.output and "Traceback" not in refused.output
+
+
+def test_check_passes_on_a_model_the_interface_serves(tmp_path):
+    assert runner.invoke(app, ["zoo", "random", "qwen3", str(tmp_path / "q")]).exit_code == 0
+    result = runner.invoke(app, ["check", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    assert "route: AttentionInterface, 2 of 2 lm attention layers" in result.output
+    assert "logits unchanged by capture: yes" in result.output and "verdict: headlab serves" in result.output
+
+
+def test_check_on_a_vision_model_uses_a_blank_image(model_dirs):
+    result = runner.invoke(app, ["check", model_dirs["vit"]])
+    assert result.exit_code == 0, result.output
+    assert "2 of 2 vision attention layers" in result.output
+
+
+def test_check_refuses_an_eager_only_model_with_exit_code_2(tmp_path):
+    assert runner.invoke(app, ["zoo", "random", "bloom", str(tmp_path / "b")]).exit_code == 0
+    result = runner.invoke(app, ["check", str(tmp_path / "b")])
+    assert result.exit_code == 2, result.output
+    assert "route: refused" in result.output and "never calls AttentionInterface" in result.output
+
+
+def test_check_says_when_headlab_differs_from_the_model(tmp_path, monkeypatch):
+    """GPT-OSS's attention sinks, were headlab to overlook them, change the patterns: exit code 1."""
+    from headlab.models import discovery
+
+    assert runner.invoke(app, ["zoo", "random", "gpt_oss", str(tmp_path / "g")]).exit_code == 0
+    monkeypatch.setattr(discovery, "unsupported_scores", lambda module: ())
+    result = runner.invoke(app, ["check", str(tmp_path / "g")])
+    assert result.exit_code == 1, result.output
+    assert "logits unchanged by capture: no" in result.output and "DIFFERS" in result.output

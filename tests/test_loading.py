@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -83,9 +82,37 @@ def test_offline_hub_id_loads_from_the_hub_cache(monkeypatch, tmp_path, model_di
     assert lm.model_type == "gpt2" and lm.source == str(repo / "snapshots" / commit)
 
 
-def test_unsupported_architecture_lists_supported(tmp_path, model_dirs):
-    src = json.loads((Path(model_dirs["gpt2"]) / "config.json").read_text())
-    src["model_type"] = "bert"
-    (tmp_path / "config.json").write_text(json.dumps(src))
-    with pytest.raises(hl.UnsupportedModelError, match=r"supported: .*gpt2"):
+@pytest.mark.parametrize(
+    ("model_type", "match"),
+    [
+        ("t5", "'t5': transformers has no AutoModelForCausalLM class for it, so it is not a causal language"),
+        ("bloom", r"'bloom': its modeling code \(BloomForCausalLM, .*\) never calls AttentionInterface"),
+        ("falcon", "only eagerly or through its own SDPA call .* so headlab cannot see inside it"),
+    ],
+)
+def test_what_cannot_be_served_is_refused_before_any_weight_is_read(tmp_path, model_type, match):
+    """The class tells: no weights file is needed to refuse (an unreadable one would be a ModelLoadError)."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(hl.UnsupportedModelError, match=match):
         hl.load(tmp_path)
+
+
+def test_a_causal_lm_without_an_adapter_loads_by_discovery(tmp_path):
+    from headlab.zoo.random_models import build_random
+
+    lm = hl.load(build_random("gpt_neox", tmp_path / "neox"))
+    assert lm.adapter is hl.models.DEFAULT and lm.model_type == "gpt_neox"
+    assert lm.main.path == "gpt_neox.layers" and (lm.n_layers, lm.n_heads, lm.head_dim) == (2, 4, 16)
+    assert (
+        lm.model.config._attn_implementation == "sdpa" and lm.rotary_module() is lm.model.gpt_neox.rotary_emb
+    )
+
+
+def test_a_class_without_sdpa_loads_eagerly(model_dirs):
+    """Gemma 2 has an adapter saying so; the class's own flag (no SDPA support) says the same."""
+    from headlab.loading import _attention_to_load, model_class
+
+    config = hl.load(model_dirs["gemma2"]).model.config
+    cls = model_class(config, hl.models.DEFAULT)
+    assert not cls._supports_sdpa and _attention_to_load(cls, hl.models.DEFAULT, None) == "eager"
+    assert _attention_to_load(cls, hl.models.DEFAULT, "sdpa") == "sdpa"  # the caller's choice stands

@@ -1,4 +1,5 @@
-"""`headlab info`, `headlab stats` and `headlab demo`: look at a model and capture its heads directly."""
+"""`headlab info`, `headlab check`, `headlab stats` and `headlab demo`: look at a model, check that headlab
+serves it, and capture its heads directly."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import typer
 from rich.table import Table
 
 from headlab.commands.console import check_table_path, console, write_table
+from headlab.errors import HeadlabError, UnsupportedModelError
 
 
 def info(model: Annotated[str, typer.Argument(help="local model directory or hub id")]) -> None:
@@ -32,7 +34,123 @@ def info(model: Annotated[str, typer.Argument(help="local model directory or hub
             "x".join(map(str, t.grid)) if t.grid else "-",
         )
     console.print(table)
+    for t in lm.towers:
+        if t.sliding or t.softcap is not None:
+            windows = ", ".join("full" if w is None else str(w) for w in t.windows)
+            console.print(f"{t.name}: sliding windows per layer {windows}; soft-cap {t.softcap or '-'}")
     console.print(f"image tokens: {lm.image_tokens}")
+
+
+CHECK_PROMPT = "Is there a cat in the image?"
+# the largest pattern difference from eager, and relative logit change, accepted per dtype
+_TOLERANCE = {"float32": 1e-4, "float64": 1e-6, "float16": 2e-3, "bfloat16": 1e-2}
+EXIT_CODES = (
+    "Exit codes: 0 headlab serves the model (patterns equal eager attention, logits unchanged); 1 it loaded "
+    "but headlab's capture differs; 2 it cannot be served (refused, not loadable, or no inputs can be built)."
+)
+
+
+def _check_inputs(lm) -> dict:
+    """A short batch of one for `lm`: its tokenizer on CHECK_PROMPT (token ids 1..8 without one), a blank
+    image for vision models, the family's prompt template around a blank image for LVLMs."""
+    import torch
+    from PIL import Image
+
+    from headlab.inputs import prepare
+    from headlab.loading import Family
+
+    if lm.family is Family.LLM and lm.processor is None:
+        return {"input_ids": torch.arange(1, 9)[None]}
+    if lm.family is Family.LLM:
+        return prepare(lm, [CHECK_PROMPT])
+    blank = Image.new("RGB", (64, 64), (128, 128, 128))
+    prompt = "" if lm.family is Family.VIT else lm.adapter.prompt(CHECK_PROMPT)
+    try:
+        return prepare(lm, [prompt], [blank])
+    except HeadlabError as err:
+        raise UnsupportedModelError(f"cannot build inputs for {lm.model_type}: {err}") from None
+
+
+def _eager_patterns(lm, inputs) -> tuple:
+    """Every main-tower layer's [batch, head, q, k] pattern from transformers' eager attention."""
+    import torch
+
+    before = lm.model.config._attn_implementation
+    lm.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return lm.model(**inputs, output_attentions=True).attentions
+    finally:
+        lm.model.set_attn_implementation(before)
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _compare(lm, inputs) -> dict:
+    """Capture every pattern of the main tower and compare it with eager attention, and the logits during
+    capture with the model's own: the numbers `headlab check` prints."""
+    import torch
+
+    from headlab.probe import Select, capture
+
+    tower = lm.main
+    with torch.no_grad():
+        plain = _logits(lm.model(**inputs))
+        with capture(lm, stats=None, patterns=Select(tower=tower.name)) as rec:
+            during = _logits(lm.model(**inputs))
+    eager = _eager_patterns(lm, inputs)
+    if not eager:
+        raise UnsupportedModelError(
+            f"{lm.model_type} returns no eager attention weights (output_attentions) to compare with"
+        )
+    errors = [
+        float((rows.probs - eager[rows.layer][rows.example, rows.head][list(rows.queries)]).abs().max())
+        for rows in rec.patterns
+    ]
+    seen = {rows.layer for rows in rec.patterns}
+    return {
+        "reached": len(seen),
+        "layers": tower.n_layers,
+        "pattern_error": max(errors) if errors else float("inf"),
+        "logit_change": float((during - plain).abs().max() / plain.abs().max().clamp(min=1)),
+        "tolerance": _TOLERANCE.get(str(plain.dtype).removeprefix("torch."), 1e-2),
+        "eager_layers": len(eager),
+    }
+
+
+def check(model: Annotated[str, typer.Argument(help="local model directory, hub id or zoo:NAME")]) -> None:
+    """Check that headlab serves a model: load it, capture every head of the main tower (the language
+    model; a ViT's encoder) on one short input and compare the patterns with transformers' eager attention
+    and the logits with the model's own."""
+    from headlab.loading import load
+
+    try:
+        lm = load(model)
+        inputs = _check_inputs(lm)
+        console.print(f"{lm!r} from {lm.source}", markup=False)
+        found = _compare(lm, inputs)
+    except UnsupportedModelError as err:
+        console.print("route: refused")
+        console.print(f"why: {err}", markup=False)
+        console.print("verdict: headlab cannot serve this model")
+        raise typer.Exit(2) from None
+    reached = found["reached"] == found["layers"] == found["eager_layers"]
+    same = found["pattern_error"] <= found["tolerance"]
+    unchanged = found["logit_change"] <= found["tolerance"]
+    console.print(
+        f"route: AttentionInterface, {found['reached']} of {found['layers']} {lm.main.name} attention layers "
+        "reached headlab's function"
+    )
+    console.print(f"max |pattern - eager|: {found['pattern_error']:.1e} (tolerance {found['tolerance']:.0e})")
+    console.print(
+        f"logits unchanged by capture: {'yes' if unchanged else 'no'} ({found['logit_change']:.1e})"
+    )
+    if not (reached and same and unchanged):
+        console.print("verdict: headlab's capture DIFFERS from the model's own attention")
+        raise typer.Exit(1)
+    console.print("verdict: headlab serves this model")
 
 
 def summary_table(frame, title: str) -> Table:

@@ -74,6 +74,7 @@ positions 0..N-1), d = head dim, d_v = value dim, k = number of segments.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -242,7 +243,34 @@ def model_rotary(lm: LoadedModel, tower: str = "lm") -> Rotary:
             f"the rotary table of {lm.model_type} covers {width} of {info.head_dim} head dims (partial RoPE); "
             "PINE supports full-width RoPE only"
         )
+    _check_rotate_half(lm, tower, rotary)
     return rotary
+
+
+def _check_rotate_half(lm: LoadedModel, tower: str, rotary: Rotary) -> None:
+    """Refuse a model whose own `apply_rotary_pos_emb` (in its modeling module) does not rotate as `rotate`
+    does, e.g. Helium's and ERNIE 4.5's interleaved pairs: un-rotating them with rotate-half would be silently
+    wrong. Checked numerically on random vectors; a modeling module without that function is not checked."""
+    module = sys.modules.get(type(lm.attention_modules[tower][0]).__module__)
+    apply = getattr(module, "apply_rotary_pos_emb", None)
+    if apply is None:
+        return
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.arange(1, 5)
+    cos, sin = rotary(pos[None])  # [1, n, d]
+    x = torch.randn(1, 1, len(pos), cos.shape[-1], generator=gen, dtype=cos.dtype).to(cos.device)
+    try:
+        theirs, _ = apply(x, x, cos, sin)
+    except Exception as err:  # a signature headlab does not know: say so rather than guess
+        raise UnsupportedModelError(
+            f"cannot check how {lm.model_type} applies RoPE ({type(err).__name__}: {err}); PINE needs the "
+            "rotate-half layout (Llama's)"
+        ) from None
+    if not torch.allclose(theirs, rotate(x, pos, rotary), atol=1e-5, rtol=1e-4):
+        raise UnsupportedModelError(
+            f"{lm.model_type} applies RoPE to interleaved pairs of dimensions, not rotate-half halves (Llama's "
+            "layout); PINE re-assigns positions in the rotate-half layout only, so it would be silently wrong here"
+        )
 
 
 # --------------------------------------------------------------------------------------- the fused engine

@@ -1,9 +1,11 @@
 """Model families: what headlab must be told about each architecture, one small declarative file per family.
 
-`adapter_for(config_or_model)` is the one lookup; `SUPPORTED` is a read-only view (model type -> adapter).
-A family file (e.g. `gemma2.py`) declares a `ModelAdapter` in a function decorated with `@register`;
-families with nothing special have no file (`DEFAULT`). Importing this package imports neither torch nor
-any modeling code: adapters name transformers classes, which the loader resolves.
+`adapter_for(config_or_model)` is the one lookup: a registered adapter, else `DEFAULT` (any causal LM whose
+attention routes through transformers' AttentionInterface needs nothing declared: the loader reads the rest
+from the model with `discovery`). A family file (e.g. `gemma2.py`) declares a `ModelAdapter` in a function
+decorated with `@register`. `matrix` lists the tested model types and prints the README's coverage table;
+`SUPPORTED` is a read-only view (tested model type -> adapter). Importing this package imports neither
+torch nor any modeling code: adapters name transformers classes, which the loader resolves.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """What headlab must be told about a model family: `ModelAdapter`, a frozen declaration, and `Family`.
 
-Everything that can be read from the model is discovered, not declared: the towers (every attention module
-sits at `<tower prefix>.<layer index>.<attention attr>`), their layer, head, KV-head and head-dim counts,
-sliding windows, soft-caps and whether they are causal (the mask transformers builds is the truth). An
-adapter declares only the rest, and each field's default is the generic answer, so a family with nothing
-special needs no adapter of its own (`headlab.models.registry.DEFAULT` serves it).
+Everything that can be read from the model is discovered, not declared (`headlab.models.discovery`): the
+towers (every attention module sits at `<tower prefix>.<layer index>.<attention attr>`), the route of their
+attention, their layer, head, KV-head and head-dim counts, sliding windows, soft-caps, whether they are
+causal (the mask transformers builds is the truth), the MLP and the rotary embedding. An adapter declares
+only the rest, and each field's default is the generic answer, so a family with nothing special needs no
+adapter of its own (`headlab.models.registry.DEFAULT` serves it).
 
 Names of transformers classes are strings, resolved when a model is loaded: declaring a family imports
 neither torch nor any modeling code.
@@ -56,10 +57,11 @@ class ModelAdapter:
     # expands to in the input ids (None: not fixed by the config)
     image_token_attr: str | None = None
     tokens_per_image_attr: str | None = None
-    # the rotary embedding: an attribute of the module that holds a tower's layer list
-    rotary_attr: str = "rotary_emb"
-    # the MLP: an attribute of each decoder layer
-    mlp_attr: str = "mlp"
+    # the rotary embedding: an attribute of the module that holds a tower's layer list (None: discovered,
+    # `rotary_emb` or the one `...RotaryEmbedding` child there; headlab.models.discovery)
+    rotary_attr: str | None = None
+    # the MLP: an attribute of each decoder layer (None: discovered, `mlp`, `feed_forward`, ...)
+    mlp_attr: str | None = None
     # LVLMs: the chat template around one question ({image}: where the image goes, {question}), the
     # image placeholder the processor expands, and the instruction that asks for a caption
     prompt_template: str | None = None

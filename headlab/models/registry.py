@@ -2,13 +2,17 @@
 
 A family file declares its adapter in a function named after it and decorates it with `@register`; the
 registry calls the function once, names the adapter after it (the decorated name is then the adapter) and
-refuses a second adapter of the same name
-or for a model type another adapter already serves. Families with nothing special declare nothing: the
-generic `DEFAULT` serves the decoder-only LLMs listed in `GENERIC_MODEL_TYPES`.
+refuses a second adapter of the same name or for a model type another adapter already serves.
 
-`adapter_for(config_or_model)` is the one lookup: a registered adapter for the model type, else `DEFAULT`
-for a generic one, else an `UnsupportedModelError` listing what is supported. (Serving every architecture
-transformers runs replaces that last branch with discovery; the adapters stay as they are.)
+There is no allow-list: a model type without an adapter is served by the generic `DEFAULT`, and the loader
+discovers the rest from the model (`headlab.loading`): a causal LM whose attention transformers routes
+through `AttentionInterface` needs no adapter at all; one that cannot be served (its attention runs without
+the interface, it is not a causal LM) is refused when it is loaded, saying what is missing. An adapter is
+only needed for what cannot be discovered (an auto class, sub-configs, image tokens, CLS-like prefixes, a
+prompt template, an attention implementation to load with).
+
+`SUPPORTED` (read-only) is what is tested: the model types of the registered adapters plus those of the
+coverage matrix (`headlab.models.matrix`) that headlab serves, each mapped to the adapter serving it.
 """
 
 from __future__ import annotations
@@ -19,13 +23,12 @@ from collections.abc import Callable, Iterator, Mapping
 from headlab.errors import HeadlabError, UnsupportedModelError
 from headlab.models.adapter import ModelAdapter
 
-# The decoder-only LLMs the generic defaults serve as they are (tested with their random builder of the
-# same name): causal, rotary embedding (or learned positions) next to the layer list, `mlp` per layer.
-GENERIC_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
-DEFAULT = ModelAdapter(model_types=GENERIC_MODEL_TYPES, random_builders=GENERIC_MODEL_TYPES)
+# The generic adapter: a causal LM with everything discovered. It owns the hand-written random builders
+# of architectures without an adapter; any other model type is built generically (by its config class).
+DEFAULT = ModelAdapter(random_builders=("gpt2", "llama", "mistral", "qwen2"))
 
 _ADAPTERS: dict[str, ModelAdapter] = {}  # name -> adapter
-_BY_MODEL_TYPE: dict[str, ModelAdapter] = dict.fromkeys(GENERIC_MODEL_TYPES, DEFAULT)
+_BY_MODEL_TYPE: dict[str, ModelAdapter] = {}  # model type -> its registered adapter
 
 
 def register(declare: Callable[[], ModelAdapter]) -> ModelAdapter:
@@ -71,30 +74,36 @@ def _model_type(config_or_model) -> str:
 
 
 def adapter_for(config_or_model) -> ModelAdapter:
-    """The adapter of a transformers config, a model built from one, a LoadedModel or a model type.
+    """The adapter of a transformers config, a model built from one, a LoadedModel or a model type: the
+    registered one for its model type, else `DEFAULT` (everything discovered when the model is loaded).
 
-    Raises UnsupportedModelError (listing the supported model types) for an architecture headlab does not
-    serve yet."""
-    model_type = _model_type(config_or_model)
-    try:
-        return _BY_MODEL_TYPE[model_type]
-    except KeyError:
-        raise UnsupportedModelError(
-            f"headlab does not support the architecture {model_type!r} yet; supported: {sorted(_BY_MODEL_TYPE)}"
-        ) from None
+    Raises UnsupportedModelError only for something that names no model type."""
+    return _BY_MODEL_TYPE.get(_model_type(config_or_model), DEFAULT)
+
+
+def is_registered(model_type: str) -> bool:
+    """Whether an adapter was registered for `model_type` (else `DEFAULT` serves it by discovery)."""
+    return model_type in _BY_MODEL_TYPE
 
 
 class _Supported(Mapping[str, ModelAdapter]):
-    """A read-only view: model type -> the adapter serving it (`hl.SUPPORTED`)."""
+    """A read-only view: tested model type -> the adapter serving it (`hl.SUPPORTED`); module docstring."""
+
+    def _types(self) -> set[str]:
+        from headlab.models.matrix import served_types  # here: `python -m headlab.models.matrix` runs it
+
+        return set(_BY_MODEL_TYPE) | set(served_types())
 
     def __getitem__(self, model_type: str) -> ModelAdapter:
-        return _BY_MODEL_TYPE[model_type]
+        if model_type not in self._types():
+            raise KeyError(model_type)
+        return adapter_for(model_type)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(_BY_MODEL_TYPE))
+        return iter(sorted(self._types()))
 
     def __len__(self) -> int:
-        return len(_BY_MODEL_TYPE)
+        return len(self._types())
 
     def __repr__(self) -> str:
         return f"SUPPORTED({', '.join(f'{t}: {a.name}' for t, a in self.items())})"

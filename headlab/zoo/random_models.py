@@ -5,7 +5,9 @@ their models here: the real architecture classes (GPT-2, Llama with grouped-quer
 CLIP vision tower + Llama, Mistral, Gemma 2 (soft-capped attention), ViT, DeiT, DINOv2, CLIP vision) at hidden sizes of 32-64 and 2-4 layers, with a byte-level
 BPE tokenizer trained on a small built-in corpus. `build_random(name, path)` writes a directory that
 `headlab.load(path)` (and `from_pretrained(path)`) reads back through the real loading path. Each family's
-adapter names its builders here (`random_builders`, headlab.models), and the tests build every one.
+adapter names its hand-written builders here (`random_builders`, headlab.models), and the tests build every
+one; any other causal-LM model type of transformers is built generically from its config class at the same
+tiny sizes (`tiny_config`), which the coverage matrix (headlab.models.matrix) uses.
 
 The weights are random (seeded): these models show no circuits or sinks. Trained tiny models with real
 phenomena belong to the zoo proper.
@@ -13,6 +15,8 @@ phenomena belong to the zoo proper.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -211,17 +215,98 @@ RANDOM_BUILDERS: dict[str, Callable[[Path], None]] = {
     "dinov2": _dinov2,
 }
 
+# The generic builder's tiny sizes, by the names most configs use (a config that names a size otherwise,
+# like GPT-2's n_embd, maps it through its attribute_map); only the names a config class has are passed.
+_TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    # a window shorter than the test prompts, so sliding-window masks are exercised where a config has one
+    sliding_window=6,
+    # mixtures of experts: few small experts
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+)
+# per model type: sizes its config names differently, or values its defaults get wrong at this size
+_TINY_FIXES: dict[str, dict] = {
+    "gptj": dict(rotary_dim=8),  # partial rotary, within the 16-wide heads (default 64)
+    "codegen": dict(rotary_dim=8),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=6),  # one pattern per layer
+}
+
+
+def _config_fields(config_cls) -> set[str]:
+    """The keyword names a config class takes: its dataclass fields and its attribute_map's aliases."""
+    names = (
+        {f.name for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else set()
+    )
+    names |= set(inspect.signature(config_cls.__init__).parameters) - {"self", "kwargs"}
+    return names | set(getattr(config_cls, "attribute_map", {}))
+
+
+def tiny_config(model_type: str, tokenizer) -> tf.PretrainedConfig:
+    """The real config class of `model_type` at the tiny sizes (only the size names the class has, plus the
+    type's fixes), with the tokenizer's vocabulary and special-token ids."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    known = _config_fields(CONFIG_MAPPING[model_type])
+    sizes = {k: v for k, v in _TINY.items() if k in known}
+    return tf.AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), **_ids(tokenizer), **sizes, **_TINY_FIXES.get(model_type, {})
+    )
+
+
+def _generic(model_type: str, path: Path) -> None:
+    """Any causal LM transformers knows, from its real config class: AutoModelForCausalLM.from_config,
+    saved with save_pretrained, with the tiny BPE tokenizer. HeadlabError when it cannot be built."""
+    tokenizer = _train_tokenizer(300, add_bos=True)
+    try:
+        model = tf.AutoModelForCausalLM.from_config(tiny_config(model_type, tokenizer))
+    except (ValueError, TypeError, KeyError, AttributeError, AssertionError, ImportError) as err:
+        raise HeadlabError(
+            f"could not build a tiny random {model_type!r} as a causal LM from its config class "
+            f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); it is not a causal LM, or its "
+            "config needs sizes the generic builder does not set (headlab.zoo.random_models._TINY_FIXES)"
+        ) from err
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _known_model_type(name: str) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return name in CONFIG_MAPPING_NAMES
+
 
 def build_random(name: str, path: str | Path, *, seed: int = 0, **sizes) -> Path:
-    """Build the tiny random-weight model `name` (one of RANDOM_BUILDERS) and save it under `path`.
+    """Build the tiny random-weight model `name` and save it under `path`: one of RANDOM_BUILDERS (the
+    hand-written builders the adapters name), else any model type transformers knows, built generically as
+    a causal LM from its config class (`tiny_config`).
 
-    Extra keyword sizes are passed to the builder where it takes them (GPT-2: n_layer, n_embd, n_head,
-    n_positions), which the benchmarks use for a GPT-2-small-shaped model.
+    Extra keyword sizes are passed to a hand-written builder where it takes them (GPT-2: n_layer, n_embd,
+    n_head, n_positions), which the benchmarks use for a GPT-2-small-shaped model. Raises HeadlabError for
+    a name that is neither, or a type the generic builder cannot build (saying why).
     """
-    if name not in RANDOM_BUILDERS:
-        raise HeadlabError(f"no random builder named {name!r}; choose one of {sorted(RANDOM_BUILDERS)}")
     path = Path(path)
+    if name not in RANDOM_BUILDERS and not _known_model_type(name):
+        raise HeadlabError(
+            f"no random builder named {name!r} and no such transformers model type; choose one of "
+            f"{sorted(RANDOM_BUILDERS)} or a causal-LM model type (e.g. gpt_neox, phi3, qwen3)"
+        )
+    if name not in RANDOM_BUILDERS and sizes:
+        raise HeadlabError(f"the generic builder of {name!r} takes no sizes ({sorted(sizes)})")
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    RANDOM_BUILDERS[name](path, **sizes)
+    if name in RANDOM_BUILDERS:
+        RANDOM_BUILDERS[name](path, **sizes)
+    else:
+        _generic(name, path)
     return path

@@ -1,0 +1,185 @@
+"""The coverage matrix: the model types headlab is tested on, how each is served, and the README's table.
+
+One `Entry` per tested model type, grouped by family (`MATRIX`): LLMs here; LVLM and vision rows are added
+to their family's tuple the same way. Each entry declares what its tests check on a tiny random model of
+that type (built by `headlab.zoo.random_models.build_random(entry.random_builder)`): the route of its
+attention, whether the tiny model has sliding-window layers or soft-capped logits, and whether PINE applies.
+`tests/test_matrix_llm.py` runs every entry and asserts each declaration against the loaded model, so the
+table printed from these entries is what the tests prove:
+
+    python -m headlab.models.matrix          # the README's "Coverage matrix" table
+
+This module imports neither torch nor transformers (`hl.SUPPORTED` reads `served_types()`).
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from dataclasses import dataclass
+
+from headlab.models.adapter import Family
+
+
+class Route(enum.Enum):
+    """How headlab reaches a model's attention: through AttentionInterface, or not at all (refused, with an
+    UnsupportedModelError saying why)."""
+
+    INTERFACE = "AttentionInterface"
+    # transformers computes the attention itself, not through the interface
+    EAGER_ONLY = "refused: eager only"
+    # learned sink logits, which headlab's attention function does not compute
+    SINKS = "refused: attention sinks"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Entry:
+    """One tested model type and what its tests check.
+
+    `builder` names its tiny random model (default: the model type, built from its config class);
+    `sliding`: the tiny model has sliding-window layers (its window is shorter than the test prompts);
+    `softcap`: its attention logits are soft-capped; `pine`: PINE applies (a full-width rotary table next
+    to the layer list, no soft-cap), else binding or running PINE is an UnsupportedModelError."""
+
+    model_type: str
+    family: Family = Family.LLM
+    route: Route = Route.INTERFACE
+    builder: str | None = None
+    sliding: bool = False
+    softcap: bool = False
+    pine: bool = False
+
+    @property
+    def random_builder(self) -> str:
+        return self.builder or self.model_type
+
+    @property
+    def served(self) -> bool:
+        return self.route is Route.INTERFACE
+
+
+def _llm(model_type: str, **declared) -> Entry:
+    return Entry(model_type=model_type, family=Family.LLM, **declared)
+
+
+def _refused(model_type: str, route: Route) -> Entry:
+    return Entry(model_type=model_type, family=Family.LLM, route=route)
+
+
+LLM: tuple[Entry, ...] = (
+    # learned or absolute positions, or rotary applied inside each attention module
+    _llm("gpt2"),
+    _llm("gpt_bigcode"),  # multi-query attention: one KV head
+    _llm("opt"),
+    _llm("biogpt"),
+    _llm("gptj"),
+    _llm("codegen"),
+    # partial-width rotary embeddings
+    _llm("gpt_neox"),
+    _llm("phi"),
+    _llm("persimmon"),
+    _llm("stablelm"),
+    _llm("glm"),
+    _llm("glm4"),
+    _llm("nemotron"),
+    # full-width rotary embeddings
+    _llm("llama", pine=True),
+    _llm("qwen2", pine=True),
+    _llm("qwen3", pine=True),
+    _llm("gemma", pine=True),
+    _llm("olmo", pine=True),
+    _llm("olmo2", pine=True),
+    _llm("granite", pine=True),
+    _llm("cohere"),  # interleaved RoPE: PINE refuses
+    _llm("smollm3", pine=True),
+    _llm("seed_oss", pine=True),
+    # full-width rotary embeddings on interleaved pairs (PINE rotates halves: not claimed)
+    _llm("helium"),
+    _llm("ernie4_5"),
+    # mixtures of experts
+    _llm("qwen2_moe", pine=True),
+    _llm("qwen3_moe", pine=True),
+    _llm("olmoe", pine=True),
+    _llm("granitemoe", pine=True),
+    _llm("jetmoe", pine=True),
+    _llm("mixtral", sliding=True, pine=True),
+    # sliding-window layers (all, or alternating with full attention)
+    _llm("mistral", sliding=True, pine=True),
+    _llm("ministral3", sliding=True, pine=True),
+    _llm("phi3", sliding=True, pine=True),
+    _llm("starcoder2", sliding=True, pine=True),
+    _llm("cohere2", sliding=True),  # interleaved RoPE: PINE refuses
+    _llm("exaone4", sliding=True, pine=True),
+    _llm("olmo3", sliding=True),  # one rotary table per layer type: none PINE can read
+    _llm("gemma3_text", sliding=True),
+    # soft-capped attention logits (and alternating windows)
+    _llm("gemma2", sliding=True, softcap=True),
+    _llm("vaultgemma", sliding=True, softcap=True),
+    # refused, with the reason
+    _refused("bloom", Route.EAGER_ONLY),  # ALiBi
+    _refused("falcon", Route.EAGER_ONLY),  # its own SDPA call
+    _refused("mpt", Route.EAGER_ONLY),
+    _refused("gpt_neo", Route.EAGER_ONLY),
+    _refused("xglm", Route.EAGER_ONLY),
+    _refused("openai-gpt", Route.EAGER_ONLY),
+    _refused("gpt_oss", Route.SINKS),
+    _refused("granite_swa", Route.SINKS),
+)
+
+# family -> its entries, in table order; other families append their tuples here
+MATRIX: dict[Family, tuple[Entry, ...]] = {Family.LLM: LLM}
+
+# the token roles each family's captures are tested to carry (LLMs: "answer" on decode steps)
+ROLES = {
+    Family.LLM: ("bos", "text", "answer"),
+    Family.LVLM: ("bos", "text", "image", "answer"),
+    Family.VIT: ("cls", "patch"),
+}
+
+
+def entries(family: Family | None = None) -> tuple[Entry, ...]:
+    """The entries of one family, or of every family in MATRIX order."""
+    if family is not None:
+        return MATRIX.get(family, ())
+    return tuple(e for group in MATRIX.values() for e in group)
+
+
+def served_types() -> tuple[str, ...]:
+    """The model types of the matrix headlab serves (route: the interface)."""
+    return tuple(e.model_type for e in entries() if e.served)
+
+
+COLUMNS = ("type", "family", "attention route", "roles", "generation", "interventions")
+
+
+def row(entry: Entry) -> tuple[str, ...]:
+    """One table row: what the tests prove about the entry."""
+    if not entry.served:
+        return (f"`{entry.model_type}`", entry.family.value, entry.route.value, "-", "-", "-")
+    notes = [name for name, on in (("soft-cap", entry.softcap), ("sliding windows", entry.sliding)) if on]
+    route = entry.route.value + (f" ({', '.join(notes)})" if notes else "")
+    generation = "KV cache, captured" + (" (sliding-window cache)" if entry.sliding else "")
+    interventions = "head scale / ablation" + (", PINE" if entry.pine else "")
+    return (
+        f"`{entry.model_type}`",
+        entry.family.value,
+        route,
+        ", ".join(ROLES[entry.family]),
+        generation,
+        interventions,
+    )
+
+
+def table(family: Family | None = None) -> str:
+    """The Markdown table of one family's entries (every family's without one)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row(e)) + " |" for e in entries(family)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    sys.stdout.write(table() + "\n")
+
+
+if __name__ == "__main__":
+    main()
