@@ -48,7 +48,7 @@ from headlab.errors import ModelLoadError, UnsupportedModelError
 from headlab.hub import looks_like_hub_id, resolve_hub_id
 from headlab.models import SUPPORTED as SUPPORTED  # hl.SUPPORTED: tested model type -> its adapter
 from headlab.models import Family, ModelAdapter, adapter_for, discovery
-from headlab.models.registry import is_registered
+from headlab.models.registry import is_registered, refusal
 
 # `<tower prefix>.<layer>.<attention attribute>`: where every attention module headlab serves sits
 _ATTENTION_PATH = re.compile(
@@ -60,8 +60,8 @@ _ATTENTION_PATH = re.compile(
 class Tower:
     """One stack of attention layers: the language model, or a vision encoder.
 
-    `grid` is (rows, cols) of the patch grid for vision towers, with `prefix_tokens` CLS-like tokens
-    before it; None for text towers.
+    `grid` is (rows, cols) of the patch grid for vision towers, with `prefix_tokens` tokens before it:
+    CLS-like tokens, then `register_tokens` registers (DINOv2 with registers); None for text towers.
     """
 
     name: str  # "lm" or "vision"
@@ -75,6 +75,7 @@ class Tower:
     max_positions: int | None
     grid: tuple[int, int] | None = None
     prefix_tokens: int = 0
+    register_tokens: int = 0  # the last of the prefix tokens that are registers (role "register")
     windows: tuple[int | None, ...] = ()  # each layer's sliding window (None: full attention)
     softcap: float | None = None  # attention-logit soft-cap (Gemma 2)
     mlp_attr: str | None = None  # the attribute of each decoder layer holding its MLP, None without one
@@ -252,6 +253,7 @@ def _tower(name: str, model: nn.Module, stack: _Stack, config, adapter: ModelAda
     shape = discovery.head_shape(config, modules[0])
     vision = name == "vision"
     holder = _holder(model, stack.prefix)
+    prefix, registers = _vision_prefix(adapter, model.config) if vision else (0, 0)
     return Tower(
         name=name,
         path=stack.prefix,
@@ -263,7 +265,8 @@ def _tower(name: str, model: nn.Module, stack: _Stack, config, adapter: ModelAda
         causal=not vision and bool(getattr(modules[0], "is_causal", True)),
         max_positions=discovery.max_positions(config),
         grid=_grid(config) if vision else None,
-        prefix_tokens=_vision_prefix_tokens(adapter, model.config) if vision else 0,
+        prefix_tokens=prefix,
+        register_tokens=registers,
         windows=discovery.layer_windows(config, modules),
         softcap=discovery.softcap(config),
         mlp_attr=discovery.mlp_attr(stack.layers[min(stack.layers)], adapter.mlp_attr),
@@ -271,13 +274,19 @@ def _tower(name: str, model: nn.Module, stack: _Stack, config, adapter: ModelAda
     )
 
 
-def _vision_prefix_tokens(adapter: ModelAdapter, config) -> int:
-    """The CLS-like tokens before the patch grid of the vision tower: the family's own for a ViT, the
-    vision tower's family's for an LVLM (one CLS, as CLIP's, when that family has no adapter)."""
+def _vision_prefix(adapter: ModelAdapter, config) -> tuple[int, int]:
+    """The tokens before the patch grid of the vision tower and how many of them are registers: the
+    family's own for a ViT, the vision tower's family's for an LVLM (one CLS, as CLIP's, when that family
+    has no adapter). Registers follow the CLS-like tokens (DINOv2 with registers)."""
     if adapter.family is Family.VIT:
-        return adapter.prefix_tokens
-    vision = adapter.sub_config(config, "vision")
-    return adapter_for(vision).prefix_tokens if is_registered(vision.model_type) else 1
+        owner, vision = adapter, config
+    else:
+        vision = adapter.sub_config(config, "vision")
+        if not is_registered(vision.model_type):
+            return 1, 0
+        owner = adapter_for(vision)
+    registers = owner.register_tokens(vision)
+    return owner.prefix_tokens + registers, registers
 
 
 def _check_served(model: nn.Module, stack: _Stack) -> None:
@@ -308,6 +317,13 @@ def _check_served(model: nn.Module, stack: _Stack) -> None:
         )
 
 
+def _check_not_refused(config) -> None:
+    """UnsupportedModelError for a model type declared refused (`headlab.models.registry.refuse`)."""
+    reason = refusal(config)
+    if reason is not None:
+        raise UnsupportedModelError(f"headlab cannot serve {config.model_type!r}: {reason}")
+
+
 def eager_only_message(model_type: str, what: str) -> str:
     """Why a model whose attention does not run through AttentionInterface is refused, and what to do;
     `what` names the code that was looked at."""
@@ -325,6 +341,7 @@ def describe(model: nn.Module, *, source: str = "<in memory>", processor=None) -
 
     Raises UnsupportedModelError when headlab cannot serve the model (module docstring), naming why."""
     config = model.config
+    _check_not_refused(config)
     adapter = adapter_for(config)
     towers, attention, layer_modules = [], {}, {}
     for stack in _stacks(model):
@@ -557,6 +574,7 @@ def load(
     """
     resolved = _resolve(source)
     config = _load_config(resolved)
+    _check_not_refused(config)
     adapter = adapter_for(config)
     cls = model_class(config, adapter)
     model = _load_model(resolved, adapter, dtype, _attention_to_load(cls, adapter, attn_implementation))

@@ -96,17 +96,40 @@ def test_every_adapter_builds_its_random_models_and_loads_them(tiny, builder):
 
 def test_supported_is_a_read_only_view_of_the_adapters_and_the_tested_matrix():
     assert hl.SUPPORTED is models.SUPPORTED
-    registered = {"clip_vision_model", "deit", "dinov2", "gemma2", "llava", "vit"}
+    registered = {
+        "clip_vision_model",
+        "deit",
+        "dinov2",
+        "dinov2_with_registers",
+        "gemma2",
+        "llava",
+        "siglip_vision_model",
+        "vit",
+    }
     assert registered | {"gpt2", "llama", "mistral", "qwen2", "gpt_neox", "phi3"} <= set(hl.SUPPORTED)
     assert set(hl.SUPPORTED) == registered | set(matrix.served_types())
     assert list(hl.SUPPORTED) == sorted(hl.SUPPORTED) and len(hl.SUPPORTED) == len(list(hl.SUPPORTED))
     assert hl.SUPPORTED["gemma2"].attention == "eager" and hl.SUPPORTED["deit"].prefix_tokens == 2
     assert hl.SUPPORTED["llava"].family is Family.LVLM and hl.SUPPORTED["gpt2"] is models.DEFAULT
-    assert "bloom" not in hl.SUPPORTED  # tested, and refused
+    assert "bloom" not in hl.SUPPORTED and "swin" not in hl.SUPPORTED  # tested, and refused
     with pytest.raises(KeyError):
         hl.SUPPORTED["bloom"]
     with pytest.raises(TypeError):
         hl.SUPPORTED["bert"] = models.DEFAULT  # type: ignore[index]
+
+
+def test_a_refused_type_cannot_be_registered_or_refused_twice(scratch_registry, monkeypatch):
+    monkeypatch.setattr(registry, "_REFUSED", dict(registry._REFUSED))
+    assert "shifted windows" in registry.refusal("swin") and registry.refusal("vit") is None
+
+    def swin() -> ModelAdapter:
+        return ModelAdapter(model_types=("swin",), family=Family.VIT)
+
+    with pytest.raises(hl.HeadlabError, match="'swin' of adapter 'swin' is refused: its attention"):
+        models.register(swin)
+    for model_type in ("swin", "vit"):
+        with pytest.raises(hl.HeadlabError, match="already refused or served"):
+            registry.refuse(model_type, reason="no")
 
 
 def test_a_registered_adapter_joins_supported(scratch_registry):

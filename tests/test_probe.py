@@ -290,3 +290,16 @@ def test_query_selection_for_averages(tiny):
     last = stats[stats.stat == "mass_last"].set_index(["layer", "head", "role"]).value
     pd.testing.assert_series_equal(mean, last, check_names=False)
     assert set(stats.stat) == {"mass", "mass_last", "entropy", "entropy_last"}
+
+
+def test_a_mask_carrying_a_score_bias_is_refused_not_dropped():
+    """Additive masks are 0 (keep) or very negative (drop); a finite non-zero value is a score bias (BEiT's
+    relative position bias, ALiBi) that a keep/drop view would silently drop."""
+    from headlab.probe.call import keep_mask
+
+    mask = torch.zeros(1, 1, 3, 3)
+    mask[..., 0, 1:] = torch.finfo(torch.float32).min
+    assert keep_mask(mask).tolist() == [[[[True, False, False], [True, True, True], [True, True, True]]]]
+    mask[0, 0, 2, 0] = 0.3
+    with pytest.raises(hl.UnsupportedModelError, match="score bias"):
+        keep_mask(mask)

@@ -41,3 +41,15 @@ def test_vision_grid_roles():
     )  # another image size: the grid follows the tokens
     with pytest.raises(hl.InputError, match="square grid"):
         grid_roles(1, (4, 4), n_tokens=20)
+
+
+def test_vision_grid_roles_with_registers_and_without_cls():
+    roles = grid_roles(5, (2, 2), registers=4)  # DINOv2 with registers: CLS, 4 registers, the grid
+    assert roles.names == ("cls", "patch", "register") and roles.positions("cls") == [0]
+    assert roles.positions("register") == [1, 2, 3, 4] and roles.positions("patch") == [5, 6, 7, 8]
+    assert grid_roles(5, (2, 2), n_tokens=21, registers=4).grid == (4, 4)
+    assert grid_roles(0, (2, 2)).present() == ("patch",)  # SigLIP: no CLS token
+    with pytest.raises(hl.InputError, match="register tokens do not fit"):
+        grid_roles(0, (2, 2), registers=1)
+    with pytest.raises(hl.InputError, match="square grid"):
+        grid_roles(5, (2, 2), n_tokens=3)

@@ -50,6 +50,9 @@ class ModelAdapter:
     # vision encoders: CLS-like tokens (CLS, distillation, registers) before the patch grid (an LVLM's
     # vision tower takes this from its own family's adapter, found by its vision sub-config)
     prefix_tokens: int = 0
+    # vision encoders: the config attribute holding how many register tokens follow those prefix tokens
+    # (DINOv2 with registers: `num_register_tokens`); registers get their own role, "register"
+    register_tokens_attr: str | None = None
     # LVLMs: the config attributes of the sub-configs of the vision tower and the language model
     vision_config: str | None = None
     text_config: str | None = None
@@ -79,6 +82,12 @@ class ModelAdapter:
         """The config of `tower` ("vision" or "lm"): its sub-config where the family declares one."""
         attr = self.vision_config if tower == "vision" else self.text_config
         return getattr(config, attr) if attr is not None else config
+
+    def register_tokens(self, config) -> int:
+        """How many register tokens the vision tower puts between its prefix tokens and its patch grid."""
+        if self.register_tokens_attr is None:
+            return 0
+        return getattr(config, self.register_tokens_attr, 0) or 0
 
     def image_token_id(self, config) -> int | None:
         """The id of the image token in the input ids (LVLMs), None for other families."""

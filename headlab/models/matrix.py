@@ -1,10 +1,11 @@
 """The coverage matrix: the model types headlab is tested on, how each is served, and the README's table.
 
-One `Entry` per tested model type, grouped by family (`MATRIX`): LLMs here; LVLM and vision rows are added
-to their family's tuple the same way. Each entry declares what its tests check on a tiny random model of
-that type (built by `headlab.zoo.random_models.build_random(entry.random_builder)`): the route of its
-attention, whether the tiny model has sliding-window layers or soft-capped logits, and whether PINE applies.
-`tests/test_matrix_llm.py` runs every entry and asserts each declaration against the loaded model, so the
+One `Entry` per tested model type, grouped by family (`MATRIX`): LLMs and vision towers here; LVLM rows
+are added to their family's tuple the same way. Each entry declares what its tests check on a tiny random
+model of that type (built by `headlab.zoo.random_models.build_random(entry.random_builder)`): the route of
+its attention, whether the tiny model has sliding-window layers or soft-capped logits, whether PINE applies
+and, where they differ from its family's, its token roles. `tests/test_matrix_llm.py` and
+`tests/test_matrix_vision.py` run every entry and assert each declaration against the loaded model, so the
 table printed from these entries is what the tests prove:
 
     python -m headlab.models.matrix          # the README's "Coverage matrix" table
@@ -30,6 +31,10 @@ class Route(enum.Enum):
     EAGER_ONLY = "refused: eager only"
     # learned sink logits, which headlab's attention function does not compute
     SINKS = "refused: attention sinks"
+    # a score bias added through the mask (BEiT's relative position bias), which headlab's kernels drop
+    SCORE_BIAS = "refused: score bias"
+    # attention over shifted windows in hierarchical stages (Swin)
+    WINDOWED = "refused: windowed stages"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,7 +44,8 @@ class Entry:
     `builder` names its tiny random model (default: the model type, built from its config class);
     `sliding`: the tiny model has sliding-window layers (its window is shorter than the test prompts);
     `softcap`: its attention logits are soft-capped; `pine`: PINE applies (a full-width rotary table next
-    to the layer list, no soft-cap), else binding or running PINE is an UnsupportedModelError."""
+    to the layer list, no soft-cap), else binding or running PINE is an UnsupportedModelError; `roles`: the
+    token roles its captures carry, where they differ from its family's (`ROLES`)."""
 
     model_type: str
     family: Family = Family.LLM
@@ -48,6 +54,7 @@ class Entry:
     sliding: bool = False
     softcap: bool = False
     pine: bool = False
+    roles: tuple[str, ...] | None = None
 
     @property
     def random_builder(self) -> str:
@@ -57,13 +64,21 @@ class Entry:
     def served(self) -> bool:
         return self.route is Route.INTERFACE
 
+    @property
+    def token_roles(self) -> tuple[str, ...]:
+        return self.roles if self.roles is not None else ROLES[self.family]
+
 
 def _llm(model_type: str, **declared) -> Entry:
     return Entry(model_type=model_type, family=Family.LLM, **declared)
 
 
-def _refused(model_type: str, route: Route) -> Entry:
-    return Entry(model_type=model_type, family=Family.LLM, route=route)
+def _refused(model_type: str, route: Route, family: Family = Family.LLM) -> Entry:
+    return Entry(model_type=model_type, family=family, route=route)
+
+
+def _vision(model_type: str, **declared) -> Entry:
+    return Entry(model_type=model_type, family=Family.VIT, **declared)
 
 
 LLM: tuple[Entry, ...] = (
@@ -126,10 +141,24 @@ LLM: tuple[Entry, ...] = (
     _refused("granite_swa", Route.SINKS),
 )
 
-# family -> its entries, in table order; other families append their tuples here
-MATRIX: dict[Family, tuple[Entry, ...]] = {Family.LLM: LLM}
+# vision towers: an encoder over prefix tokens (CLS-like, registers) and the patch grid, bidirectional
+VISION: tuple[Entry, ...] = (
+    _vision("vit"),
+    _vision("deit"),  # CLS and distillation token, both role "cls"
+    _vision("dinov2"),
+    _vision("dinov2_with_registers", roles=("cls", "register", "patch")),  # CLS, 4 registers, the grid
+    _vision("clip_vision_model", builder="clip_vision"),
+    _vision("siglip_vision_model", builder="siglip_vision", roles=("patch",)),  # no CLS token
+    # refused, with the reason
+    _refused("beit", Route.SCORE_BIAS, Family.VIT),  # relative position bias, added through the mask
+    _refused("swin", Route.WINDOWED, Family.VIT),
+)
 
-# the token roles each family's captures are tested to carry (LLMs: "answer" on decode steps)
+# family -> its entries, in table order; other families append their tuples here
+MATRIX: dict[Family, tuple[Entry, ...]] = {Family.LLM: LLM, Family.VIT: VISION}
+
+# the token roles each family's captures are tested to carry (LLMs: "answer" on decode steps); an entry
+# whose roles differ declares its own (`Entry.roles`)
 ROLES = {
     Family.LLM: ("bos", "text", "answer"),
     Family.LVLM: ("bos", "text", "image", "answer"),
@@ -158,13 +187,16 @@ def row(entry: Entry) -> tuple[str, ...]:
         return (f"`{entry.model_type}`", entry.family.value, entry.route.value, "-", "-", "-")
     notes = [name for name, on in (("soft-cap", entry.softcap), ("sliding windows", entry.sliding)) if on]
     route = entry.route.value + (f" ({', '.join(notes)})" if notes else "")
-    generation = "KV cache, captured" + (" (sliding-window cache)" if entry.sliding else "")
+    if entry.family is Family.VIT:
+        generation = "- (encoder)"
+    else:
+        generation = "KV cache, captured" + (" (sliding-window cache)" if entry.sliding else "")
     interventions = "head scale / ablation" + (", PINE" if entry.pine else "")
     return (
         f"`{entry.model_type}`",
         entry.family.value,
         route,
-        ", ".join(ROLES[entry.family]),
+        ", ".join(entry.token_roles),
         generation,
         interventions,
     )

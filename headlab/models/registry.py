@@ -9,7 +9,8 @@ discovers the rest from the model (`headlab.loading`): a causal LM whose attenti
 through `AttentionInterface` needs no adapter at all; one that cannot be served (its attention runs without
 the interface, it is not a causal LM) is refused when it is loaded, saying what is missing. An adapter is
 only needed for what cannot be discovered (an auto class, sub-configs, image tokens, CLS-like prefixes, a
-prompt template, an attention implementation to load with).
+prompt template, an attention implementation to load with). A model type that no adapter can make
+servable is declared refused with its reason (`refuse`): loading it says why, before its weights are read.
 
 `SUPPORTED` (read-only) is what is tested: the model types of the registered adapters plus those of the
 coverage matrix (`headlab.models.matrix`) that headlab serves, each mapped to the adapter serving it.
@@ -29,13 +30,15 @@ DEFAULT = ModelAdapter(random_builders=("gpt2", "llama", "mistral", "qwen2"))
 
 _ADAPTERS: dict[str, ModelAdapter] = {}  # name -> adapter
 _BY_MODEL_TYPE: dict[str, ModelAdapter] = {}  # model type -> its registered adapter
+_REFUSED: dict[str, str] = {}  # model type -> why headlab cannot serve it (no adapter can)
 
 
 def register(declare: Callable[[], ModelAdapter]) -> ModelAdapter:
     """Decorator: register the adapter `declare()` under the name `declare.__name__`; the decorated name
     is then the registered adapter.
 
-    Raises HeadlabError for a name already registered, or a model type another adapter already serves."""
+    Raises HeadlabError for a name already registered, or a model type another adapter already serves or
+    that is declared refused (`refuse`)."""
     name = declare.__name__
     adapter = declare()
     if adapter.name not in (ModelAdapter.name, name):
@@ -47,6 +50,11 @@ def register(declare: Callable[[], ModelAdapter]) -> ModelAdapter:
         raise HeadlabError(f"a model adapter named {name!r} is already registered")
     if not adapter.model_types:
         raise HeadlabError(f"the model adapter {name!r} declares no model_types")
+    refused = [t for t in adapter.model_types if t in _REFUSED]
+    if refused:
+        raise HeadlabError(
+            f"model type {refused[0]!r} of adapter {name!r} is refused: {_REFUSED[refused[0]]}"
+        )
     taken = [t for t in adapter.model_types if t in _BY_MODEL_TYPE]
     if taken:
         owner = _BY_MODEL_TYPE[taken[0]].name
@@ -54,6 +62,21 @@ def register(declare: Callable[[], ModelAdapter]) -> ModelAdapter:
     _ADAPTERS[name] = adapter
     _BY_MODEL_TYPE.update(dict.fromkeys(adapter.model_types, adapter))
     return adapter
+
+
+def refuse(model_type: str, *, reason: str) -> None:
+    """Declare that headlab cannot serve `model_type` and why (a sentence after "headlab cannot serve
+    'TYPE': "): loading or describing it raises UnsupportedModelError with the reason before anything else.
+
+    Raises HeadlabError for a type that is already refused or served by an adapter."""
+    if model_type in _REFUSED or model_type in _BY_MODEL_TYPE:
+        raise HeadlabError(f"model type {model_type!r} is already refused or served by an adapter")
+    _REFUSED[model_type] = reason
+
+
+def refusal(config_or_model) -> str | None:
+    """Why headlab cannot serve the model type of a config, model or model type (`refuse`), else None."""
+    return _REFUSED.get(_model_type(config_or_model))
 
 
 def adapters() -> tuple[ModelAdapter, ...]:

@@ -22,6 +22,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from headlab.errors import UnsupportedModelError
 from headlab.kernels.fused import fused_attention
 from headlab.kernels.rebuild import attention_scores
 from headlab.kernels.reference import naive_attention
@@ -30,10 +31,20 @@ from headlab.probe.context import BatchContext
 
 
 def keep_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """A boolean view (True = may attend) of a transformers attention mask (boolean or additive)."""
+    """A boolean view (True = may attend) of a transformers attention mask (boolean or additive).
+
+    An additive mask must be 0 where a key is kept: a mask that carries a score bias (BEiT's relative
+    position bias, ALiBi) would be silently dropped here, so it is an UnsupportedModelError instead."""
     if mask is None or mask.dtype == torch.bool:
         return mask
-    return mask > torch.finfo(mask.dtype).min / 2
+    keep = mask > torch.finfo(mask.dtype).min / 2
+    if bool((keep & (mask != 0)).any()):
+        raise UnsupportedModelError(
+            "this model's attention mask carries a score bias (finite values other than 0, e.g. a relative "
+            "position bias or ALiBi); headlab reads masks as keep/drop only, so it cannot capture this model "
+            "exactly"
+        )
+    return keep
 
 
 @dataclass(eq=False)

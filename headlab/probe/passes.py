@@ -124,7 +124,10 @@ class PassContexts:
             examples = (
                 self._vision_examples if len(self._vision_examples) == batch else self._new_examples(batch)
             )
-            roles = tuple(grid_roles(info.prefix_tokens, info.grid, n_tokens) for _ in range(batch))
+            roles = tuple(
+                grid_roles(info.prefix_tokens, info.grid, n_tokens, registers=info.register_tokens)
+                for _ in range(batch)
+            )
         else:
             examples = self._new_examples(batch)
             roles = tuple(text_roles([0] * n_tokens) for _ in range(batch))

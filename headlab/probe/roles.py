@@ -10,7 +10,9 @@ Conventions (stated once, used everywhere):
   the token every later query can see, which is what makes it a sink;
 - LLaVA-style inputs: "image" = the expanded image tokens (input_ids == image_token_id), with the grid of
   the vision tower when the span is a full square grid;
-- vision towers: "cls" for the prefix tokens (CLS, DeiT's distillation token), "patch" for the grid;
+- vision towers: "cls" for the prefix tokens (CLS, DeiT's distillation token), "register" for register
+  tokens (DINOv2 with registers: after the CLS, before the grid), "patch" for the grid; a tower without a
+  CLS token (SigLIP) has only "patch";
 - caller-given segments (PINE, lost-in-the-middle documents) become roles "segment_0", "segment_1", ...
   and override "text" on their spans.
 """
@@ -26,6 +28,7 @@ import torch
 from headlab.errors import InputError
 
 BOS, TEXT, IMAGE, CLS, PATCH, ANSWER = "bos", "text", "image", "cls", "patch", "answer"
+REGISTER = "register"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,17 +129,23 @@ def text_roles(
     )
 
 
-def grid_roles(prefix_tokens: int, grid: tuple[int, int], n_tokens: int | None = None) -> TokenRoles:
-    """Roles of a vision-tower input: `prefix_tokens` CLS-like tokens, then a rows x cols patch grid."""
+def grid_roles(
+    prefix_tokens: int, grid: tuple[int, int], n_tokens: int | None = None, *, registers: int = 0
+) -> TokenRoles:
+    """Roles of a vision-tower input: `prefix_tokens` tokens before a rows x cols patch grid, of which the
+    last `registers` are register tokens (role "register") and the others CLS-like (role "cls")."""
+    if not 0 <= registers <= prefix_tokens:
+        raise InputError(f"{registers} register tokens do not fit {prefix_tokens} prefix tokens")
     rows, cols = grid
     n = prefix_tokens + rows * cols
     if n_tokens is not None and n_tokens != n:
-        side = math.isqrt(n_tokens - prefix_tokens)
-        if side * side != n_tokens - prefix_tokens:
+        side = math.isqrt(max(n_tokens - prefix_tokens, 0))
+        if n_tokens < prefix_tokens or side * side != n_tokens - prefix_tokens:
             raise InputError(
                 f"{n_tokens} vision tokens do not form {prefix_tokens} prefix tokens + a square grid"
             )
         rows = cols = side
         n = n_tokens
-    classes = (0,) * prefix_tokens + (1,) * (rows * cols)
-    return TokenRoles(classes=classes, names=(CLS, PATCH), grid=(rows, cols), grid_start=prefix_tokens)
+    names = (CLS, PATCH, REGISTER) if registers else (CLS, PATCH)
+    classes = (0,) * (prefix_tokens - registers) + (2,) * registers + (1,) * (rows * cols)
+    return TokenRoles(classes=classes, names=names, grid=(rows, cols), grid_start=prefix_tokens)

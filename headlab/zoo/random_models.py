@@ -2,12 +2,13 @@
 
 No hub is reachable where headlab is built and tested, so tests, benchmarks and the offline demo build
 their models here: the real architecture classes (GPT-2, Llama with grouped-query attention, Qwen2, LLaVA =
-CLIP vision tower + Llama, Mistral, Gemma 2 (soft-capped attention), ViT, DeiT, DINOv2, CLIP vision) at hidden sizes of 32-64 and 2-4 layers, with a byte-level
-BPE tokenizer trained on a small built-in corpus. `build_random(name, path)` writes a directory that
-`headlab.load(path)` (and `from_pretrained(path)`) reads back through the real loading path. Each family's
-adapter names its hand-written builders here (`random_builders`, headlab.models), and the tests build every
-one; any other causal-LM model type of transformers is built generically from its config class at the same
-tiny sizes (`tiny_config`), which the coverage matrix (headlab.models.matrix) uses.
+CLIP vision tower + Llama, Mistral, Gemma 2 (soft-capped attention), and the vision towers ViT, DeiT,
+DINOv2 with and without registers, CLIP and SigLIP vision) at hidden sizes of 32-64 and 2-4 layers, with a
+byte-level BPE tokenizer trained on a small built-in corpus. `build_random(name, path)` writes a directory
+that `headlab.load(path)` (and `from_pretrained(path)`) reads back through the real loading path. Each
+family's adapter names its hand-written builders here (`random_builders`, headlab.models), and the tests
+build every one; any other causal-LM model type of transformers is built generically from its config class
+at the same tiny sizes (`tiny_config`), which the coverage matrix (headlab.models.matrix) uses.
 
 The weights are random (seeded): these models show no circuits or sinks. Trained tiny models with real
 phenomena belong to the zoo proper.
@@ -202,6 +203,20 @@ def _clip_vision(path: Path) -> None:
     _image_processor().save_pretrained(path)
 
 
+def _dinov2_with_registers(path: Path) -> None:
+    """DINOv2 with registers: CLS, then 4 register tokens, then the patch grid."""
+    tf.Dinov2WithRegistersModel(
+        _vision_config(tf.Dinov2WithRegistersConfig, num_register_tokens=4)
+    ).save_pretrained(path)
+    tf.ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+
+
+def _siglip_vision(path: Path) -> None:
+    """SigLIP's vision tower: the patch grid alone, no CLS token."""
+    tf.SiglipVisionModel(_vision_config(tf.SiglipVisionConfig)).save_pretrained(path)
+    tf.ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+
+
 RANDOM_BUILDERS: dict[str, Callable[[Path], None]] = {
     "gpt2": _gpt2,
     "llama": _llama,
@@ -213,6 +228,8 @@ RANDOM_BUILDERS: dict[str, Callable[[Path], None]] = {
     "clip_vision": _clip_vision,
     "deit": _deit,
     "dinov2": _dinov2,
+    "dinov2_with_registers": _dinov2_with_registers,
+    "siglip_vision": _siglip_vision,
 }
 
 # The generic builder's tiny sizes, by the names most configs use (a config that names a size otherwise,
