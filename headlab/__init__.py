@@ -43,6 +43,7 @@ _EXPORTS = {
             "interventions",
             "kernels",
             "models",
+            "plots",
             "probe",
             "runs",
             "store",
@@ -53,7 +54,18 @@ _EXPORTS = {
 __getattr__, __dir__ = lazy_facade(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # what the facade resolves to, for type checkers and IDEs
-    from headlab import analyses, datasets, interventions, kernels, models, probe, runs, store, zoo  # noqa: F401
+    from headlab import (  # noqa: F401
+        analyses,
+        datasets,
+        interventions,
+        kernels,
+        models,
+        plots,
+        probe,
+        runs,
+        store,
+        zoo,
+    )
     from headlab.interventions import ACT, PINE, VAR, VHR, HeadAblation, HeadScale, intervene
     from headlab.loading import SUPPORTED, LoadedModel, Tower, describe, load
     from headlab.models import Family

@@ -9,12 +9,16 @@ Patterns, head outputs and residual ratios are kept only for what was selected.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
 from headlab.errors import SelectionError
+
+if TYPE_CHECKING:  # figures import plotly, on first use only
+    from headlab.plots import RecordPlots
 
 _STAT_COLUMNS = ("example", "tower", "step", "layer", "head", "stat", "role", "value")
 
@@ -114,6 +118,14 @@ class Record:
     def use_roles(self, roles) -> None:
         """Token roles (a TokenRoles per example) for the next forward pass inside the capture block."""
         self._probe.use_roles(roles)
+
+    @property
+    def plot(self) -> RecordPlots:
+        """Plotly figures of this record (`headlab.plots.RecordPlots`): `rec.plot.pattern(0, layer=1)`,
+        `rec.plot.heads("entropy")`. Imports plotly on first use."""
+        from headlab.plots import RecordPlots
+
+        return RecordPlots(self)
 
     @property
     def head_stats(self) -> pd.DataFrame:

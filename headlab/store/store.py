@@ -85,6 +85,7 @@ from headlab.store.write import write_arrays, write_tables
 from headlab.version import __version__
 
 if TYPE_CHECKING:  # the store keeps what a capture recorded; it never runs the probe
+    from headlab.plots import StorePlots
     from headlab.probe.record import Record
 
 __all__ = ["SCHEMA_VERSION", "ExampleInfo", "Store", "VerifyReport"]
@@ -598,6 +599,15 @@ class Store:
 
     def result_params(self, name: str) -> dict:
         return result_sidecar(self.root / RESULTS, name).get("params", {})
+
+    @property
+    def plot(self) -> StorePlots:
+        """Plotly figures of this store (`headlab.plots.StorePlots`): `store.plot.heads("entropy")`,
+        `store.plot.pattern(example, layer, head)`, `store.plot.image_attention(...)`. Imports plotly on
+        first use."""
+        from headlab.plots import StorePlots
+
+        return StorePlots(self)
 
     def _repr_html_(self) -> str:
         rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in self.info().items())
