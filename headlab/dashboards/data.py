@@ -6,8 +6,11 @@ touches one example's rows of one head; the stat/role menu comes from one exampl
 are [layer, head] arrays (NaN where a head has no value) and are cached per (source, tower, condition).
 
 A `Source` names what a heat map shows: a stored statistic (stat, role), or a numeric column of a stored
-analysis result. `TokenLayout` is the optional model knowledge (token strings, image-token id, patch grid)
-built once from the store's model by `layout_from_model`; without it, tokens are shown as positions.
+analysis result. For a mass stat a role an example lacks counts as 0 (`ZERO_WHEN_ABSENT`). What went into
+the model (`Store.example_info`: prompt, tokens, image, label, answer) is read per (example, condition)
+and cached, so the example table reads one page at a time. `TokenLayout` is the optional model knowledge
+(tokenizer, image-token id, patch grid) built from the store's model by `layout_from_model`: the fallback
+for stores without stored tokens (`patterns.example_tokens`).
 """
 
 from __future__ import annotations
@@ -15,16 +18,28 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import pandas as pd
 
-from headlab.errors import SelectionError
-from headlab.store import Store
+from headlab.dashboards.patterns import (
+    ExampleTokens,
+    GridPlace,
+    PatternView,
+    TokenLayout,
+    example_tokens,
+    layout_from_model,
+    pattern_view,
+)
+from headlab.errors import HeadlabError, SelectionError
+from headlab.store import ExampleInfo, Store
 
+__all__ = ["BrowserData", "PatternView", "Source", "TokenLayout", "layout_from_model"]
+
+# stats whose role is a set of keys: an example without the role's tokens puts 0 attention mass on it
+ZERO_WHEN_ABSENT = ("mass", "mass_last")
 KEY_COLUMNS = ("tower", "layer", "head", "condition", "example", "step", "cluster")
 
 
@@ -56,44 +71,6 @@ class Source:
         return f"{self.name}: {self.column} (result)"
 
 
-@dataclass(frozen=True, kw_only=True)
-class TokenLayout:
-    """Model knowledge for labelling tokens: `tokenize(prompt) -> (token strings, token ids)`, the LVLM's
-    image-token id, and the patch grid (rows, cols) and prefix tokens of each vision tower."""
-
-    tokenize: Callable[[str], tuple[list[str], list[int]]]
-    image_token_id: int | None = None
-    grids: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # tower -> (rows, cols, prefix)
-
-
-@dataclass(frozen=True)
-class PatternView:
-    """One head's attention for one example: `rows` [q, k] (only the chosen query when the example is
-    long), `labels` per key, `query` the chosen query position, and the image part as a grid."""
-
-    rows: np.ndarray  # [q, k]
-    queries: list[int]
-    labels: list[str]
-    query: int
-    prompt: str
-    grid: np.ndarray | None  # [rows, cols]: the query's attention to the image tokens / patches
-    note: str
-
-
-def layout_from_model(lm) -> TokenLayout:
-    """The token layout of a loaded model (its tokenizer, image-token id and vision grids)."""
-    tokenizer = lm.tokenizer or getattr(lm.processor, "tokenizer", None)
-
-    def tokenize(prompt: str) -> tuple[list[str], list[int]]:
-        if tokenizer is None:
-            return [], []
-        ids = [int(i) for i in tokenizer(prompt)["input_ids"]]
-        return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)], ids
-
-    grids = {t.name: (*t.grid, t.prefix_tokens) for t in lm.towers if t.grid}
-    return TokenLayout(tokenize=tokenize, image_token_id=lm.image_token_id, grids=grids)
-
-
 class BrowserData:
     """The dashboard's lazy view of one store (see the module docstring)."""
 
@@ -102,6 +79,7 @@ class BrowserData:
         self.layout = layout
         self._examples = store.examples()
         self.matrix = lru_cache(maxsize=64)(self._matrix)
+        self._info = lru_cache(maxsize=4096)(self._read_info)
 
     @property
     def empty(self) -> bool:
@@ -152,13 +130,7 @@ class BrowserData:
     def _matrix(self, source: Source, tower: str, condition: str | None) -> np.ndarray:
         """[layer, head] mean of `source` over examples (NaN where missing); condition None = all."""
         if source.kind == "stat":
-            frame = self.store.head_stats(stat=source.name, tower=tower, condition=condition)
-            frame = (
-                frame[(frame.role == source.column) & (frame.step == frame.step.min())]
-                if len(frame)
-                else frame
-            )
-            value = "value"
+            return self._stat_matrix(source, tower, condition)
         else:
             frame = self.store.result(source.name)
             if "tower" in frame:
@@ -168,11 +140,71 @@ class BrowserData:
             value = source.column
         if not len(frame):
             raise SelectionError(f"no values of {source.label} for tower {tower!r}, condition {condition!r}")
-        mean = frame.groupby(["layer", "head"])[value].mean()
-        layers, heads = mean.index.get_level_values(0), mean.index.get_level_values(1)
-        out = np.full((int(layers.max()) + 1, int(heads.max()) + 1), np.nan)  # [layer, head]
-        out[layers.to_numpy(int), heads.to_numpy(int)] = mean.to_numpy(float)
-        return out
+        return _as_matrix(frame.groupby(["layer", "head"])[value].mean())
+
+    def _stat_matrix(self, source: Source, tower: str, condition: str | None) -> np.ndarray:
+        """[layer, head] mean of a stat's role over the examples holding the stat (first step). For a mass
+        stat (`ZERO_WHEN_ABSENT`) an example without the role counts as 0: its tokens are absent, so they
+        receive no attention (a text-only example has no image mass); other stats average where present."""
+        frame = self.store.head_stats(stat=source.name, tower=tower, condition=condition)
+        if len(frame):
+            frame = frame[frame.step == frame.step.min()]
+        part = frame[frame.role == source.column] if len(frame) else frame
+        zero_fill = source.name in ZERO_WHEN_ABSENT and len(frame)
+        if not len(part) and not zero_fill:
+            raise SelectionError(f"no values of {source.label} for tower {tower!r}, condition {condition!r}")
+        if not zero_fill:
+            return _as_matrix(part.groupby(["layer", "head"]).value.mean())
+        keys = ["layer", "head"]
+        holding = frame[[*keys, "example", "condition"]].drop_duplicates().groupby(keys).size()
+        total = part.groupby(keys).value.sum().reindex(holding.index, fill_value=0.0)
+        return _as_matrix(total / holding)
+
+    def per_example(self, source: Source, tower: str, condition: str, layer: int, head: int) -> pd.Series:
+        """One head's value of a stat source for every example stored under `condition` (example id ->
+        value, by the same rule as the heat map: first step; a mass role an example lacks counts as 0)."""
+        if source.kind != "stat":
+            raise SelectionError(f"{source.label} is a result with no per-example values; choose a statistic")
+        frame = self.store.head_stats(
+            stat=source.name, tower=tower, condition=condition, layers=[layer], heads=[head]
+        )
+        if not len(frame):
+            raise SelectionError(f"no values of {source.label} for L{layer}H{head} ({tower}, {condition})")
+        frame = frame[frame.step == frame.step.min()]
+        values = frame[frame.role == source.column].groupby("example").value.mean()
+        examples = frame.example.drop_duplicates()
+        if source.name in ZERO_WHEN_ABSENT:
+            return values.reindex(examples, fill_value=0.0)
+        return values
+
+    def info(self, example: int | str, condition: str) -> ExampleInfo:
+        """What went into the model for `example` under `condition` (`Store.example_info`); an empty
+        ExampleInfo when the store does not hold the pair. Cached: the table pages and views reread it."""
+        return self._info(example, condition)
+
+    def _read_info(self, example: int | str, condition: str) -> ExampleInfo:
+        try:
+            return self.store.example_info(example, condition=condition)
+        except HeadlabError:
+            return ExampleInfo()
+
+    def example_list(self, text: str = "") -> list[int | str]:
+        """Every stored example id in order; `text` keeps those whose id or stored prompt contains it
+        (case-insensitive; prompts are read only when filtering)."""
+        ids = sorted(self._examples.example.unique().tolist())
+        needle = text.strip().lower()
+        if not needle:
+            return ids
+        keep = []
+        for example in ids:
+            prompts = [self.info(example, c).prompt or "" for c in self.conditions_of(example)]
+            if needle in str(example).lower() or any(needle in p.lower() for p in prompts):
+                keep.append(example)
+        return keep
+
+    def conditions_of(self, example: int | str) -> list[str]:
+        """The conditions under which `example` is stored, by name."""
+        return sorted(self._examples[self._examples.example == example].condition.unique().tolist())
 
     def difference(self, source: Source, tower: str, a: str, b: str) -> np.ndarray:
         """[layer, head] of condition a minus condition b (shapes padded with NaN where they differ)."""
@@ -196,74 +228,62 @@ class BrowserData:
     def pattern(
         self, example: int | str, layer: int, head: int, *, tower: str, condition: str, query: int | None
     ) -> PatternView:
-        """One head's attention for one example; the full [q, k] when short, else just the query row.
-        `example` as the store keeps it, or as typed (`example_id`)."""
+        """One head's attention for one example (`patterns.pattern_view`: full, block-averaged or just the
+        query row by length). `example` as the store keeps it, or as typed (`example_id`)."""
         example = self.example_id(example)
-        info = self._examples[
+        rows = self._examples[
             (self._examples.example == example)
             & (self._examples.condition == condition)
             & (self._examples.tower == tower)
         ]
-        if not len(info):
+        if not len(rows):
             raise SelectionError(
                 f"example {example!r} is not stored under condition {condition!r} ({tower} tower)"
             )
-        n = int(info.n_tokens.iloc[0])
+        n = int(rows.n_tokens.iloc[0])
         q = n - 1 if query is None else int(query)
         if not -n <= q < n:
             raise SelectionError(f"query {q} is outside example {example!r}'s {n} tokens (0..{n - 1})")
-        q %= n
-        full = n <= 256
-        rows = self.store.pattern(
-            example, layer, head, tower=tower, condition=condition, queries=None if full else [q]
+        info = self.info(example, condition)
+        tokens = example_tokens(info, tower, n, self.layout, self._vision_grid())
+        read = lambda queries: self.store.pattern(  # noqa: E731
+            example, layer, head, tower=tower, condition=condition, queries=queries
         )  # [q, k]
-        queries = list(range(rows.shape[0])) if full else [q]
-        prompt = str(json.loads(info.meta.iloc[0] or "{}").get("prompt", ""))
-        labels, image_positions, note = self._labels(prompt, tower, n)
-        grid = self._grid(rows[queries.index(q)], tower, n, image_positions)
-        if grid is None and image_positions:
-            note += f"; {len(image_positions)} image tokens do not fill the tower's patch grid"
-        return PatternView(rows, queries, labels, q, prompt, grid, note)
+        return pattern_view(read, n, q % n, tokens, self._grid_of(tower, n, tokens), info.prompt or "")
 
-    def _labels(self, prompt: str, tower: str, n: int) -> tuple[list[str], list[int], str]:
-        """Key labels ("i:token" or positions), the LM's image-token positions, and a note on how."""
-        positions = [str(i) for i in range(n)]
-        if tower != "lm":
-            return positions, [], "vision tokens: positions"
-        if self.layout is None:
-            return positions, [], "tokens shown as positions (the store's model did not load)"
-        tokens, ids = self.layout.tokenize(prompt)
-        image = self.layout.image_token_id
-        if image is not None and ids.count(image) == 1 and len(ids) < n:  # the processor expands one image
-            at, extra = ids.index(image), n - len(ids)
-            tokens = tokens[:at] + [tokens[at]] * (extra + 1) + tokens[at + 1 :]
-            ids = ids[:at] + [image] * (extra + 1) + ids[at + 1 :]
-        if len(tokens) != n:
-            return (
-                positions,
-                [],
-                f"tokens shown as positions (the prompt has {len(tokens)} tokens, the store {n})",
-            )
-        image_positions = [i for i, t in enumerate(ids) if image is not None and t == image]
-        return (
-            [f"{i}:{t}" for i, t in enumerate(tokens)],
-            image_positions,
-            "tokens from the model's tokenizer",
-        )
+    def _vision_grid(self) -> tuple[int, int, int] | None:
+        """(rows, cols, prefix) of the first vision tower: the model's when loaded, else inferred from the
+        stored token count (one prefix token then a square grid, as in CLIP and ViT)."""
+        if self.layout is not None and self.layout.grids:
+            return next(iter(self.layout.grids.values()))
+        vision = self._examples[self._examples.tower != "lm"]
+        if not len(vision):
+            return None
+        n = int(vision.n_tokens.iloc[0])
+        side = math.isqrt(n - 1)
+        return (side, side, 1) if side * side == n - 1 else None
 
-    def _grid(self, row: np.ndarray, tower: str, n: int, image_positions: list[int]) -> np.ndarray | None:
-        """The query's attention to the image part on the patch grid [rows, cols], or None."""
+    def _grid_of(self, tower: str, n: int, tokens: ExampleTokens) -> GridPlace | None:
+        """Where the image sits among the example's keys: the LM's image tokens, or a tower's patches."""
         if tower == "lm":
-            grids = self.layout.grids if self.layout else {}
-            shape = next(((r, c) for r, c, _ in grids.values() if r * c == len(image_positions)), None)
-            if not image_positions or shape is None:
+            grid = self._vision_grid()
+            if grid is None or not tokens.image_positions:
                 return None
-            return row[image_positions].reshape(shape)  # [rows, cols]
+            r, c, _ = grid
+            return GridPlace(tokens.image_positions, (r, c)) if r * c == len(tokens.image_positions) else None
         if self.layout is not None and tower in self.layout.grids:
             r, c, prefix = self.layout.grids[tower]
-        else:  # no model: assume one prefix token then a square grid, as in CLIP / ViT
-            side = math.isqrt(n - 1)
-            r, c, prefix = side, side, 1
-        if prefix + r * c != n:
-            return None
-        return row[prefix:].reshape(r, c)  # [rows, cols]
+        else:
+            grid = self._vision_grid()
+            if grid is None:
+                return None
+            r, c, prefix = grid
+        return GridPlace(list(range(prefix, n)), (r, c)) if prefix + r * c == n else None
+
+
+def _as_matrix(mean: pd.Series) -> np.ndarray:
+    """A (layer, head)-indexed Series as a [layer, head] array, NaN where a head has no value."""
+    layers, heads = mean.index.get_level_values(0), mean.index.get_level_values(1)
+    out = np.full((int(layers.max()) + 1, int(heads.max()) + 1), np.nan)  # [layer, head]
+    out[layers.to_numpy(int), heads.to_numpy(int)] = mean.to_numpy(float)
+    return out
