@@ -147,6 +147,9 @@ def test_report_pope_keeps_the_same_condition_names(workflow):
     assert vhd_store.conditions() == [NO_IMAGE, WITH_IMAGE]
     assert vhd_store.tokens(0, condition=WITH_IMAGE).count("<image>") == IMAGE_TOKENS
     assert vhd_store.image(0) is not None
+    info = vhd_store.example_info(0, condition=WITH_IMAGE)  # the question's label and the plain answer
+    first = json.loads((out / "data" / "pope_random.json").read_text().splitlines()[0])
+    assert info.label == first["label"] and info.answer is not None and info.answer.strip()
     _run("analyze", "vhd", str(out / "vhd_store"))
 
 

@@ -13,28 +13,33 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from headlab.conditions import WITH_IMAGE
 from headlab.errors import HeadlabError
 from headlab.reports.document import Document
 from headlab.runs.answering import Split
 from headlab.runs.outcome import reason
 
 
-def image_maps(lm, split: Split, out: Path, n_images: int, tau: float) -> tuple[object, dict, list[str]]:
+def image_maps(
+    lm, split: Split, out: Path, n_images: int, tau: float, answers: Mapping | None = None
+) -> tuple[object, dict, list[str]]:
     """(VHD per head or None, attention maps, notes) on the first `n_images` distinct images of `split`
-    that open (module docstring)."""
+    that open (module docstring). `answers`: question id -> the plain model's answer, stored with each
+    pick's label in the VHD store (for the browser)."""
     from headlab.runs.image_maps import attention_maps, pick_images
 
     picks, notes = pick_images(split, n_images)
     if not picks:
         return None, {}, notes
-    vhd, vhd_notes = vhd_heatmap_data(lm, picks, out)
+    vhd, vhd_notes = vhd_heatmap_data(lm, picks, out, answers or {})
     maps, map_notes = attention_maps(lm, picks, tau=tau)
     return vhd, maps, notes + vhd_notes + map_notes
 
 
-def vhd_heatmap_data(lm, picks, out: Path):
+def vhd_heatmap_data(lm, picks, out: Path, answers: Mapping):
     """Per-head VHD (layer, head, vhd, ...) over the picks, captured into `out/vhd_store` (module docstring),
-    and notes on what was rebuilt or left out."""
+    and notes on what was rebuilt or left out. Each pick captured now is annotated under `with_image` with
+    its question's label and the plain model's answer (`answers`, question id -> text) when known."""
     from headlab.analyses.vhd import capture_vhd_conditions, vhd_per_head
     from headlab.runs.image_maps import NO_IMAGE, WITH_IMAGE, vhd_store
 
@@ -56,11 +61,28 @@ def vhd_heatmap_data(lm, picks, out: Path):
             )
         except Exception as err:  # one image's failure is listed, never stops the report
             notes.append(f"VHD: image {pick.key['image']} left out ({reason(err)})")
+    _annotate(store, picks, set(have), answers, notes)
     try:
         return vhd_per_head(store, with_condition=WITH_IMAGE, without_condition=NO_IMAGE), notes
     except HeadlabError as err:  # nothing under both conditions (every pick failed)
         notes.append(f"VHD heat map left out: {err}")
         return None, notes
+
+
+def _annotate(store, picks, had: set, answers: Mapping, notes: list[str]) -> None:
+    """Store the label and the plain model's answer of each pick captured in this run (module docstring)."""
+    captured = store.committed(WITH_IMAGE) - had
+    values = {}
+    for i in sorted(captured):
+        q = picks[i].question
+        if q is not None:
+            answer = answers.get(q.question_id)
+            values[i] = {"label": q.label} | ({"answer": answer} if answer is not None else {})
+    if values:
+        try:
+            store.annotate(values, condition=WITH_IMAGE)
+        except HeadlabError as err:  # the labels are for the browser; the report does not need them
+            notes.append(f"VHD store: labels and answers not stored ({err})")
 
 
 def maps_section(doc: Document, maps: Mapping, vhd) -> None:

@@ -189,7 +189,8 @@ def pope_report(
         from headlab.reports.maps import image_maps
 
         try:
-            vhd, maps, notes = image_maps(ans.lm, splits[0], out, vhd_images, var_tau)
+            plain = ans.log.get("none", splits[0].name) if "none" in ans.conditions else {}
+            vhd, maps, notes = image_maps(ans.lm, splits[0], out, vhd_images, var_tau, plain)
         except KeyboardInterrupt:
             ans.run.interrupted = True
     report = build_report(ans, splits, max_new_tokens=max_new_tokens, n_per_split=n)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headlab.conditions import NO_IMAGE, WITH_IMAGE  # the names `headlab capture` and `analyze vhd` use
+from headlab.datasets.pope import PopeQuestion
 from headlab.errors import InputError, StoreError
 from headlab.runs.answering import Split, prompt_for
 from headlab.runs.atomic import write_text_atomic
@@ -35,6 +36,7 @@ class Pick:
     key: dict  # {"image": path, "prompt": text}: what identifies the pick across runs
     prompt: str
     image: object  # an opened RGB PIL image
+    question: PopeQuestion | None = None  # the question the prompt is (its label; its answers in the log)
 
 
 def pick_images(split: Split, n_images: int) -> tuple[list[Pick], list[str]]:
@@ -55,7 +57,12 @@ def pick_images(split: Split, n_images: int) -> tuple[list[Pick], list[str]]:
             notes.append(f"image maps: question {q.question_id!r} left out: {err}")
             continue
         picks.append(
-            Pick(key={"image": str(path), "prompt": prompt_for(q)}, prompt=prompt_for(q), image=image)
+            Pick(
+                key={"image": str(path), "prompt": prompt_for(q)},
+                prompt=prompt_for(q),
+                image=image,
+                question=q,
+            )
         )
     return picks, notes
 
