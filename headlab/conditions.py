@@ -13,12 +13,14 @@ A condition name is `BASE` or `BASE+INTERVENTION`:
 - `+vhr`, `+var`: the capture runs inside `intervene(lm, VHR())` / `intervene(lm, VAR(...))`, the
   interventions of the POPE report's conditions of the same names (`runs.answering.condition_interventions`
   builds them). Both act on the image, so they need an LVLM and a BASE other than `no_image`.
-Names are made of letters, digits and `_ - .`, with at most one `+`; `parse_conditions` reads a command
+Names are made of letters, digits and `_ - .`, with at most one `+`; a name within a typo of `with_image` or
+`no_image` (e.g. `with-image`) is refused rather than read as a name of your own; `parse_conditions` reads a command
 line's repeated or comma-separated values and refuses a repeated name.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,6 +60,12 @@ def parse_condition(name: str) -> Condition:
         raise InputError(
             f"condition {name!r}: unknown intervention {intervention!r}; choose from "
             f"{', '.join(INTERVENTIONS)}{'; ' + hint if hint else ''}"
+        )
+    near = difflib.get_close_matches(base, (WITH_IMAGE, NO_IMAGE), n=1, cutoff=0.8)
+    if near and near[0] != base:  # "with-image", "no_images": a typo would silently mean "lines as given"
+        raise InputError(
+            f"condition {name!r} looks like {near[0]!r} but is not it; write {near[0]!r} (or a name that is not "
+            "so close to it, for a condition of your own)"
         )
     if plus and base == NO_IMAGE:
         raise InputError(

@@ -178,3 +178,17 @@ def test_vit_lines_with_only_an_image(tmp_path):
     assert no_vhd.exit_code == 2 and "Traceback" not in no_vhd.output
     assert "image: scene_" in _run("store", "info", str(out), "--example", "9")
     assert "'x' is not one" in _run("store", "info", str(out), "--example", "x", exit_code=2)
+
+
+def test_a_condition_name_within_a_typo_of_a_known_one_is_refused():
+    from headlab.conditions import parse_conditions
+    from headlab.errors import InputError
+
+    assert [c.name for c in parse_conditions(["with_image,no_image", "mine+vhr"])] == [
+        WITH_IMAGE,
+        NO_IMAGE,
+        "mine+vhr",
+    ]
+    for typo in ("with-image", "no_images", "With_Image"):
+        with pytest.raises(InputError, match="looks like"):
+            parse_conditions([typo])
