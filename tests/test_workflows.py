@@ -115,6 +115,10 @@ def test_tokens_images_and_labels_are_stored(workflow):
         thumbnail = store.image(q["id"])  # any condition that holds its image
         assert thumbnail is not None and max(thumbnail.size) <= 96
         assert store.image(q["id"], condition=NO_IMAGE) is None
+    for condition in (WITH_IMAGE, NO_IMAGE):  # the bulk read is the per-example read, for every example
+        bulk = store.example_infos(condition=condition)
+        assert set(bulk) == {q["id"] for q in QUESTIONS}
+        assert all(bulk[i] == store.example_info(i, condition=condition) for i in bulk)
     info = _run("store", "info", str(path))
     assert "tokens 3, images 3, labels 3" in info
     one = _run("store", "info", str(path), "--example", "car-1", "--condition", NO_IMAGE)

@@ -80,6 +80,7 @@ class BrowserData:
         self._examples = store.examples()
         self.matrix = lru_cache(maxsize=64)(self._matrix)
         self._info = lru_cache(maxsize=4096)(self._read_info)
+        self._infos = lru_cache(maxsize=16)(self._read_infos)
 
     @property
     def empty(self) -> bool:
@@ -188,6 +189,13 @@ class BrowserData:
         except HeadlabError:
             return ExampleInfo()
 
+    def _read_infos(self, condition: str) -> dict[int | str, ExampleInfo]:
+        """Every example's ExampleInfo under `condition`, in one store read (the table's filter)."""
+        try:
+            return self.store.example_infos(condition=condition)
+        except HeadlabError:
+            return {}
+
     def example_list(self, text: str = "") -> list[int | str]:
         """Every stored example id in order; `text` keeps those whose id or stored prompt contains it
         (case-insensitive; prompts are read only when filtering)."""
@@ -197,7 +205,9 @@ class BrowserData:
             return ids
         keep = []
         for example in ids:
-            prompts = [self.info(example, c).prompt or "" for c in self.conditions_of(example)]
+            prompts = [
+                self._infos(c).get(example, ExampleInfo()).prompt or "" for c in self.conditions_of(example)
+            ]
             if needle in str(example).lower() or any(needle in p.lower() for p in prompts):
                 keep.append(example)
         return keep

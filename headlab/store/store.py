@@ -389,6 +389,24 @@ class Store:
         notes = latest_annotations(self._index(ANNOTATIONS)).get((example, condition), {})
         return info_from_row(row, meta, notes)
 
+    def example_infos(self, *, condition: str | None = None) -> dict[int | str, ExampleInfo]:
+        """`example_info` of every example stored under `condition`, in one read of each table (what a
+        listing of many examples wants: one call instead of one read per example)."""
+        condition = self._condition(condition, needed=True)
+        rows = self._table(INPUTS, filter=parquet_filter(condition=condition))
+        by_example = {row["example"]: row for row in rows.to_dict("records")}
+        examples = self._index("examples")
+        examples = examples[examples.condition == condition] if len(examples) else examples
+        notes = latest_annotations(self._index(ANNOTATIONS))
+        return {
+            example: info_from_row(
+                by_example.get(example),
+                meta_of(examples, example, condition),
+                notes.get((example, condition), {}),
+            )
+            for example in examples.example.drop_duplicates().tolist()
+        }
+
     def tokens(self, example: int | str, *, condition: str | None = None) -> list[str] | None:
         """The example's language-model tokens, each id decoded alone, in example positions (image tokens
         included); None when not stored (a store from before token ids, a vision model)."""
