@@ -115,7 +115,7 @@ class SinkCounts:
         self.sinks[layer] = self.sinks.get(layer, 0) + int(sink.sum())
         self.visual_sinks[layer] = self.visual_sinks.get(layer, 0) + int((sink & image).sum())
         if phi.numel():
-            self.max_phi[layer] = max(self.max_phi.get(layer, 0.0), float(phi.max()))
+            self.max_phi[layer] = max(self.max_phi.get(layer, 0.0), float(phi.detach().max()))
 
 
 class VARPatch(Patch):
