@@ -19,6 +19,7 @@ from conftest import assert_close_at_real_tokens, eager_attentions
 
 import headlab as hl
 from headlab import models
+from headlab.compat import TRANSFORMERS_VERSION
 from headlab.models import matrix
 from headlab.models.matrix import Route
 from headlab.store import Store
@@ -226,6 +227,9 @@ def test_supported_is_the_registered_adapters_plus_the_served_matrix():
     assert len(set(_ids(ENTRIES))) == len(ENTRIES)
 
 
+@pytest.mark.skipif(
+    TRANSFORMERS_VERSION < (5, 24), reason="the README's table is the one for the locked transformers (5.24)"
+)
 def test_the_readme_table_is_the_one_the_matrix_prints(capsys):
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     section = re.search(r"## Coverage matrix\n(.*?)(?=\n## )", readme, flags=re.S)

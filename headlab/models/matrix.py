@@ -19,6 +19,7 @@ import enum
 import sys
 from dataclasses import dataclass
 
+from headlab.compat import TRANSFORMERS_VERSION
 from headlab.models.adapter import Family
 
 
@@ -69,6 +70,12 @@ class Entry:
         return self.roles if self.roles is not None else ROLES[self.family]
 
 
+def _routed_since(release: tuple[int, int]) -> Route:
+    """The route of a type whose modeling code calls AttentionInterface from transformers `release` on
+    (earlier releases compute its attention themselves, and discovery refuses it there)."""
+    return Route.INTERFACE if release <= TRANSFORMERS_VERSION else Route.EAGER_ONLY
+
+
 def _llm(model_type: str, **declared) -> Entry:
     return Entry(model_type=model_type, family=Family.LLM, **declared)
 
@@ -87,8 +94,8 @@ LLM: tuple[Entry, ...] = (
     _llm("gpt_bigcode"),  # multi-query attention: one KV head
     _llm("opt"),
     _llm("biogpt"),
-    _llm("gptj"),
-    _llm("codegen"),
+    _llm("gptj", route=_routed_since((5, 24))),  # eager only up to transformers 5.23
+    _llm("codegen", route=_routed_since((5, 24))),
     # partial-width rotary embeddings
     _llm("gpt_neox"),
     _llm("phi"),
