@@ -116,7 +116,7 @@ def test_a_class_without_sdpa_loads_eagerly(model_dirs):
     cls = model_class(config, hl.models.DEFAULT)
     if cls._supports_sdpa:
         pytest.skip(
-            "Gemma 2's class declares SDPA support in this transformers release (5.23 dropped it because SDPA "
+            "Gemma 2's class declares SDPA support in this transformers release (dropped by 5.23, since SDPA "
             "cannot soft-cap), so this release has no SDPA-less class here to load eagerly"
         )
     assert _attention_to_load(cls, hl.models.DEFAULT, None) == "eager"
