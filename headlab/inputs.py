@@ -14,6 +14,8 @@ The contract, for every caller (capture, `headlab stats`, the reports, the dashb
   prompt must not be empty (or only white space). A vision model takes images only (prompts are ignored). Any
   exception the tokenizer or processor raises becomes an `InputError` naming the model, so a caller that
   prepares items one by one can skip the bad one and keep the rest.
+- `question_prompt(lm, question)` is the one rule for prompting `lm` with a question: its family's template,
+  else its processor's chat template; `image_placeholder(lm)` what marks the image in a prompt.
 - `text_only_prompt(lm, prompt)` is the one text-only rule ("no image" in VHD, the `no_image` condition, an
   LVLM line without an image): the prompt with every image placeholder of the model removed, nothing else.
 - `example_tokens(lm, inputs)` gives each example's real token ids (padding dropped, image tokens as the
@@ -39,6 +41,20 @@ if TYPE_CHECKING:
     import torch
 
     from headlab.loading import LoadedModel
+
+# what carries an image into an LVLM forward besides its image tokens, per family (transformers' generate()
+# may pass precomputed encoder outputs; Qwen2-VL's grids, Idefics3's pixel mask, InstructBLIP's Q-Former
+# instruction), and the per-token inputs besides the ids (PaliGemma's and Gemma 3's token types)
+IMAGE_INPUTS = (
+    "pixel_values",
+    "image_sizes",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "mm_encoder_outputs",
+    "qformer_input_ids",
+    "qformer_attention_mask",
+)
+TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")
 
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default limit (about 9459 x 9459): larger images are refused
 THUMBNAIL_PX = 96  # the longest side of the thumbnails the store keeps
@@ -108,8 +124,10 @@ def prepare(lm: LoadedModel, prompts: Sequence[str], images: Sequence = ()) -> d
                 "or none (text only)"
             )
         _check_image_tokens(lm, prompts)
-        opened = [open_image(i) for i in images]
-        return _call(lm, lm.processor, images=opened, text=list(prompts), return_tensors="pt", padding=True)
+        nested = [
+            [open_image(i)] for i in images
+        ]  # one image per prompt (Gemma 3's processor needs the nesting)
+        return _call(lm, lm.processor, images=nested, text=list(prompts), return_tensors="pt", padding=True)
     if lm.family is Family.LVLM:
         prompts = [text_only_prompt(lm, p) for p in prompts]
     empty = [i for i, prompt in enumerate(prompts) if not prompt.strip()]
@@ -129,11 +147,40 @@ def text_only_prompt(lm: LoadedModel, prompt: str) -> str:
     return prompt
 
 
+def image_placeholder(lm: LoadedModel) -> str | None:
+    """The string a prompt of `lm` marks its image with: the family's declared placeholder (Gemma 3's
+    `<start_of_image>`, which its processor expands), else the processor's image token."""
+    token = lm.adapter.image_placeholder or getattr(lm.processor, "image_token", None)
+    return None if token is None else str(token)  # a tokenizers AddedToken, for some processors
+
+
+def question_prompt(lm: LoadedModel, question: str) -> str:
+    """`question` as `lm` is prompted with it (LVLMs: with the image placeholder): the family's prompt
+    template, else the processor's chat template, else the question itself (LLMs, base models).
+
+    Raises InputError for an LVLM with neither template: headlab cannot know where its image goes."""
+    if lm.adapter.prompt_template is not None:
+        return lm.adapter.prompt(question)
+    template = getattr(lm.processor, "chat_template", None)
+    if template and lm.family is Family.LVLM:
+        content = [{"type": "image"}, {"type": "text", "text": question}]
+        return lm.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+    if lm.family is Family.LVLM:
+        raise InputError(
+            f"{lm.model_type} declares no prompt template and its processor has no chat template, so headlab "
+            f"cannot place the image; write prompts with the image placeholder {image_placeholder(lm)!r} "
+            "yourself (a prompt file's `prompt` field)"
+        )
+    return question
+
+
 def _placeholders(lm: LoadedModel) -> list[str]:
     """The strings that stand for an image in `lm`'s prompts: the processor's image token and the
     adapter's placeholder (usually both `<image>`)."""
     found = [getattr(lm.processor, "image_token", None), lm.adapter.image_placeholder]
-    return list(dict.fromkeys(p for p in found if p))
+    return list(dict.fromkeys(str(p) for p in found if p))
 
 
 def _tokenizer(lm: LoadedModel):
@@ -169,8 +216,16 @@ def thumbnail_png(image: Image.Image, px: int = THUMBNAIL_PX) -> bytes:
 
 
 def _check_image_tokens(lm: LoadedModel, prompts: Sequence[str]) -> None:
-    token = getattr(lm.processor, "image_token", None)
+    token = image_placeholder(lm)
     if token is None:
+        return
+    if not lm.adapter.prompt_holds_image:  # the processor puts the image tokens itself (BLIP-2)
+        held = [i for i, prompt in enumerate(prompts) if token in prompt]
+        if held:
+            raise InputError(
+                f"prompt {held[0]} holds {token}, but {lm.model_type}'s processor puts the image tokens before "
+                "the prompt itself; remove it"
+            )
         return
     for i, prompt in enumerate(prompts):
         n = prompt.count(token)

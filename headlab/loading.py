@@ -30,6 +30,7 @@ tokenizer / processor files that are present but unreadable.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import sys
@@ -108,6 +109,8 @@ class LoadedModel:
     adapter: ModelAdapter  # what headlab was told about the family (headlab.models)
     image_token_id: int | None = None
     tokens_per_image: int | None = None  # LVLMs: image tokens per image in the input ids, if fixed
+    # module paths of attention stacks that are no tower headlab captures (InstructBLIP's Q-Former)
+    uncaptured: tuple[str, ...] = ()
 
     @property
     def main(self) -> Tower:
@@ -144,6 +147,23 @@ class LoadedModel:
             return "no image tokens (not an LVLM)"
         return f"input_ids == {self.image_token_id} (the processor expands each image to its patch tokens)"
 
+    @property
+    def text_model(self) -> nn.Module:
+        """What runs a text-only input: the model, or the language model of one whose forward needs the
+        image (BLIP-2, InstructBLIP), as their generate() does."""
+        return self.model.language_model if _needs_pixels(self.model) else self.model
+
+    def run(self, inputs: dict, **kwargs):
+        """The model's forward on prepared inputs (a text-only one through `text_model`)."""
+        model = self.model if "pixel_values" in inputs else self.text_model
+        return model(**inputs, **kwargs)
+
+    @property
+    def multimodal_positions(self) -> bool:
+        """Whether the model derives its own position ids from the ids and the image grids (Qwen2-VL's
+        M-RoPE: sections of each head rotate by time, height and width), rather than 1-D positions."""
+        return any(hasattr(m, "get_rope_index") for m in (self.model, getattr(self.model, "model", None)))
+
     def rotary_module(self, tower: str = "lm") -> nn.Module | None:
         """The rotary embedding of `tower` (next to its layer list), None without one (learned positions)."""
         info = self.tower(tower)
@@ -160,6 +180,19 @@ class LoadedModel:
             f"{t.name}: {t.n_layers}L x {t.n_heads}H (kv {t.n_kv_heads}, d {t.head_dim})" for t in self.towers
         )
         return f"LoadedModel({self.model_type}, {self.family.value}, {towers})"
+
+
+def language_model_output(output):
+    """The language model's part of a model output: the output itself, or BLIP-2's and InstructBLIP's
+    `language_model_outputs` (where their hidden states and attentions are)."""
+    inner = getattr(output, "language_model_outputs", None)
+    return output if inner is None else inner
+
+
+def _needs_pixels(model: nn.Module) -> bool:
+    """Whether the model's forward cannot run without `pixel_values` (BLIP-2's and InstructBLIP's)."""
+    param = inspect.signature(type(model).forward).parameters.get("pixel_values")
+    return param is not None and param.default is inspect.Parameter.empty
 
 
 def _resolve(source: str | Path) -> str:
@@ -240,8 +273,11 @@ def _stacks(model: nn.Module) -> list[_Stack]:
     return list(found.values())
 
 
-def _grid(config) -> tuple[int, int]:
-    size, patch = config.image_size, config.patch_size
+def _grid(config) -> tuple[int, int] | None:
+    """The nominal patch grid of a vision config (None where image sizes vary: Qwen2-VL, Pixtral)."""
+    size, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    if size is None or patch is None:
+        return None
     rows, cols = (size, size) if isinstance(size, int) else tuple(size)
     prows, pcols = (patch, patch) if isinstance(patch, int) else tuple(patch)
     return rows // prows, cols // pcols
@@ -253,7 +289,7 @@ def _tower(name: str, model: nn.Module, stack: _Stack, config, adapter: ModelAda
     shape = discovery.head_shape(config, modules[0])
     vision = name == "vision"
     holder = _holder(model, stack.prefix)
-    prefix, registers = _vision_prefix(adapter, model.config) if vision else (0, 0)
+    prefix, registers = _vision_prefix(adapter, model, stack) if vision else (0, 0)
     return Tower(
         name=name,
         path=stack.prefix,
@@ -274,19 +310,30 @@ def _tower(name: str, model: nn.Module, stack: _Stack, config, adapter: ModelAda
     )
 
 
-def _vision_prefix(adapter: ModelAdapter, config) -> tuple[int, int]:
+def _vision_prefix(adapter: ModelAdapter, model: nn.Module, stack: _Stack) -> tuple[int, int]:
     """The tokens before the patch grid of the vision tower and how many of them are registers: the
-    family's own for a ViT, the vision tower's family's for an LVLM (one CLS, as CLIP's, when that family
-    has no adapter). Registers follow the CLS-like tokens (DINOv2 with registers)."""
+    family's own for a ViT, the vision tower's family's for an LVLM whose vision sub-config has an adapter;
+    else discovered (one CLS token where the vision model has a `class_embedding` / `cls_token` parameter,
+    none otherwise). Registers follow the CLS-like tokens (DINOv2 with registers)."""
     if adapter.family is Family.VIT:
-        owner, vision = adapter, config
+        owner, vision = adapter, model.config
     else:
-        vision = adapter.sub_config(config, "vision")
+        vision = adapter.sub_config(model.config, "vision")
         if not is_registered(vision.model_type):
-            return 1, 0
+            return discovery.cls_tokens(_vision_root(model, stack.prefix)), 0
         owner = adapter_for(vision)
     registers = owner.register_tokens(vision)
     return owner.prefix_tokens + registers, registers
+
+
+def _vision_root(model: nn.Module, prefix: str) -> nn.Module:
+    """The vision model holding the stack at `prefix`: the module just above its `encoder` / `transformer`
+    / block list (`model.vision_tower.encoder.layers` -> `model.vision_tower`; `model.visual.blocks` ->
+    `model.visual`)."""
+    parts = prefix.split(".")
+    while len(parts) > 1 and parts[-1] in ("layers", "layer", "blocks", "encoder", "transformer"):
+        parts.pop()
+    return model.get_submodule(".".join(parts)) if parts and parts[0] else model
 
 
 def _check_served(model: nn.Module, stack: _Stack) -> None:
@@ -344,8 +391,12 @@ def describe(model: nn.Module, *, source: str = "<in memory>", processor=None) -
     _check_not_refused(config)
     adapter = adapter_for(config)
     towers, attention, layer_modules = [], {}, {}
+    uncaptured = []
     for stack in _stacks(model):
-        name = "vision" if ("vision" in stack.prefix or adapter.family is Family.VIT) else "lm"
+        name = _tower_name(adapter, config, stack)
+        if name is None:
+            uncaptured.append(stack.prefix)
+            continue
         if name in attention:
             first = next(t.path for t in towers if t.name == name)
             raise UnsupportedModelError(
@@ -376,7 +427,29 @@ def describe(model: nn.Module, *, source: str = "<in memory>", processor=None) -
         adapter=adapter,
         image_token_id=adapter.image_token_id(config),
         tokens_per_image=adapter.tokens_per_image(config),
+        uncaptured=tuple(uncaptured),
     )
+
+
+def _tower_name(adapter: ModelAdapter, config, stack: _Stack) -> str | None:
+    """Which tower a stack of attention layers is: the ViT's vision tower, the LLM's language model; in an
+    LVLM, the tower whose sub-config the attention modules hold (transformers hands each submodel its own
+    sub-config), else the one its path names (`vision`, `visual` / `language`, `text`). None for a stack
+    that is neither (InstructBLIP's Q-Former): it runs, but is not a tower headlab captures."""
+    if adapter.family is Family.VIT:
+        return "vision"
+    if adapter.family is Family.LLM:
+        return "lm"
+    own = getattr(stack.attention[min(stack.attention)], "config", None)
+    for name in ("vision", "lm"):
+        if own is not None and own is adapter.sub_config(config, name):
+            return name
+    words = set(re.split(r"[._]", stack.prefix))
+    if words & {"vision", "visual"}:
+        return "vision"
+    if words & {"language", "text"}:
+        return "lm"
+    return None
 
 
 # files a tokenizer or processor is read from; a bare checkpoint has none of them
@@ -406,6 +479,14 @@ def _load_processor(source: str, adapter: ModelAdapter):
     present = [name for name in _PROCESSOR_FILES if (Path(source) / name).is_file()]
     try:
         return loader.from_pretrained(source)
+    except ImportError as err:  # e.g. a fast image processor needs torchvision
+        warnings.warn(
+            f"the processor of {source} needs a package that is not installed ({_reason(err)}); the model is "
+            "loaded without it: install the package to let headlab prepare inputs, or pass inputs you built "
+            "yourself",
+            stacklevel=3,
+        )
+        return None
     except Exception as err:  # tokenizers raises bare Exceptions on a corrupt file
         if not present:
             if isinstance(err, OSError | ValueError | KeyError):

@@ -17,10 +17,13 @@ if (
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import headlab as hl
+from headlab.loading import language_model_output
+from headlab.zoo.random_lvlms import LVLM_BUILDERS
 from headlab.zoo.random_models import RANDOM_BUILDERS, build_random
 
 LLMS = ("gpt2", "llama", "qwen2", "mistral", "gemma2")
-ALL_ARCHS = tuple(RANDOM_BUILDERS)
+# the hand-written tiny models every probe test runs on; the LVLM matrix's own (tests/test_matrix_lvlm.py)
+ALL_ARCHS = tuple(name for name in RANDOM_BUILDERS if name not in LVLM_BUILDERS)
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Is there a cat in the image? Yes."]
 
 
@@ -105,8 +108,8 @@ def eager_attentions(lm: hl.LoadedModel, inputs) -> tuple[torch.Tensor, ...]:
     before = lm.model.config._attn_implementation
     lm.model.set_attn_implementation("eager")
     try:
-        with torch.no_grad():
-            return lm.model(**inputs, output_attentions=True).attentions
+        with torch.no_grad():  # BLIP-2's and InstructBLIP's are in their language model's output
+            return language_model_output(lm.model(**inputs, output_attentions=True)).attentions
     finally:
         lm.model.set_attn_implementation(before)
 

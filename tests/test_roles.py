@@ -39,8 +39,9 @@ def test_vision_grid_roles():
         5,
         5,
     )  # another image size: the grid follows the tokens
-    with pytest.raises(hl.InputError, match="square grid"):
-        grid_roles(1, (4, 4), n_tokens=20)
+    odd = grid_roles(1, (4, 4), n_tokens=20)  # no square grid fits: patches without a grid
+    assert odd.grid is None and len(odd.positions("patch")) == 19 and odd.positions("cls") == [0]
+    assert grid_roles(0, None, n_tokens=12).present() == ("patch",)  # a tower without a nominal grid
 
 
 def test_vision_grid_roles_with_registers_and_without_cls():
@@ -51,5 +52,5 @@ def test_vision_grid_roles_with_registers_and_without_cls():
     assert grid_roles(0, (2, 2)).present() == ("patch",)  # SigLIP: no CLS token
     with pytest.raises(hl.InputError, match="register tokens do not fit"):
         grid_roles(0, (2, 2), registers=1)
-    with pytest.raises(hl.InputError, match="square grid"):
+    with pytest.raises(hl.InputError, match="do not fit 5 prefix tokens"):
         grid_roles(5, (2, 2), n_tokens=3)

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from headlab.commands.console import check_table_path, console, write_table
-from headlab.errors import HeadlabError, UnsupportedModelError
+from headlab.errors import HeadlabError, InputError, UnsupportedModelError
 
 
 def info(model: Annotated[str, typer.Argument(help="local model directory or hub id")]) -> None:
@@ -64,22 +64,36 @@ def _check_inputs(lm) -> dict:
     if lm.family is Family.LLM:
         return prepare(lm, [CHECK_PROMPT])
     blank = Image.new("RGB", (64, 64), (128, 128, 128))
-    prompt = "" if lm.family is Family.VIT else lm.adapter.prompt(CHECK_PROMPT)
     try:
+        prompt = "" if lm.family is Family.VIT else _check_prompt(lm)
         return prepare(lm, [prompt], [blank])
     except HeadlabError as err:
         raise UnsupportedModelError(f"cannot build inputs for {lm.model_type}: {err}") from None
+
+
+def _check_prompt(lm) -> str:
+    """CHECK_PROMPT in the LVLM's prompt template or chat template, else after its image placeholder."""
+    from headlab.inputs import image_placeholder, question_prompt
+
+    try:
+        return question_prompt(lm, CHECK_PROMPT)
+    except InputError:
+        if image_placeholder(lm) is None:
+            raise
+        return f"{image_placeholder(lm)}{CHECK_PROMPT}"
 
 
 def _eager_patterns(lm, inputs) -> tuple:
     """Every main-tower layer's [batch, head, q, k] pattern from transformers' eager attention."""
     import torch
 
+    from headlab.loading import language_model_output
+
     before = lm.model.config._attn_implementation
     lm.model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            return lm.model(**inputs, output_attentions=True).attentions
+            return language_model_output(lm.model(**inputs, output_attentions=True)).attentions
     finally:
         lm.model.set_attn_implementation(before)
 
@@ -223,6 +237,7 @@ def demo(
 
     from headlab.datasets import scenes
     from headlab.datasets.prompts import read_prompts
+    from headlab.inputs import question_prompt
     from headlab.loading import Family, load
     from headlab.runs.batch import capture_to_store
     from headlab.store import Store
@@ -234,7 +249,7 @@ def demo(
         for i, (prompt, scene) in enumerate(zip(prompts, scenes.make_scenes(len(prompts)), strict=True)):
             line = {"id": i, "prompt": prompt}
             if lm.family is Family.LVLM:
-                line["prompt"] = lm.adapter.prompt(prompt)
+                line["prompt"] = question_prompt(lm, prompt)
                 scenes.render(scene).save(out / scene.filename)
                 line["image"] = scene.filename
             lines.append(json.dumps(line))

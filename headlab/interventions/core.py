@@ -268,8 +268,7 @@ class Runner(Editor):
         return self.session.side_pass(**inputs)
 
     def view(self, call: AttentionCall) -> AttentionCall:
-        n_k = call.k.shape[2]
-        return call.with_context(self.contexts.context(call.tower, call.q.shape[0], n_k).fit_keys(n_k))
+        return call.with_context(self.contexts.call_context(call))
 
     def active(self, call: AttentionCall) -> list[Patch]:
         return [p for p in self.patches if p.touches(call.tower, call.layer)]

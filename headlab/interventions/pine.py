@@ -230,6 +230,11 @@ def model_rotary(lm: LoadedModel, tower: str = "lm") -> Rotary:
     (tabulated; RoPE scaling types and attention scaling included); an UnsupportedModelError for models
     without RoPE (GPT-2's learned positions) or with partial-width RoPE."""
     info = lm.tower(tower)
+    if lm.multimodal_positions:
+        raise UnsupportedModelError(
+            f"{lm.model_type} rotates sections of each head by time, height and width positions (M-RoPE); PINE "
+            "re-assigns 1-D positions, which have no meaning there"
+        )
     module = lm.rotary_module(tower)  # where the family keeps it (headlab.models)
     if module is None or not hasattr(module, "inv_freq"):
         raise UnsupportedModelError(
@@ -506,8 +511,13 @@ class PINE(Intervention):
                 raise SelectionError(f"PINE {name} must be one of {allowed}, got {value!r}")
 
     def bind(self, lm: LoadedModel) -> Patch:
-        if self.tower != "lm" or not lm.tower(self.tower).causal:
+        if self.tower != "lm":
             raise SelectionError(f"PINE applies to the causal language model tower 'lm', not {self.tower!r}")
+        if not lm.tower(self.tower).causal:
+            raise UnsupportedModelError(
+                f"PINE makes a causal language model's attention bidirectional between segments, but "
+                f"{lm.model_type}'s language model is not causal (e.g. PaliGemma's prefix attends both ways)"
+            )
         return _PinePatch(self, model_rotary(lm, self.tower))
 
 

@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 import torch
 
 from headlab.errors import InputError, SelectionError
+from headlab.inputs import IMAGE_INPUTS, TOKEN_INPUTS
 from headlab.interventions.core import AttentionCall, GroupEdit, Intervention, Patch
-from headlab.loading import Family, LoadedModel
+from headlab.loading import Family, LoadedModel, language_model_output
 from headlab.probe.context import BatchContext
 
 EPS = 1e-6
-_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_sizes", "mm_encoder_outputs")
+_INPUTS = ("input_ids", "attention_mask", "position_ids", *IMAGE_INPUTS, *TOKEN_INPUTS)
 
 
 def sink_scores(hidden: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
@@ -61,7 +62,7 @@ def sink_dims_from_states(states: Sequence[torch.Tensor], first: int = 0, *, top
 @torch.no_grad()
 def find_sink_dims(lm: LoadedModel, inputs: Mapping, *, top: int = 2) -> tuple[int, ...]:
     """Sink dimensions of `lm` from the BOS token's massive activations on `inputs` (first example)."""
-    out = lm.model(**inputs, output_hidden_states=True)
+    out = language_model_output(lm.model(**inputs, output_hidden_states=True))
     mask = inputs.get("attention_mask")
     return sink_dims_from_states(
         out.hidden_states, 0 if mask is None else int(mask[0].float().argmax()), top=top
@@ -153,7 +154,7 @@ class VARPatch(Patch):
         inputs = {k: v for k, v in kwargs.items() if k in _INPUTS and v is not None}
         if "input_ids" not in inputs:
             raise InputError("VAR needs input_ids to find its sink dimensions; or pass VAR(dims=...)")
-        out = runner.side_pass(**inputs, output_hidden_states=True, use_cache=False)
+        out = language_model_output(runner.side_pass(**inputs, output_hidden_states=True, use_cache=False))
         mask = inputs.get("attention_mask")
         first = 0 if mask is None else int(mask[0].float().argmax())
         self.dims = sink_dims_from_states(out.hidden_states, first)

@@ -33,11 +33,28 @@ import torch
 
 from headlab.compat import past_length
 from headlab.errors import InputError, SelectionError
+from headlab.inputs import IMAGE_INPUTS, TOKEN_INPUTS
 from headlab.interventions.core import AttentionCall, Intervention, Patch, Runner
 from headlab.loading import Family, LoadedModel
 
-# what carries the image into an LVLM forward (transformers' generate() passes precomputed encoder outputs)
-_IMAGE_INPUTS = ("pixel_values", "image_sizes", "mm_encoder_outputs")
+
+def _left_padded(rows: list[dict[str, torch.Tensor]], *, pad: int, mask_dtype) -> dict[str, torch.Tensor]:
+    """One left-padded batch of rows (each: input_ids and the per-token inputs), with its attention mask and
+    each row's own position ids (0 at its first real token): the last position is every row's last token."""
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {
+        k: torch.full((len(rows), width), pad if k == "input_ids" else 0, dtype=v.dtype)
+        for k, v in rows[0].items()
+    }
+    attention = torch.zeros((len(rows), width), dtype=mask_dtype)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        for k, v in row.items():
+            batch[k][i, width - n :] = v
+        attention[i, width - n :] = 1
+    batch["attention_mask"] = attention
+    batch["position_ids"] = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    return batch
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:
@@ -108,7 +125,7 @@ class VHRPatch(Patch):
         if past_length(kwargs) > 0:
             return  # decode step: the selection stays frozen
         ids = kwargs.get("input_ids")
-        extra = {k: v for k, v in kwargs.items() if k in _IMAGE_INPUTS and v is not None}
+        extra = {k: v for k, v in kwargs.items() if k in IMAGE_INPUTS and v is not None}
         if ids is None or not extra:
             raise InputError(
                 "VHR selects heads from input_ids with the image inputs (pixel_values, or the encoder "
@@ -116,25 +133,23 @@ class VHRPatch(Patch):
             )
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
-        rows = [r[m.bool()] for r, m in zip(ids, mask, strict=True)]
-        text_rows = [r[r != self.lm.image_token_id] for r in rows]
         lockstep = self.spec.scale_text_branch
-        rows = rows + text_rows if lockstep else text_rows
-        width = max(len(r) for r in rows)
-        pad = self.lm.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(rows), width), pad, dtype=ids.dtype)
-        attention = torch.zeros((len(rows), width), dtype=mask.dtype)
-        for i, r in enumerate(rows):  # left padding: the last position is the last column for every row
-            input_ids[i, width - len(r) :] = r
-            attention[i, width - len(r) :] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        per_token = {k: kwargs[k] for k in TOKEN_INPUTS if kwargs.get(k) is not None}
+        columns = {"input_ids": ids, **per_token}  # each row's tokens, and what goes with each token
+        real = [m.bool() for m in mask]
+        with_img = [{k: v[b][real[b]] for k, v in columns.items()} for b in range(len(ids))]
+        text = [
+            {k: v[row["input_ids"] != self.lm.image_token_id] for k, v in row.items()} for row in with_img
+        ]
+        rows = with_img + text if lockstep else text
+        batch = _left_padded(rows, pad=self.lm.tokenizer.pad_token_id or 0, mask_dtype=mask.dtype)
+        if self.lm.multimodal_positions:  # M-RoPE: the model's own index, from the mask
+            del batch["position_ids"]
         self.selected, self.vhd, self._text_last = {}, {}, {}
         self._pairs, self._text_only = (len(ids), False) if lockstep else (0, True)
         try:
             runner.side_pass(
-                input_ids=input_ids.to(ids.device),
-                attention_mask=attention.to(ids.device),
-                position_ids=positions.to(ids.device),
+                **{k: v.to(ids.device) for k, v in batch.items()},
                 use_cache=False,
                 **(extra if lockstep else {}),
             )
@@ -196,22 +211,25 @@ def vhr_reference(lm: LoadedModel, inputs, spec: VHR) -> tuple[torch.Tensor, dic
 
     layers = sorted(spec.layers if spec.layers is not None else default_layers(lm.tower("lm").n_layers))
     mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
-    extra = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}
+    extra = {k: v for k, v in inputs.items() if k in IMAGE_INPUTS}
+    per_token = {k: v for k, v in inputs.items() if k in TOKEN_INPUTS}
+    single = len(inputs["input_ids"]) == 1  # image inputs as they are (Qwen2-VL's are not batch-major)
     logits, chosen = [], {layer: [] for layer in layers}
     for b, (ids, m) in enumerate(zip(inputs["input_ids"], mask, strict=True)):
-        with_img = ids[m.bool()][None]
-        text = with_img[with_img != lm.image_token_id][None]
-        image_inputs = {k: v[b : b + 1] for k, v in extra.items()}
+        keep = m.bool()
+        with_img = {"input_ids": ids[keep][None], **{k: v[b][keep][None] for k, v in per_token.items()}}
+        text = {k: v[with_img["input_ids"] != lm.image_token_id][None] for k, v in with_img.items()}
+        image_inputs = extra if single else {k: v[b : b + 1] for k, v in extra.items()}
         heads: list[tuple[int, int]] = []
         for layer in layers:
             outs = []
-            for ids_, more, scaled in ((with_img, image_inputs, True), (text, {}, spec.scale_text_branch)):
+            for row, more, scaled in ((with_img, image_inputs, True), (text, {}, spec.scale_text_branch)):
                 plan = [HeadScale(tuple(heads), factor=spec.alpha)] if heads and scaled else []
                 with (
                     intervene(lm, *plan, engine="reference") if plan else contextlib.nullcontext(),
                     record_head_outputs(lm, layers=[layer]) as rec,
                 ):
-                    lm.model(input_ids=ids_, **more)
+                    lm.run({**row, **more})
                 outs.append(rec.table(layer)[0, :, -1])  # [heads, d]: after the scaling (observed)
             vhd = (outs[0] - outs[1]).norm(dim=-1)
             sel = select_heads(
@@ -222,7 +240,7 @@ def vhr_reference(lm: LoadedModel, inputs, spec: VHR) -> tuple[torch.Tensor, dic
         plan = [HeadScale(tuple(heads), factor=spec.alpha)] if heads else []
         if plan:
             with intervene(lm, *plan, engine="reference"):
-                logits.append(lm.model(input_ids=with_img, **image_inputs).logits[0, -1])
+                logits.append(lm.model(**with_img, **image_inputs).logits[0, -1])
         else:
-            logits.append(lm.model(input_ids=with_img, **image_inputs).logits[0, -1])
+            logits.append(lm.model(**with_img, **image_inputs).logits[0, -1])
     return torch.stack(logits), {layer: torch.stack(s) for layer, s in chosen.items()}

@@ -12,8 +12,32 @@ torch nor any modeling code: adapters name transformers classes, which the loade
 from __future__ import annotations
 
 # every family file, imported so that its adapter registers
-from headlab.models import beit, clip, dinov2, gemma2, llava, siglip, swin, vit  # noqa: F401
+from headlab.models import (  # noqa: F401
+    beit,
+    blip2,
+    clip,
+    dinov2,
+    gemma2,
+    gemma3,
+    idefics3,
+    llava,
+    llava_next,
+    mllama,
+    qwen2_vl,
+    siglip,
+    swin,
+    vit,
+)
 from headlab.models.adapter import Family, ModelAdapter
-from headlab.models.registry import DEFAULT, SUPPORTED, adapter_for, adapters, register
+from headlab.models.registry import DEFAULT, DEFAULT_LVLM, SUPPORTED, adapter_for, adapters, register
 
-__all__ = ["DEFAULT", "SUPPORTED", "Family", "ModelAdapter", "adapter_for", "adapters", "register"]
+__all__ = [
+    "DEFAULT",
+    "DEFAULT_LVLM",
+    "SUPPORTED",
+    "Family",
+    "ModelAdapter",
+    "adapter_for",
+    "adapters",
+    "register",
+]

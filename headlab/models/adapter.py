@@ -17,6 +17,7 @@ import enum
 from dataclasses import dataclass
 
 from headlab.errors import UnsupportedModelError
+from headlab.models.discovery import IMAGE_TOKEN, config_value
 
 
 class Family(enum.Enum):
@@ -56,8 +57,9 @@ class ModelAdapter:
     # LVLMs: the config attributes of the sub-configs of the vision tower and the language model
     vision_config: str | None = None
     text_config: str | None = None
-    # LVLMs: the config attribute holding the image token id, and the one holding how many tokens an image
-    # expands to in the input ids (None: not fixed by the config)
+    # LVLMs: the config attribute holding the image token id (None: discovered, the first of
+    # `discovery.IMAGE_TOKEN` the config sets), and the one holding how many tokens an image expands to in
+    # the input ids (None: not fixed by the config)
     image_token_attr: str | None = None
     tokens_per_image_attr: str | None = None
     # the rotary embedding: an attribute of the module that holds a tower's layer list (None: discovered,
@@ -69,6 +71,8 @@ class ModelAdapter:
     # image placeholder the processor expands, and the instruction that asks for a caption
     prompt_template: str | None = None
     image_placeholder: str | None = None
+    # whether a prompt marks where its image goes (False: the processor puts the image tokens itself, BLIP-2)
+    prompt_holds_image: bool = True
     caption_prompt: str | None = None
     # tiny random models of the family for tests: names in headlab.zoo.random_models.RANDOM_BUILDERS
     random_builders: tuple[str, ...] = ()
@@ -91,9 +95,10 @@ class ModelAdapter:
 
     def image_token_id(self, config) -> int | None:
         """The id of the image token in the input ids (LVLMs), None for other families."""
-        if self.family is not Family.LVLM or self.image_token_attr is None:
+        if self.family is not Family.LVLM:
             return None
-        return getattr(config, self.image_token_attr, None)
+        names = (self.image_token_attr,) if self.image_token_attr else IMAGE_TOKEN
+        return config_value(config, names)
 
     def tokens_per_image(self, config) -> int | None:
         """How many image tokens one image expands to (LVLMs whose config fixes it), else None."""

@@ -27,6 +27,8 @@ HEADS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
 KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "n_kv_heads")
 WIDTH = ("hidden_size", "n_embd", "d_model", "dim")
 POSITIONS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
+# the image token id of an LVLM (LLaVA's `image_token_index` is Qwen2-VL's and Idefics3's `image_token_id`)
+IMAGE_TOKEN = ("image_token_id", "image_token_index")
 # decoder-layer attributes of the self-attention module and of the MLP (or mixture of experts)
 ATTENTION_ATTRS = ("attn", "self_attn", "attention", "self_attention")
 MLP_ATTRS = ("mlp", "feed_forward", "block_sparse_moe", "ffn", "moe")
@@ -138,3 +140,14 @@ def rotary_attr(holder, declared: str | None = None) -> str | None:
         return "rotary_emb"
     named = [n for n, child in holder.named_children() if type(child).__name__.endswith("RotaryEmbedding")]
     return named[0] if len(named) == 1 else None
+
+
+# parameters of a vision model that hold a CLS token prepended to the patch grid
+CLS_PARAMETERS = ("class_embedding", "cls_token")
+
+
+def cls_tokens(vision_model) -> int:
+    """CLS tokens a vision model puts before its patch grid: 1 where one of its parameters is a CLS token
+    (CLIP's and BLIP's `class_embedding`, ViT's `cls_token`), else 0 (SigLIP, Idefics3, Qwen2-VL, Pixtral)."""
+    names = (name.rsplit(".", 1)[-1] for name, _ in vision_model.named_parameters())
+    return 1 if any(name in CLS_PARAMETERS for name in names) else 0

@@ -36,6 +36,8 @@ class Route(enum.Enum):
     SCORE_BIAS = "refused: score bias"
     # attention over shifted windows in hierarchical stages (Swin)
     WINDOWED = "refused: windowed stages"
+    # cross-attention layers whose keys are not tokens of the sequence (Mllama)
+    CROSS_ATTENTION = "refused: cross-attention layers"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +58,10 @@ class Entry:
     softcap: bool = False
     pine: bool = False
     roles: tuple[str, ...] | None = None
+    uncaptured: tuple[str, ...] = ()  # LVLMs: attention stacks that are no tower (InstructBLIP's Q-Former)
+    # the language model's mask is causal, windowed or full, which compact attention rebuilds; else (Gemma
+    # 3's bidirectional image blocks) the store keeps selected rows only
+    compact: bool = True
 
     @property
     def random_builder(self) -> str:
@@ -161,8 +167,30 @@ VISION: tuple[Entry, ...] = (
     _refused("swin", Route.WINDOWED, Family.VIT),
 )
 
-# family -> its entries, in table order; other families append their tuples here
-MATRIX: dict[Family, tuple[Entry, ...]] = {Family.LLM: LLM, Family.VIT: VISION}
+
+def _lvlm(model_type: str, **declared) -> Entry:
+    return Entry(model_type=model_type, family=Family.LVLM, **declared)
+
+
+# vision-language models: a vision tower and a language model (towers found by the sub-config their
+# attention modules hold); the image tokens of the input ids have role "image"
+LVLM: tuple[Entry, ...] = (
+    _lvlm("llava", pine=True),  # CLIP + Llama; LLaVA-1.5
+    _lvlm("llava_next", pine=True),  # any-resolution tiles, image-newline tokens
+    _lvlm("llava_onevision", pine=True),  # SigLIP (no CLS) + Qwen2, any-resolution tiles
+    _lvlm("qwen2_vl"),  # per-image vision calls, M-RoPE: PINE refuses
+    _lvlm("qwen2_5_vl"),  # windowed and full vision layers, M-RoPE
+    _lvlm("paligemma"),  # prefix-LM mask: image and prompt attend both ways (PINE refuses: not causal)
+    _lvlm("gemma3", sliding=True, compact=False),  # an image's tokens attend both ways; sliding layers
+    _lvlm("idefics3", pine=True),  # image tiles; a pixel-shuffle connector
+    _lvlm("aya_vision", sliding=True),  # no adapter: discovered; Cohere 2 (interleaved RoPE: PINE refuses)
+    _lvlm("blip-2", builder="blip_2", pine=False, uncaptured=("qformer.encoder.layer",)),  # Q-Former + OPT
+    _lvlm("instructblip", uncaptured=("qformer.encoder.layer",)),
+    _refused("mllama", Route.CROSS_ATTENTION, Family.LVLM),
+)
+
+# family -> its entries, in table order
+MATRIX: dict[Family, tuple[Entry, ...]] = {Family.LLM: LLM, Family.LVLM: LVLM, Family.VIT: VISION}
 
 # the token roles each family's captures are tested to carry (LLMs: "answer" on decode steps); an entry
 # whose roles differ declares its own (`Entry.roles`)
@@ -178,6 +206,11 @@ def entries(family: Family | None = None) -> tuple[Entry, ...]:
     if family is not None:
         return MATRIX.get(family, ())
     return tuple(e for group in MATRIX.values() for e in group)
+
+
+def family_of(model_type: str) -> Family | None:
+    """The family of a model type of the matrix (None for a type it does not list)."""
+    return next((e.family for e in entries() if e.model_type == model_type), None)
 
 
 def served_types() -> tuple[str, ...]:
@@ -198,7 +231,8 @@ def row(entry: Entry) -> tuple[str, ...]:
         generation = "- (encoder)"
     else:
         generation = "KV cache, captured" + (" (sliding-window cache)" if entry.sliding else "")
-    interventions = "head scale / ablation" + (", PINE" if entry.pine else "")
+    interventions = "head scale / ablation" + (", VHR, VAR" if entry.family is Family.LVLM else "")
+    interventions += ", PINE" if entry.pine else ""
     return (
         f"`{entry.model_type}`",
         entry.family.value,

@@ -22,11 +22,21 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 
 from headlab.errors import HeadlabError, UnsupportedModelError
-from headlab.models.adapter import ModelAdapter
+from headlab.models.adapter import Family, ModelAdapter
 
 # The generic adapter: a causal LM with everything discovered. It owns the hand-written random builders
 # of architectures without an adapter; any other model type is built generically (by its config class).
 DEFAULT = ModelAdapter(random_builders=("gpt2", "llama", "mistral", "qwen2"))
+# The generic vision-language adapter: a model with a vision and a text sub-config that transformers' image-
+# text-to-text auto class builds; its towers, image token and vision prefix tokens are discovered.
+DEFAULT_LVLM = ModelAdapter(
+    name="default_lvlm",
+    family=Family.LVLM,
+    auto_class="AutoModelForImageTextToText",
+    vision_config="vision_config",
+    text_config="text_config",
+    random_builders=("aya_vision", "mistral3", "smolvlm"),
+)
 
 _ADAPTERS: dict[str, ModelAdapter] = {}  # name -> adapter
 _BY_MODEL_TYPE: dict[str, ModelAdapter] = {}  # model type -> its registered adapter
@@ -46,7 +56,7 @@ def register(declare: Callable[[], ModelAdapter]) -> ModelAdapter:
             f"the adapter declared by {name}() is named {adapter.name!r}; leave its name unset"
         )
     adapter = dataclasses.replace(adapter, name=name)
-    if name in _ADAPTERS or name == DEFAULT.name:
+    if name in _ADAPTERS or name in (DEFAULT.name, DEFAULT_LVLM.name):
         raise HeadlabError(f"a model adapter named {name!r} is already registered")
     if not adapter.model_types:
         raise HeadlabError(f"the model adapter {name!r} declares no model_types")
@@ -80,8 +90,8 @@ def refusal(config_or_model) -> str | None:
 
 
 def adapters() -> tuple[ModelAdapter, ...]:
-    """Every adapter: the default first, then the registered ones by name."""
-    return (DEFAULT, *(_ADAPTERS[name] for name in sorted(_ADAPTERS)))
+    """Every adapter: the two generic ones first, then the registered ones by name."""
+    return (DEFAULT, DEFAULT_LVLM, *(_ADAPTERS[name] for name in sorted(_ADAPTERS)))
 
 
 def _model_type(config_or_model) -> str:
@@ -98,10 +108,20 @@ def _model_type(config_or_model) -> str:
 
 def adapter_for(config_or_model) -> ModelAdapter:
     """The adapter of a transformers config, a model built from one, a LoadedModel or a model type: the
-    registered one for its model type, else `DEFAULT` (everything discovered when the model is loaded).
+    registered one for its model type, else a generic one (everything discovered when the model is loaded):
+    `DEFAULT_LVLM` for a config with a vision and a text sub-config, `DEFAULT` otherwise.
 
     Raises UnsupportedModelError only for something that names no model type."""
-    return _BY_MODEL_TYPE.get(_model_type(config_or_model), DEFAULT)
+    own = getattr(config_or_model, "adapter", None)
+    if isinstance(own, ModelAdapter):  # a LoadedModel
+        return own
+    found = _BY_MODEL_TYPE.get(_model_type(config_or_model))
+    if found is not None:
+        return found
+    config = getattr(config_or_model, "config", config_or_model)
+    if all(getattr(config, attr, None) is not None for attr in ("vision_config", "text_config")):
+        return DEFAULT_LVLM
+    return DEFAULT
 
 
 def is_registered(model_type: str) -> bool:
@@ -118,8 +138,12 @@ class _Supported(Mapping[str, ModelAdapter]):
         return set(_BY_MODEL_TYPE) | set(served_types())
 
     def __getitem__(self, model_type: str) -> ModelAdapter:
+        from headlab.models.matrix import family_of
+
         if model_type not in self._types():
             raise KeyError(model_type)
+        if not is_registered(model_type) and family_of(model_type) is Family.LVLM:
+            return DEFAULT_LVLM  # a served LVLM type without an adapter of its own
         return adapter_for(model_type)
 
     def __iter__(self) -> Iterator[str]:

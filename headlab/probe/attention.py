@@ -21,7 +21,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from headlab.kernels.fused import fused_attention
 from headlab.kernels.spec import FusedSpec
-from headlab.probe.call import keep_mask
+from headlab.probe.call import is_causal_call, keep_mask
 
 ATTENTION_NAME = "headlab"
 
@@ -71,9 +71,14 @@ def plain_attention(
             is_causal=is_causal,
             **kwargs,
         )
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    keep = keep_mask(attention_mask)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    spec = FusedSpec(scale=scale, causal=causal, mask=keep_mask(attention_mask), softcap=softcap)
+    spec = FusedSpec(
+        scale=scale,
+        causal=is_causal_call(is_causal, module, keep, query.shape[2]),
+        mask=keep,
+        softcap=softcap,
+    )
     out = fused_attention(query, key, value, spec).out
     return out.to(value.dtype).transpose(1, 2).contiguous(), None
 

@@ -2,8 +2,8 @@
 
 The session builds an `AttentionCall` from the arguments transformers hands the attention function: post-
 RoPE q [b, h, q, d] and k, v [b, kv, k, d] (GQA: kv heads are shared by h // kv query heads), the mask as
-booleans (True = may attend; transformers' mask is the truth: headlab never re-applies causality over it),
-the scale, whether the module is causal, the soft-cap and the sliding window. The keys are the last n_k
+booleans (True = may attend; transformers' mask is the truth: headlab never re-applies causality over it,
+`is_causal_call`), the scale, whether the call is causal, the soft-cap and the sliding window. The keys are the last n_k
 token columns of the pass and the queries the last n_q keys (the session drops a static cache's unfilled
 slots first; a sliding-window cache may have evicted `key_start` columns before the first key: see
 headlab.probe.keys). Each block then sees the call with its own batch context (`with_context`): which
@@ -16,6 +16,7 @@ output and logsumexp come from one fused call (`plain`, computed at most once pe
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -47,6 +48,27 @@ def keep_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return keep
 
 
+def is_causal_call(flag: bool | None, module: nn.Module, keep: torch.Tensor | None, n_q: int) -> bool:
+    """Whether a call is causal: the caller's `is_causal`, else the module's; but a given mask is the truth,
+    as it is for transformers' eager and SDPA attention (SDPA's `is_causal` only stands in for a missing
+    mask). So a mask that lets some query see a key after it (PaliGemma's prefix, Gemma 3's image tokens
+    attending both ways) makes the call non-causal; the mask then says everything."""
+    causal = bool(flag if flag is not None else getattr(module, "is_causal", True))
+    if not causal or keep is None or n_q == 1:
+        return causal
+    for seen, answer in _MASKS_SEEN:  # every layer of a pass gets the same mask (or one per window type)
+        if seen is keep:
+            return answer
+    n_k = keep.shape[-1]
+    later = torch.ones(n_q, n_k, dtype=torch.bool, device=keep.device).triu(n_k - n_q + 1)
+    answer = not bool((keep[..., -n_q:, :] & later).any())
+    _MASKS_SEEN.append((keep, answer))
+    return answer
+
+
+_MASKS_SEEN: deque[tuple[torch.Tensor, bool]] = deque(maxlen=4)  # the last masks is_causal_call read
+
+
 @dataclass(eq=False)
 class AttentionCall:
     """One attention call as the handlers see it (q [b, h, q, d]; k, v [b, kv, k, d], post-RoPE)."""
@@ -74,6 +96,7 @@ class AttentionCall:
         """The call transformers made to the attention function of `module` (tagged with its site), with its
         keys already mapped to token columns (`headlab.probe.keys.call_keys`)."""
         tower, layer = module._headlab_site
+        keep = keep_mask(mask)
         return cls(
             module=module,
             tower=tower,
@@ -81,9 +104,9 @@ class AttentionCall:
             q=q,
             k=k,
             v=v,
-            mask=keep_mask(mask),
+            mask=keep,
             scale=scaling if scaling is not None else q.shape[-1] ** -0.5,
-            causal=bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)),
+            causal=is_causal_call(is_causal, module, keep, q.shape[2]),
             ctx=None,
             kwargs=kwargs,
             softcap=kwargs.get("softcap"),

@@ -126,8 +126,7 @@ class Probe(Observer):
             )
 
     def _view(self, call: AttentionCall) -> AttentionCall:
-        n_k = call.k.shape[2]
-        return call.with_context(self.contexts.context(call.tower, call.q.shape[0], n_k).fit_keys(n_k))
+        return call.with_context(self.contexts.call_context(call))
 
     # ----- the attention call ---------------------------------------------------------------------------
     def observe(self, call: AttentionCall):
@@ -140,6 +139,14 @@ class Probe(Observer):
             return None
         call = self._view(call)
         ctx, q, k, v, mask = call.ctx, call.q, call.k, call.v, call.raw_mask
+        if ctx.tiled:
+            self.record._tiled = True
+            if want_rows or want_compact:
+                raise SelectionError(
+                    f"the {tower} tower of {self.lm.model_type} sees each image as several tiles (one row each), "
+                    "and headlab keeps one pattern per example: select patterns / compact attention of the "
+                    "language model (tower='lm'), or load the vision tower alone and capture the tiles"
+                )
         scale, causal, softcap, window = call.scale, call.causal, call.softcap, call.window
         if want_stats:
             out, lse = self._attend_with_stats(ctx, layer, q, k, v, mask, scale, causal, softcap, window)
@@ -149,6 +156,7 @@ class Probe(Observer):
         if want_rows:
             self._record_rows(ctx, layer, q, k, lse, mask, scale, causal, softcap)
         if want_compact and ctx.step == 0:
+            _check_rebuildable(self.lm, call)
             self._record_compact(ctx, layer, q, k, lse, scale, causal, window, softcap)
         return out, lse
 
@@ -344,3 +352,20 @@ def capture(
                 stack.callback(h.remove)
         record._probe = probe
         yield record
+
+
+def _check_rebuildable(lm, call: AttentionCall) -> None:
+    """Compact attention rebuilds rows from q, k, the logsumexp and the call's causal / window / full
+    structure; a mask that is none of these over the real tokens (Gemma 3: an image's tokens attend both
+    ways inside a causal sequence) cannot be rebuilt from them, so it is refused rather than stored wrong."""
+    if call.causal or call.mask is None:
+        return
+    valid = call.ctx.key_valid.to(call.mask.device)
+    real = valid[:, None, -call.n_q :, None] & valid[:, None, None, :]
+    if bool((call.mask.expand(real.shape[0], -1, -1, -1) | ~real).all()):
+        return  # every real query sees every real key: full attention, as stored
+    raise SelectionError(
+        f"compact attention cannot store {lm.model_type}'s {call.tower} layer {call.layer}: its mask is neither "
+        "causal, windowed nor full (e.g. an image's tokens attend both ways inside a causal sequence), and "
+        "the store rebuilds rows from those structures only; select the rows with patterns= instead"
+    )

@@ -32,6 +32,7 @@ class BatchContext:
     roles: tuple[TokenRoles, ...]
     key_valid: torch.Tensor  # [batch, n_k] bool
     evicted: torch.Tensor | None = None  # [batch] long: real tokens before key 0 (None = 0)
+    partial: bool = False  # the rows see part of their example's tokens (a window of a vision tower)
 
     def __post_init__(self) -> None:
         lengths = (self.key_valid.sum(-1) + self.n_evicted).tolist()
@@ -42,6 +43,12 @@ class BatchContext:
     @property
     def batch(self) -> int:
         return self.key_valid.shape[0]
+
+    @cached_property
+    def tiled(self) -> bool:
+        """Whether a row is one of several of its example's in a pass: an LVLM vision tower over the tiles
+        of an image, or over the windows of one (its statistics are then the mean over them)."""
+        return self.partial or len(set(self.examples)) < len(self.examples)
 
     @property
     def n_keys(self) -> int:
@@ -71,6 +78,7 @@ class BatchContext:
             roles=self.roles,
             key_valid=self.key_valid[:, -n_k:],
             evicted=self.n_evicted + dropped,
+            partial=self.partial,
         )
 
     @cached_property

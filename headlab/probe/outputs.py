@@ -68,8 +68,7 @@ class HeadOutputRecorder(Observer):
     def observed(self, call: AttentionCall, out: torch.Tensor) -> None:
         if not self.wants_output(call):
             return
-        n_k = call.k.shape[2]
-        ctx = self.contexts.context(call.tower, call.q.shape[0], n_k).fit_keys(n_k)
+        ctx = self.contexts.call_context(call)
         tapped = TappedCall(ctx, out.detach().float())
         if self.qkv:
             tapped = TappedCall(

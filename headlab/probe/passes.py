@@ -15,7 +15,10 @@ cache has evicted; each attention call sees it through `BatchContext.fit_keys`.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -38,7 +41,9 @@ class PassContexts:
         self._pending: dict[str, BatchContext] = {}
         self._active: dict[str, BatchContext] = {}
         self._roles_override: list[TokenRoles] | None = None
-        self._vision_examples: tuple[int, ...] = ()
+        self._vision_units = VisionUnits((), None)  # LVLMs: the example of each image (or tile) of a pass
+        # (tower, layer) -> (its last call in this pass, tokens of the layer's calls before it, its tokens)
+        self._calls: dict[tuple[str, int], tuple[object, int, int]] = {}
 
     def use_roles(self, roles: Sequence[TokenRoles]) -> None:
         """Roles for the examples of the next prefill pass (caller-given segments, flagged tokens)."""
@@ -56,10 +61,12 @@ class PassContexts:
     def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """A forward pass of the whole model begins: the token roles of its language-model tokens."""
         self._pass += 1
+        self._calls.clear()
         ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
         if self.lm.family is Family.VIT:
             pixels = kwargs.get("pixel_values", ids)
-            self._vision_examples = self._new_examples(pixels.shape[0]) if pixels is not None else ()
+            examples = self._new_examples(pixels.shape[0]) if pixels is not None else ()
+            self._vision_units = VisionUnits(examples, None)
             return
         if ids is None:
             return  # inputs_embeds only: roles fall back to the default text roles at the first layer
@@ -81,14 +88,9 @@ class PassContexts:
         )
         self._pending["lm"] = ctx
         self._announce(ctx)
-        if self.lm.family is Family.LVLM and kwargs.get("pixel_values") is not None:
-            per_image = self.lm.tokens_per_image
-            counts = [
-                len(r.positions("image")) // per_image if "image" in r.present() else 0 for r in ctx.roles
-            ]
-            self._vision_examples = tuple(
-                ex for ex, c in zip(examples, counts, strict=True) for _ in range(c)
-            )
+        pixels = kwargs.get("pixel_values")
+        if self.lm.family is Family.LVLM and torch.is_tensor(pixels):
+            self._vision_units = vision_units(pixels, ctx, kwargs.get("image_grid_thw"))
 
     def _decode_step(self, past: int, n_new: int, mask) -> BatchContext:
         prev = self._active.get("lm")
@@ -107,23 +109,47 @@ class PassContexts:
             key_valid=valid.cpu(),
         )
 
-    def context(self, tower: str, batch: int, n_tokens: int) -> BatchContext:
-        """The batch context of the current pass through `tower` (built on first use in the pass)."""
+    def call_context(self, call) -> BatchContext:
+        """The batch context an attention call (`headlab.probe.call.AttentionCall`) sees: its pass's context
+        of its tower, over the call's keys. A vision tower that runs one call per image, or per window of an
+        image, in each layer (Qwen2-VL, Qwen2.5-VL) gets the context of that call's tokens: the calls of a
+        layer cover the images' tokens in order, so the tokens before a call say which image it is."""
+        key = (call.tower, call.layer)
+        n_k = call.k.shape[2]
+        last = self._calls.get(key)
+        if last is None or last[0] is not call:
+            self._calls[key] = (call, 0 if last is None else last[1] + last[2], n_k)
+        offset = self._calls[key][1]
+        return self.context(call.tower, call.q.shape[0], n_k, offset=offset).fit_keys(n_k)
+
+    def context(self, tower: str, batch: int, n_tokens: int, *, offset: int = 0) -> BatchContext:
+        """The batch context of the current pass through `tower` (built on first use in the pass); vision
+        contexts are per call shape: `offset` tokens of the layer's earlier calls, `n_tokens` of this one."""
         if tower in self._pending:
             self._active[tower] = self._pending.pop(tower)
-        ctx = self._active.get(tower)
+        key = (tower, offset, n_tokens) if tower == "vision" else tower
+        ctx = self._active.get(key)
         if ctx is None or ctx.pass_id != self._pass or ctx.batch != batch:
-            ctx = self._default_context(tower, batch, n_tokens)
-            self._active[tower] = ctx
+            ctx = self._default_context(tower, batch, n_tokens, offset)
+            self._active[key] = ctx
             self._announce(ctx)
         return ctx
 
-    def _default_context(self, tower: str, batch: int, n_tokens: int) -> BatchContext:
+    def _default_context(self, tower: str, batch: int, n_tokens: int, offset: int) -> BatchContext:
         info = self.lm.tower(tower)
+        partial = False
         if tower == "vision":
-            examples = (
-                self._vision_examples if len(self._vision_examples) == batch else self._new_examples(batch)
-            )
+            units = self._vision_units
+            if units.tokens is not None and batch == 1:  # one call per image or window (Qwen2-VL)
+                ends = list(itertools.accumulate(units.tokens))
+                unit = bisect.bisect_right(ends, offset)
+                fits = unit < len(ends) and offset + n_tokens <= ends[unit]
+                examples = (units.examples[unit],) if fits else self._new_examples(1)
+                partial = fits and n_tokens < units.tokens[unit]
+            elif len(units.examples) == batch:  # one row per image or tile
+                examples = units.examples
+            else:
+                examples = self._new_examples(batch)
             roles = tuple(
                 grid_roles(info.prefix_tokens, info.grid, n_tokens, registers=info.register_tokens)
                 for _ in range(batch)
@@ -138,4 +164,45 @@ class PassContexts:
             examples=examples,
             roles=roles,
             key_valid=torch.ones(batch, n_tokens, dtype=torch.bool),
+            partial=partial,
         )
+
+
+class VisionUnits(NamedTuple):
+    """The images (or tiles) of an LVLM pass in the order its vision tower sees them: the example of each,
+    and, where the vision tower packs them into one sequence (Qwen2-VL), the patch tokens of each."""
+
+    examples: tuple[int, ...]
+    tokens: tuple[int, ...] | None
+
+
+def vision_units(pixels: torch.Tensor, ctx: BatchContext, grid_thw: torch.Tensor | None) -> VisionUnits:
+    """The images, or tiles of images, of an LVLM pass in the order its vision tower sees them.
+
+    Each example's images are its runs of image tokens, in example order. Pixels of shape [rows, tiles, C,
+    H, W] (LLaVA-NeXT, LLaVA-OneVision, Idefics3: an image split into tiles, all-zero tiles padding the
+    batch) give each row's real tiles to the row's example (rows are the examples that hold images). Qwen2-
+    VL's `image_grid_thw` gives each image's patch tokens. A count that does not fit gives no units: the
+    vision tower's rows then get examples of their own."""
+    images = [
+        (ex, _runs(r.positions("image")) if "image" in r.present() else 0)
+        for ex, r in zip(ctx.examples, ctx.roles, strict=True)
+    ]
+    holders = [(ex, n) for ex, n in images if n]
+    if pixels.dim() == 5:
+        tiles = pixels.flatten(2).ne(0).any(-1).sum(-1).tolist()
+        if len(tiles) != len(holders):
+            return VisionUnits((), None)
+        return VisionUnits(
+            tuple(ex for (ex, _), t in zip(holders, tiles, strict=True) for _ in range(t)), None
+        )
+    examples = tuple(ex for ex, n in holders for _ in range(n))
+    if grid_thw is None:
+        return VisionUnits(examples, None)
+    tokens = tuple(int(t * h * w) for t, h, w in grid_thw.tolist())
+    return VisionUnits(examples, tokens) if len(tokens) == len(examples) else VisionUnits((), None)
+
+
+def _runs(positions: list[int]) -> int:
+    """How many runs of consecutive positions `positions` (sorted) holds."""
+    return sum(1 for i, p in enumerate(positions) if i == 0 or p != positions[i - 1] + 1)

@@ -2,7 +2,8 @@
 
 `Record.head_stats` is a pandas DataFrame with one row per (example, tower, step, layer, head, stat, role):
     stat "mass"/"mass_last" (role = role name), "entropy"/"entropy_last", "distance"/"distance_rms",
-    "alpha" (role = "pos:K", the received-attention score of key K).
+    "alpha" (role = "pos:K", the received-attention score of key K). An LVLM that splits an image into
+    tiles (several vision-tower rows of one example) gets the mean over the tiles for its vision tower.
 Patterns, head outputs and residual ratios are kept only for what was selected.
 """
 
@@ -109,6 +110,7 @@ class Record:
     _stat_chunks: list[dict[str, np.ndarray]] = field(default_factory=list)
     _residual_rows: list[dict[str, np.ndarray]] = field(default_factory=list)
     _examples: list[dict] = field(default_factory=list)
+    _tiled: bool = False  # a vision pass had several rows (tiles) of one example: their statistics average
     patterns: list[AttentionRows] = field(default_factory=list)
     head_outputs: list[HeadOutputs] = field(default_factory=list)
     residual_ratios: list[ResidualRatios] = field(default_factory=list)
@@ -132,7 +134,12 @@ class Record:
         if not self._stat_chunks:
             return pd.DataFrame({c: [] for c in _STAT_COLUMNS})
         frame = pd.DataFrame({c: np.concatenate([ch[c] for ch in self._stat_chunks]) for c in _STAT_COLUMNS})
-        return frame.astype({"example": int, "step": int, "layer": int, "head": int, "value": float})
+        frame = frame.astype({"example": int, "step": int, "layer": int, "head": int, "value": float})
+        if (
+            self._tiled
+        ):  # the tiles of one image have equal token counts: their mean is over all their queries
+            frame = frame.groupby(list(_STAT_COLUMNS[:-1]), sort=False, as_index=False)["value"].mean()
+        return frame
 
     @property
     def residuals(self) -> pd.DataFrame:

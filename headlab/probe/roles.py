@@ -130,22 +130,25 @@ def text_roles(
 
 
 def grid_roles(
-    prefix_tokens: int, grid: tuple[int, int], n_tokens: int | None = None, *, registers: int = 0
+    prefix_tokens: int, grid: tuple[int, int] | None, n_tokens: int | None = None, *, registers: int = 0
 ) -> TokenRoles:
     """Roles of a vision-tower input: `prefix_tokens` tokens before a rows x cols patch grid, of which the
-    last `registers` are register tokens (role "register") and the others CLS-like (role "cls")."""
+    last `registers` are register tokens (role "register") and the others CLS-like (role "cls").
+
+    `n_tokens` other than the grid's (an image of another size) takes the square grid that fits; where
+    none fits, or the tower declares no grid (Qwen2-VL's patches, in merge-window order), the tokens after
+    the prefix are patches without a grid (no 2-D distances)."""
     if not 0 <= registers <= prefix_tokens:
         raise InputError(f"{registers} register tokens do not fit {prefix_tokens} prefix tokens")
-    rows, cols = grid
-    n = prefix_tokens + rows * cols
+    if grid is None and n_tokens is None:
+        raise InputError("a vision input needs its patch grid or its token count")
+    n = prefix_tokens + grid[0] * grid[1] if grid is not None else n_tokens
     if n_tokens is not None and n_tokens != n:
-        side = math.isqrt(max(n_tokens - prefix_tokens, 0))
-        if n_tokens < prefix_tokens or side * side != n_tokens - prefix_tokens:
-            raise InputError(
-                f"{n_tokens} vision tokens do not form {prefix_tokens} prefix tokens + a square grid"
-            )
-        rows = cols = side
+        if n_tokens < prefix_tokens:
+            raise InputError(f"{n_tokens} vision tokens do not fit {prefix_tokens} prefix tokens")
+        side = math.isqrt(n_tokens - prefix_tokens)
+        grid = (side, side) if side * side == n_tokens - prefix_tokens else None
         n = n_tokens
     names = (CLS, PATCH, REGISTER) if registers else (CLS, PATCH)
-    classes = (0,) * (prefix_tokens - registers) + (2,) * registers + (1,) * (rows * cols)
-    return TokenRoles(classes=classes, names=names, grid=(rows, cols), grid_start=prefix_tokens)
+    classes = (0,) * (prefix_tokens - registers) + (2,) * registers + (1,) * (n - prefix_tokens)
+    return TokenRoles(classes=classes, names=names, grid=grid, grid_start=prefix_tokens)

@@ -13,6 +13,10 @@ Handlers, in a fixed order per attention call (whatever order the blocks were op
 3. observers after the edits (`Observer.observed`): captures record the head outputs actually used.
 A layer no handler wants runs transformers' own SDPA (or, under a soft-cap, headlab's fused attention).
 
+An LVLM whose generate() runs its vision tower and then its language model's own generate() (BLIP-2,
+InstructBLIP) never calls its forward while generating: inside the session its generate() announces its
+inputs as a pass, and a pre-hook on the language model begins the decode steps' passes.
+
 Per forward pass, the pre-hook first lets editors run their own passes (`Editor.on_pass`: VHR's selection,
 VAR's sink search) and then every block builds its batch contexts. A pass an editor runs for itself
 (`side_pass`) is served by the editors only; observers neither see nor record it.
@@ -25,12 +29,15 @@ never sees them either), and a sliding-window cache's evicted columns are counte
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
+from transformers import GenerationMixin
 
+from headlab.compat import past_length
 from headlab.errors import SelectionError
 from headlab.loading import LoadedModel
 from headlab.probe.attention import plain_attention, switched_to_headlab
@@ -86,9 +93,38 @@ class Session:
         self.editors: list[Editor] = []
         self.calibrating = False  # True during an editor's own pass (`side_pass`)
         self.columns: int | None = None  # token columns of the current language-model pass (None: unknown)
+        self._in_outer = False  # inside the whole model's forward
+        self._generate_prefill = False  # an LVLM's generate() began a pass its language model continues
+
+    def on_outer_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the whole model: a pass begins (`on_model_call`)."""
+        self._in_outer = True
+        self.on_model_call(module, args, kwargs)
+
+    def on_outer_return(self, module: nn.Module, args: tuple, output) -> None:
+        self._in_outer = False
+
+    def on_generate(self, kwargs: dict) -> None:
+        """An LVLM's own generate() begins (BLIP-2, InstructBLIP: it runs the vision tower and then the
+        language model's generate(), never its own forward): its inputs begin the pass, as a forward's do;
+        the language model's prefill then continues that pass (`on_inner_call`)."""
+        self.on_model_call(self.lm.model, (), kwargs)
+        self._generate_prefill = True
+
+    def on_inner_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of an LVLM's language model that generates on its own: a pass of its own only
+        when neither the whole model's forward nor an editor's side pass is running it, and it is not the
+        prefill of a generate() already begun (`on_generate`)."""
+        if self._in_outer or self.calibrating:
+            return
+        if self._generate_prefill and not past_length(kwargs):
+            self._generate_prefill = False
+            self.columns = pass_columns(args, kwargs)
+            return
+        self.on_model_call(module, args, kwargs)
 
     def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook of the whole model: editors' own passes first, then every block's contexts."""
+        """A forward pass begins: editors' own passes first, then every block's contexts."""
         self.columns = pass_columns(args, kwargs)
         for editor in list(self.editors):
             editor.on_pass(kwargs)
@@ -103,8 +139,9 @@ class Session:
         try:
             for editor in self.editors:
                 editor.on_model_call(self.lm.model, (), inputs)
-            with torch.no_grad():
-                return self.lm.model.forward(**inputs)  # forward(): the model-level pre-hook stays out
+            model = self.lm.model if "pixel_values" in inputs else self.lm.text_model
+            with torch.no_grad():  # forward(): the model-level pre-hook stays out
+                return (model.forward if model is self.lm.model else model)(**inputs)
         finally:
             self.calibrating, self.columns = False, columns
 
@@ -173,8 +210,16 @@ def _opened(lm: LoadedModel) -> Iterator[Session]:
     tagged: list[nn.Module] = []
     with ExitStack() as stack:
         stack.enter_context(switched_to_headlab(lm.model))
-        handle = lm.model.register_forward_pre_hook(session.on_model_call, with_kwargs=True)
-        stack.callback(handle.remove)
+        for handle in (
+            lm.model.register_forward_pre_hook(session.on_outer_call, with_kwargs=True),
+            lm.model.register_forward_hook(session.on_outer_return, always_call=True),
+        ):
+            stack.callback(handle.remove)
+        inner = _generating_language_model(lm)
+        if inner is not None:
+            handle = inner.register_forward_pre_hook(session.on_inner_call, with_kwargs=True)
+            stack.callback(handle.remove)
+            stack.enter_context(_generate_announced(lm.model, session))
         lm.model._headlab_session = session
         stack.callback(delattr, lm.model, "_headlab_session")
         for tower, modules in lm.attention_modules.items():
@@ -183,6 +228,30 @@ def _opened(lm: LoadedModel) -> Iterator[Session]:
                 tagged.append(module)
         stack.callback(_untag, tagged)
         yield session
+
+
+def _generating_language_model(lm: LoadedModel) -> nn.Module | None:
+    """The language model of an LVLM whose generate() calls that language model's own generate() (BLIP-2,
+    InstructBLIP): the whole model's forward hooks never fire while it generates. None for other models."""
+    inner = getattr(lm.model, "language_model", None)
+    return inner if isinstance(inner, GenerationMixin) and inner is not lm.model else None
+
+
+@contextmanager
+def _generate_announced(model: nn.Module, session: Session) -> Iterator[None]:
+    """`model.generate` tells the session its inputs first (Session.on_generate); restored on exit."""
+    own = model.generate
+
+    @functools.wraps(own)
+    def generate(*args, **kwargs):
+        session.on_generate(kwargs)
+        return own(*args, **kwargs)
+
+    model.generate = generate
+    try:
+        yield
+    finally:
+        del model.generate  # the class's method again
 
 
 def _untag(modules: list[nn.Module]) -> None:

@@ -26,6 +26,7 @@ import transformers as tf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from headlab.errors import HeadlabError
+from headlab.zoo.random_lvlms import LVLM_BUILDERS
 from headlab.zoo.vocab import BOS, EOS, IMAGE, PAD, UNK, wrap_tokenizer
 
 _CORPUS = """
@@ -230,6 +231,7 @@ RANDOM_BUILDERS: dict[str, Callable[[Path], None]] = {
     "dinov2": _dinov2,
     "dinov2_with_registers": _dinov2_with_registers,
     "siglip_vision": _siglip_vision,
+    **LVLM_BUILDERS,
 }
 
 # The generic builder's tiny sizes, by the names most configs use (a config that names a size otherwise,
@@ -303,6 +305,14 @@ def _known_model_type(name: str) -> bool:
     return name in CONFIG_MAPPING_NAMES
 
 
+def _builder_of_type(name: str) -> str:
+    """The builder of a coverage-matrix model type whose builder is named otherwise (BLIP-2's "blip-2" is
+    built by "blip_2"), else `name` itself."""
+    from headlab.models.matrix import entries
+
+    return next((e.random_builder for e in entries() if e.model_type == name), name)
+
+
 def build_random(name: str, path: str | Path, *, seed: int = 0, **sizes) -> Path:
     """Build the tiny random-weight model `name` and save it under `path`: one of RANDOM_BUILDERS (the
     hand-written builders the adapters name), else any model type transformers knows, built generically as
@@ -313,6 +323,7 @@ def build_random(name: str, path: str | Path, *, seed: int = 0, **sizes) -> Path
     a name that is neither, or a type the generic builder cannot build (saying why).
     """
     path = Path(path)
+    name = _builder_of_type(name)
     if name not in RANDOM_BUILDERS and not _known_model_type(name):
         raise HeadlabError(
             f"no random builder named {name!r} and no such transformers model type; choose one of "
