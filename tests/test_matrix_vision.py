@@ -40,6 +40,8 @@ PREFIX = {
     "dinov2_with_registers": (1, 4),
     "clip_vision_model": (1, 0),
     "siglip_vision_model": (0, 0),  # no CLS token
+    "vit_msn": (1, 0),
+    "ijepa": (0, 0),  # no CLS token
 }
 REASONS = {Route.SCORE_BIAS: "relative position bias", Route.WINDOWED: "shifted windows"}
 
@@ -190,6 +192,10 @@ def test_refused_with_the_reason(entry, tmp_path):
     model = tf.AutoModel.from_pretrained(path)
     with pytest.raises(hl.UnsupportedModelError, match=REASONS[entry.route]):
         hl.describe(model)
+
+
+def test_enough_vision_types_are_served():
+    assert len(SERVED) >= 7 and {e.model_type for e in SERVED} <= set(hl.SUPPORTED)
 
 
 def test_the_grid_roles_of_registers_and_of_a_tower_without_cls():

@@ -162,6 +162,8 @@ VISION: tuple[Entry, ...] = (
     _vision("dinov2_with_registers", roles=("cls", "register", "patch")),  # CLS, 4 registers, the grid
     _vision("clip_vision_model", builder="clip_vision"),
     _vision("siglip_vision_model", builder="siglip_vision", roles=("patch",)),  # no CLS token
+    _vision("vit_msn"),
+    _vision("ijepa", roles=("patch",)),  # no CLS token
     # refused, with the reason
     _refused("beit", Route.SCORE_BIAS, Family.VIT),  # relative position bias, added through the mask
     _refused("swin", Route.WINDOWED, Family.VIT),

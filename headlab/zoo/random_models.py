@@ -212,6 +212,17 @@ def _dinov2_with_registers(path: Path) -> None:
     tf.ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
 
 
+def _vit_msn(path: Path) -> None:
+    tf.ViTMSNModel(_vision_config(tf.ViTMSNConfig)).save_pretrained(path)
+    tf.ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+
+
+def _ijepa(path: Path) -> None:
+    """I-JEPA: the patch grid alone, no CLS token."""
+    tf.IJepaModel(_vision_config(tf.IJepaConfig)).save_pretrained(path)
+    tf.ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+
+
 def _siglip_vision(path: Path) -> None:
     """SigLIP's vision tower: the patch grid alone, no CLS token."""
     tf.SiglipVisionModel(_vision_config(tf.SiglipVisionConfig)).save_pretrained(path)
@@ -231,6 +242,8 @@ RANDOM_BUILDERS: dict[str, Callable[[Path], None]] = {
     "dinov2": _dinov2,
     "dinov2_with_registers": _dinov2_with_registers,
     "siglip_vision": _siglip_vision,
+    "vit_msn": _vit_msn,
+    "ijepa": _ijepa,
     **LVLM_BUILDERS,
 }
 
