@@ -577,7 +577,7 @@ def _attention_to_load(cls: type[nn.Module], adapter: ModelAdapter, requested: s
     return adapter.attention
 
 
-def _load_model(resolved: str, adapter: ModelAdapter, dtype, attention: str) -> nn.Module:
+def _load_model(resolved: str, adapter: ModelAdapter, dtype, attention: str, **placement) -> nn.Module:
     if Path(resolved).is_dir():
         _check_weight_files(Path(resolved))
     try:
@@ -588,6 +588,7 @@ def _load_model(resolved: str, adapter: ModelAdapter, dtype, attention: str) -> 
                 attn_implementation=attention,
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,  # reported by _check_weights, as an error
+                **placement,
             )
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ModelLoadError(
@@ -638,6 +639,8 @@ def load(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    offload_folder: str | Path | None = None,
     attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Load a model from a local directory, a hub id or `zoo:NAME` (a shipped zoo model), in eval mode,
@@ -649,6 +652,11 @@ def load(
     model's own attention outside headlab's blocks (None: SDPA; eager for a class without SDPA support, such
     as Gemma 2, whose soft-cap SDPA cannot express).
 
+    `device_map` spreads one model over several devices with accelerate's dispatch (transformers'
+    `device_map`: "auto", or module path -> device, "cpu" or "disk"; disk-offloaded weights go to
+    `offload_folder`); `device` is then unused. Capture and every intervention run each layer's attention
+    on the device that layer sits on, and its statistics land in the one record.
+
     Raises ModelLoadError for a missing path, a hub id that cannot be fetched or a checkpoint that cannot be
     loaded as it is meant, UnsupportedModelError for a model headlab cannot serve, saying why (module
     docstring); the latter before the weights are read where the class already tells.
@@ -658,6 +666,11 @@ def load(
     _check_not_refused(config)
     adapter = adapter_for(config)
     cls = model_class(config, adapter)
-    model = _load_model(resolved, adapter, dtype, _attention_to_load(cls, adapter, attn_implementation))
-    model.to(device).eval()
+    placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
+    model = _load_model(
+        resolved, adapter, dtype, _attention_to_load(cls, adapter, attn_implementation), **placement
+    )
+    if device_map is None:
+        model.to(device)
+    model.eval()
     return describe(model, source=resolved, processor=_load_processor(resolved, adapter))
