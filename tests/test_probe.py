@@ -292,14 +292,20 @@ def test_query_selection_for_averages(tiny):
     assert set(stats.stat) == {"mass", "mass_last", "entropy", "entropy_last"}
 
 
-def test_a_mask_carrying_a_score_bias_is_refused_not_dropped():
-    """Additive masks are 0 (keep) or very negative (drop); a finite non-zero value is a score bias (BEiT's
-    relative position bias, ALiBi) that a keep/drop view would silently drop."""
-    from headlab.probe.call import keep_mask
+def test_a_mask_carrying_a_score_bias_keeps_it_apart():
+    """Additive masks are 0 (keep) or very negative (drop); finite non-zero values are a score bias (BEiT's
+    relative position bias) that a keep/drop view alone would drop: `score_bias` keeps it."""
+    from headlab.probe.call import keep_mask, score_bias
 
     mask = torch.zeros(1, 1, 3, 3)
     mask[..., 0, 1:] = torch.finfo(torch.float32).min
-    assert keep_mask(mask).tolist() == [[[[True, False, False], [True, True, True], [True, True, True]]]]
+    keep = keep_mask(mask)
+    assert keep.tolist() == [[[[True, False, False], [True, True, True], [True, True, True]]]]
+    assert score_bias(mask, keep) is None
     mask[0, 0, 2, 0] = 0.3
-    with pytest.raises(hl.UnsupportedModelError, match="score bias"):
-        keep_mask(mask)
+    bias = score_bias(mask, keep_mask(mask))
+    assert (
+        bias[0, 0, 2, 0] == pytest.approx(0.3)
+        and bias[0, 0, 0, 1] == 0
+        and bias.abs().sum() == pytest.approx(0.3)
+    )

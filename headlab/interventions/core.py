@@ -211,6 +211,12 @@ def edited_attention(call: AttentionCall, patches: Sequence[Patch], engine: str)
         if out is not None:
             break
     edits = [e for p in patches for e in p.edits(call)]
+    if call.bias is not None and (out is not None or edits):
+        raise UnsupportedModelError(
+            f"{call.tower} layer {call.layer} adds a score bias (a relative position bias) to its scores; "
+            "interventions that edit the attention rows (ACT, VAR, PINE) do not apply it yet: use head "
+            "scaling / ablation or VHR there"
+        )
     if out is not None and edits:
         raise SelectionError(
             "an attention-replacing intervention (PINE) cannot be combined with ACT/VAR edits"

@@ -32,8 +32,6 @@ class Route(enum.Enum):
     EAGER_ONLY = "refused: eager only"
     # learned sink logits, which headlab's attention function does not compute
     SINKS = "refused: attention sinks"
-    # a score bias added through the mask (BEiT's relative position bias), which headlab's kernels drop
-    SCORE_BIAS = "refused: score bias"
     # attention over shifted windows in hierarchical stages (Swin)
     WINDOWED = "refused: windowed stages"
     # cross-attention layers whose keys are not tokens of the sequence (Mllama)
@@ -59,8 +57,8 @@ class Entry:
     pine: bool = False
     roles: tuple[str, ...] | None = None
     uncaptured: tuple[str, ...] = ()  # LVLMs: attention stacks that are no tower (InstructBLIP's Q-Former)
-    # the language model's mask is causal, windowed or full, which compact attention rebuilds; else (Gemma
-    # 3's bidirectional image blocks) the store keeps selected rows only
+    # compact attention rebuilds the main tower's rows (a causal, windowed or full mask, no score bias); else
+    # (Gemma 3's bidirectional image blocks, BEiT's relative position bias) the store keeps selected rows
     compact: bool = True
 
     @property
@@ -164,8 +162,8 @@ VISION: tuple[Entry, ...] = (
     _vision("siglip_vision_model", builder="siglip_vision", roles=("patch",)),  # no CLS token
     _vision("vit_msn"),
     _vision("ijepa", roles=("patch",)),  # no CLS token
+    _vision("beit", compact=False),  # a relative position bias, added to the scores through the mask
     # refused, with the reason
-    _refused("beit", Route.SCORE_BIAS, Family.VIT),  # relative position bias, added through the mask
     _refused("swin", Route.WINDOWED, Family.VIT),
 )
 

@@ -3,7 +3,7 @@
 The session builds an `AttentionCall` from the arguments transformers hands the attention function: post-
 RoPE q [b, h, q, d] and k, v [b, kv, k, d] (GQA: kv heads are shared by h // kv query heads), the mask as
 booleans (True = may attend; transformers' mask is the truth: headlab never re-applies causality over it,
-`is_causal_call`), the scale, whether the call is causal, the soft-cap and the sliding window. The keys are the last n_k
+`is_causal_call`), the scale, whether the call is causal, a score bias the mask carries (BEiT's relative position bias), the soft-cap and the sliding window. The keys are the last n_k
 token columns of the pass and the queries the last n_q keys (the session drops a static cache's unfilled
 slots first; a sliding-window cache may have evicted `key_start` columns before the first key: see
 headlab.probe.keys). Each block then sees the call with its own batch context (`with_context`): which
@@ -23,7 +23,6 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from headlab.errors import UnsupportedModelError
 from headlab.kernels.fused import fused_attention
 from headlab.kernels.rebuild import attention_scores
 from headlab.kernels.reference import naive_attention
@@ -32,20 +31,20 @@ from headlab.probe.context import BatchContext
 
 
 def keep_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """A boolean view (True = may attend) of a transformers attention mask (boolean or additive).
-
-    An additive mask must be 0 where a key is kept: a mask that carries a score bias (BEiT's relative
-    position bias, ALiBi) would be silently dropped here, so it is an UnsupportedModelError instead."""
+    """A boolean view (True = may attend) of a transformers attention mask (boolean or additive: a key is
+    kept where the additive mask is finite, above half the dtype's minimum)."""
     if mask is None or mask.dtype == torch.bool:
         return mask
-    keep = mask > torch.finfo(mask.dtype).min / 2
-    if bool((keep & (mask != 0)).any()):
-        raise UnsupportedModelError(
-            "this model's attention mask carries a score bias (finite values other than 0, e.g. a relative "
-            "position bias or ALiBi); headlab reads masks as keep/drop only, so it cannot capture this model "
-            "exactly"
-        )
-    return keep
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def score_bias(mask: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
+    """The score bias an additive mask carries besides keep / drop (BEiT's relative position bias: finite
+    values other than 0), float32 and 0 where a key is dropped; None for a mask that carries none."""
+    if mask is None or mask.dtype == torch.bool:
+        return None
+    bias = torch.where(keep, mask.float(), 0.0)
+    return bias if bool(bias.ne(0).any()) else None
 
 
 def is_causal_call(flag: bool | None, module: nn.Module, keep: torch.Tensor | None, n_q: int) -> bool:
@@ -87,6 +86,7 @@ class AttentionCall:
     softcap: float | None = None  # attention logit soft-cap (Gemma 2)
     raw_mask: torch.Tensor | None = None  # the mask exactly as transformers passed it (may be additive)
     window: int | None = None  # sliding window (already in the mask; naming it lets kernels skip blocks)
+    bias: torch.Tensor | None = None  # a score bias the mask carries (BEiT), added to the scores
     key_start: int = 0  # token columns before the first key (evicted by a sliding-window cache)
 
     @classmethod
@@ -111,6 +111,7 @@ class AttentionCall:
             kwargs=kwargs,
             softcap=kwargs.get("softcap"),
             raw_mask=mask,
+            bias=score_bias(mask, keep),
             window=kwargs.get("sliding_window", getattr(module, "sliding_window", None)),
             key_start=key_start,
         )
@@ -153,6 +154,7 @@ class AttentionCall:
             mask=self.mask,
             softcap=self.softcap,
             window=self.window,
+            bias=self.bias,
             **stats,
         )
 
@@ -162,6 +164,7 @@ class AttentionCall:
 
     def probs(self) -> torch.Tensor:
         """The explicit [b, h, q, k] pattern (reference paths and single-row decode steps only)."""
+        mask = self.mask if self.bias is None else self.raw_mask  # the additive mask carries the bias
         return naive_attention(
-            self.q, self.k, self.v, mask=self.mask, scale=self.scale, causal=self.causal, softcap=self.softcap
+            self.q, self.k, self.v, mask=mask, scale=self.scale, causal=self.causal, softcap=self.softcap
         ).probs

@@ -26,7 +26,7 @@ from headlab.kernels.rebuild import attention_scores, rows_from_lse
 from headlab.kernels.reference import expand_kv, naive_attention
 from headlab.loading import Family, LoadedModel
 from headlab.probe import stats as S
-from headlab.probe.call import AttentionCall, keep_mask
+from headlab.probe.call import AttentionCall, keep_mask, score_bias
 from headlab.probe.context import BatchContext
 from headlab.probe.outputs import HeadOutputRecorder, TappedCall
 from headlab.probe.passes import PassContexts
@@ -37,14 +37,21 @@ from headlab.probe.session import Observer, Session, in_session
 
 
 def _bias_rows(mask, rows: torch.Tensor, n_q: int, n_k: int, causal: bool, batch_index: int) -> torch.Tensor:
-    """Additive float32 bias [len(rows), n_k] for query rows `rows` (indices within the call) of one example;
-    only these rows are built (never the [q, k] mask)."""
-    bias = torch.zeros(len(rows), n_k)
+    """Additive float32 bias [head or 1, len(rows), n_k] for query rows `rows` (indices within the call) of
+    one example: -inf where a key is dropped, plus the score bias the mask carries (BEiT's, per head); only
+    these rows are built (never the [q, k] mask)."""
+    bias = torch.zeros(1, len(rows), n_k)
     keep = keep_mask(mask)
     if keep is not None:
+        extra = score_bias(mask, keep)
+        if extra is not None:  # [head or 1, rows, k]
+            extra = extra[batch_index if extra.shape[0] > 1 else 0].cpu()
+            bias = (
+                extra[:, -n_q:][:, rows] if extra.shape[1] != 1 else extra.expand(-1, len(rows), n_k)
+            ).clone()
         m = keep[batch_index if keep.shape[0] > 1 else 0, 0]  # [q or 1, k]
         m = m[-n_q:][rows] if m.shape[0] != 1 else m.expand(len(rows), n_k)
-        bias = bias.masked_fill(~m, float("-inf"))
+        bias = bias.masked_fill(~m.cpu(), float("-inf"))
     if causal:  # query row r sits at key position n_k - n_q + r
         beyond = torch.arange(n_k)[None, :] > (n_k - n_q + rows)[:, None]
         bias = bias.masked_fill(beyond, float("-inf"))
@@ -188,6 +195,7 @@ class Probe(Observer):
                 scale=scale,
                 causal=causal,
                 keep=keep,
+                bias=score_bias(mask, keep),
                 softcap=softcap,
                 window=window,
             )
@@ -195,7 +203,16 @@ class Probe(Observer):
             out, lse, per_query = att.out, att.lse, S.from_attended(att, ctx, fspec)
             if alpha_pos is not None and alpha_pos.shape[1]:
                 per_query.alpha = S.alpha_from_lse(
-                    q, k, lse, keep, scale=scale, causal=causal, ctx=ctx, alpha_pos=alpha_pos, softcap=softcap
+                    q,
+                    k,
+                    lse,
+                    keep,
+                    scale=scale,
+                    causal=causal,
+                    ctx=ctx,
+                    alpha_pos=alpha_pos,
+                    softcap=softcap,
+                    bias=fspec.bias,
                 )
         rows = S.reduce(per_query, ctx, spec, layer=layer, causal=causal, alpha_pos=alpha_pos, keep=keep)
         self.record._stat_chunks.append(rows)
@@ -211,12 +228,12 @@ class Probe(Observer):
             if not idx:
                 continue
             rows = torch.tensor(idx)
-            bias = _bias_rows(mask, rows, n_q, n_k, causal, b)  # [q_sel, k]
+            bias = _bias_rows(mask, rows, n_q, n_k, causal, b).to(q.device)  # [head or 1, q_sel, k]
             valid = ctx.key_valid[b]
             at = ctx.key_pos[b, valid].to(q.device)  # example positions of the real keys
             for h in heads:
                 scores = attention_scores(q[b, h, rows], k_full[b, h], scale=scale, softcap=softcap)
-                kept = rows_from_lse(scores, lse[b, h, rows], bias=bias)[:, valid]
+                kept = rows_from_lse(scores, lse[b, h, rows], bias=bias[h if len(bias) > 1 else 0])[:, valid]
                 # a row over every token of the example: keys a cache evicted get 0, as they get no attention
                 probs = kept.new_zeros(len(idx), ctx.lengths[b]).index_copy_(1, at, kept)
                 self.record.patterns.append(
@@ -358,6 +375,11 @@ def _check_rebuildable(lm, call: AttentionCall) -> None:
     """Compact attention rebuilds rows from q, k, the logsumexp and the call's causal / window / full
     structure; a mask that is none of these over the real tokens (Gemma 3: an image's tokens attend both
     ways inside a causal sequence) cannot be rebuilt from them, so it is refused rather than stored wrong."""
+    if call.bias is not None:
+        raise SelectionError(
+            f"compact attention cannot store {lm.model_type}'s {call.tower} layer {call.layer}: its scores carry a "
+            "bias (a relative position bias) the store does not keep; select the rows with patterns= instead"
+        )
     if call.causal or call.mask is None:
         return
     valid = call.ctx.key_valid.to(call.mask.device)

@@ -72,6 +72,7 @@ def fused_spec(
     scale: float,
     causal: bool,
     keep: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
     softcap: float | None = None,
     window: int | None = None,
 ) -> FusedSpec:
@@ -91,6 +92,7 @@ def fused_spec(
         scale=scale,
         causal=causal,
         mask=keep,
+        bias=bias,
         softcap=softcap,
         window=window,
         key_class=key_class,
@@ -113,15 +115,29 @@ def from_attended(att: Attended, ctx: BatchContext, fspec: FusedSpec) -> PerQuer
 
 
 def alpha_from_lse(
-    q, k, lse, keep, *, scale: float, causal: bool, ctx: BatchContext, alpha_pos, softcap: float | None = None
+    q,
+    k,
+    lse,
+    keep,
+    *,
+    scale: float,
+    causal: bool,
+    ctx: BatchContext,
+    alpha_pos,
+    softcap: float | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[batch, head, q, a] = A[i, k_a], rebuilt exactly for the few alpha keys as exp(s_ia - lse_i)."""
+    """[batch, head, q, a] = A[i, k_a], rebuilt exactly for the few alpha keys as exp(s_ia + b_ia - lse_i)
+    (`bias`: a score bias broadcastable to [batch, head, q, k], BEiT's)."""
     index = ctx.key_index(alpha_pos)  # [batch, a]; -1: not a key of this call
     idx = index.clamp(min=0).to(q.device)
     n_q, n_k = q.shape[2], k.shape[2]
     k = expand_kv(k, q.shape[1])
     k_a = k.gather(2, idx[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))  # [batch, head, a, d]
     scores = attention_scores(q, k_a, scale=scale, softcap=softcap)  # [batch, head, q, a]
+    if bias is not None:
+        full = bias.to(q.device).expand(q.shape[0], q.shape[1], -1, -1)[:, :, -n_q:]  # [batch, head, q, k]
+        scores = scores + full.gather(-1, idx[:, None, None, :].expand(-1, q.shape[1], n_q, -1))
     sees = (index >= 0).to(q.device)[:, None, None, :]
     if causal:
         sees = sees & (idx[:, None, None, :] <= torch.arange(n_k - n_q, n_k, device=q.device)[:, None])

@@ -223,6 +223,18 @@ def _ijepa(path: Path) -> None:
     tf.ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
 
 
+def _beit(path: Path) -> None:
+    """BEiT with a relative position bias per layer; its bias tables start at zero when built, so they are
+    filled with random values (a trained model's are not zero, and a zero bias would hide it)."""
+    model = tf.BeitModel(_vision_config(tf.BeitConfig, use_relative_position_bias=True))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                param.normal_(0.0, 1.0)
+    model.save_pretrained(path)
+    tf.ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+
+
 def _siglip_vision(path: Path) -> None:
     """SigLIP's vision tower: the patch grid alone, no CLS token."""
     tf.SiglipVisionModel(_vision_config(tf.SiglipVisionConfig)).save_pretrained(path)
@@ -244,6 +256,7 @@ RANDOM_BUILDERS: dict[str, Callable[[Path], None]] = {
     "siglip_vision": _siglip_vision,
     "vit_msn": _vit_msn,
     "ijepa": _ijepa,
+    "beit": _beit,
     **LVLM_BUILDERS,
 }
 
