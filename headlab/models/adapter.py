@@ -73,6 +73,9 @@ class ModelAdapter:
     image_placeholder: str | None = None
     # whether a prompt marks where its image goes (False: the processor puts the image tokens itself, BLIP-2)
     prompt_holds_image: bool = True
+    # LVLMs: the module attribute (a path from the model) of a learned vector the model puts after each row of
+    # image features (LLaVA-NeXT's `image_newline`): those image tokens get role "image_newline"
+    image_newline_attr: str | None = None
     caption_prompt: str | None = None
     # tiny random models of the family for tests: names in headlab.zoo.random_models.RANDOM_BUILDERS
     random_builders: tuple[str, ...] = ()

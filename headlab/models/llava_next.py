@@ -5,7 +5,8 @@ An image is split into tiles of the vision tower's size plus a resized base imag
 `image_grid_pinpoints`); each tile is one row of the vision tower's batch (headlab gives every tile its
 image's example, and averages the tile rows' statistics: `headlab.probe.passes.vision_units`). In the input
 ids the image becomes the base image's tokens, then the unpadded tile grid with an image-newline token
-after each row, all with the image token id (role "image"). LLaVA-NeXT's vision tower is CLIP's (one CLS
+after each row, all with the image token id: the newline tokens (the positions whose language-model input
+is the model's `image_newline` vector) get role "image_newline", the others "image". LLaVA-NeXT's vision tower is CLIP's (one CLS
 token), LLaVA-OneVision's SigLIP's (none); both are read from the vision sub-config's own family.
 """
 
@@ -27,6 +28,7 @@ def llava_next() -> ModelAdapter:
         prompt_template="[INST] {image}\n{question} [/INST]",
         image_placeholder="<image>",
         caption_prompt="Describe the image.",
+        image_newline_attr="model.image_newline",
         random_builders=("llava_next",),
     )
 
@@ -43,5 +45,6 @@ def llava_onevision() -> ModelAdapter:
         prompt_template="<|im_start|>user {image}\n{question}<|im_end|><|im_start|>assistant\n",
         image_placeholder="<image>",
         caption_prompt="Describe the image.",
+        image_newline_attr="model.image_newline",
         random_builders=("llava_onevision",),
     )

@@ -172,12 +172,15 @@ def _lvlm(model_type: str, **declared) -> Entry:
     return Entry(model_type=model_type, family=Family.LVLM, **declared)
 
 
+# LLaVA-NeXT's and LLaVA-OneVision's image tokens include a newline after each row of image features
+_NEWLINE_ROLES = ("bos", "text", "image", "image_newline", "answer")
+
 # vision-language models: a vision tower and a language model (towers found by the sub-config their
 # attention modules hold); the image tokens of the input ids have role "image"
 LVLM: tuple[Entry, ...] = (
     _lvlm("llava", pine=True),  # CLIP + Llama; LLaVA-1.5
-    _lvlm("llava_next", pine=True),  # any-resolution tiles, image-newline tokens
-    _lvlm("llava_onevision", pine=True),  # SigLIP (no CLS) + Qwen2, any-resolution tiles
+    _lvlm("llava_next", pine=True, roles=_NEWLINE_ROLES),  # any-resolution tiles, image-newline tokens
+    _lvlm("llava_onevision", pine=True, roles=_NEWLINE_ROLES),  # SigLIP (no CLS) + Qwen2, any-resolution
     _lvlm("qwen2_vl"),  # per-image vision calls, M-RoPE: PINE refuses
     _lvlm("qwen2_5_vl"),  # windowed and full vision layers, M-RoPE
     _lvlm("paligemma"),  # prefix-LM mask: image and prompt attend both ways (PINE refuses: not causal)

@@ -16,6 +16,7 @@ cache has evicted; each attention call sees it through `BatchContext.fit_keys`.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -28,7 +29,7 @@ from headlab.errors import InputError
 from headlab.loading import Family, LoadedModel
 from headlab.probe.context import BatchContext, text_context
 from headlab.probe.keys import token_validity
-from headlab.probe.roles import TokenRoles, grid_roles, text_roles
+from headlab.probe.roles import IMAGE_NEWLINE, TokenRoles, grid_roles, text_roles
 
 
 class PassContexts:
@@ -86,8 +87,7 @@ class PassContexts:
             image_token_id=self.lm.image_token_id,
             roles=None if roles is None else tuple(roles),
         )
-        self._pending["lm"] = ctx
-        self._announce(ctx)
+        self._pending["lm"] = ctx  # announced when the language model first uses it (image newlines known)
         pixels = kwargs.get("pixel_values")
         if self.lm.family is Family.LVLM and torch.is_tensor(pixels):
             self._vision_units = vision_units(pixels, ctx, kwargs.get("image_grid_thw"))
@@ -126,7 +126,10 @@ class PassContexts:
         """The batch context of the current pass through `tower` (built on first use in the pass); vision
         contexts are per call shape: `offset` tokens of the layer's earlier calls, `n_tokens` of this one."""
         if tower in self._pending:
-            self._active[tower] = self._pending.pop(tower)
+            ctx = self._pending.pop(tower)
+            self._active[tower] = ctx if ctx.step else self._with_newlines(ctx)
+            if not ctx.step:
+                self._announce(self._active[tower])
         key = (tower, offset, n_tokens) if tower == "vision" else tower
         ctx = self._active.get(key)
         if ctx is None or ctx.pass_id != self._pass or ctx.batch != batch:
@@ -134,6 +137,21 @@ class PassContexts:
             self._active[key] = ctx
             self._announce(ctx)
         return ctx
+
+    def _with_newlines(self, ctx: BatchContext) -> BatchContext:
+        """The prefill context with LLaVA-NeXT's image-newline tokens marked, from the columns where the
+        language model's input is the model's newline vector (`Session.newline_columns`)."""
+        from headlab.probe.session import session_of
+
+        session = session_of(self.lm)
+        columns = None if session is None else session.newline_columns
+        if columns is None or len(columns) != ctx.batch:
+            return ctx
+        roles = tuple(
+            r.with_role(IMAGE_NEWLINE, ctx.key_pos[b, cols].tolist())
+            for b, (r, cols) in enumerate(zip(ctx.roles, columns, strict=True))
+        )
+        return dataclasses.replace(ctx, roles=roles)
 
     def _default_context(self, tower: str, batch: int, n_tokens: int, offset: int) -> BatchContext:
         info = self.lm.tower(tower)

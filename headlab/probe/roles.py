@@ -9,7 +9,8 @@ Conventions (stated once, used everywhere):
 - "bos" is the role of position 0 in text towers, whether or not the tokenizer inserted a BOS token: it is
   the token every later query can see, which is what makes it a sink;
 - LLaVA-style inputs: "image" = the expanded image tokens (input_ids == image_token_id), with the grid of
-  the vision tower when the span is a full square grid;
+  the vision tower when the span is a full square grid; LLaVA-NeXT's image-newline tokens among them are
+  "image_newline";
 - vision towers: "cls" for the prefix tokens (CLS, DeiT's distillation token), "register" for register
   tokens (DINOv2 with registers: after the CLS, before the grid), "patch" for the grid; a tower without a
   CLS token (SigLIP) has only "patch";
@@ -19,6 +20,7 @@ Conventions (stated once, used everywhere):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from headlab.errors import InputError
 
 BOS, TEXT, IMAGE, CLS, PATCH, ANSWER = "bos", "text", "image", "cls", "patch", "answer"
 REGISTER = "register"
+IMAGE_NEWLINE = "image_newline"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +76,16 @@ class TokenRoles:
             grid_start=self.grid_start,
             flagged=self.flagged,
         )
+
+    def with_role(self, name: str, positions: Sequence[int]) -> TokenRoles:
+        """These roles with `positions` given role `name` (LLaVA-NeXT's image-newline tokens)."""
+        if not positions:
+            return self
+        names = self.names if name in self.names else (*self.names, name)
+        classes = list(self.classes)
+        for p in positions:
+            classes[p] = names.index(name)
+        return dataclasses.replace(self, classes=tuple(classes), names=names)
 
     def with_flagged(self, positions: Sequence[int]) -> TokenRoles:
         bad = [p for p in positions if not 0 <= p < len(self)]

@@ -94,6 +94,8 @@ class Session:
         self.calibrating = False  # True during an editor's own pass (`side_pass`)
         self.columns: int | None = None  # token columns of the current language-model pass (None: unknown)
         self._in_outer = False  # inside the whole model's forward
+        # LLaVA-NeXT: per row of the language model's current input, the columns holding the image newline
+        self.newline_columns: list[torch.Tensor] | None = None
         self._generate_prefill = False  # an LVLM's generate() began a pass its language model continues
 
     def on_outer_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -123,9 +125,21 @@ class Session:
             return
         self.on_model_call(module, args, kwargs)
 
+    def on_language_model_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of an LVLM's language model whose family puts a learned newline vector after each
+        row of image features: which columns of its input embeddings are that vector."""
+        embeds = kwargs.get("inputs_embeds")
+        newline = self.lm.model.get_parameter(self.lm.adapter.image_newline_attr)
+        if embeds is None or past_length(kwargs):
+            self.newline_columns = None
+            return
+        hit = (embeds == newline.to(embeds)).all(-1)  # [batch, n]: an exact copy of the vector
+        self.newline_columns = [row.nonzero().flatten().cpu() for row in hit]
+
     def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """A forward pass begins: editors' own passes first, then every block's contexts."""
         self.columns = pass_columns(args, kwargs)
+        self.newline_columns = None
         for editor in list(self.editors):
             editor.on_pass(kwargs)
         for handler in (*self.editors, *self.observers):
@@ -214,6 +228,12 @@ def _opened(lm: LoadedModel) -> Iterator[Session]:
             lm.model.register_forward_pre_hook(session.on_outer_call, with_kwargs=True),
             lm.model.register_forward_hook(session.on_outer_return, always_call=True),
         ):
+            stack.callback(handle.remove)
+        if lm.adapter.image_newline_attr is not None:
+            language_model = lm.model.get_submodule(lm.tower("lm").path.rsplit(".", 1)[0])
+            handle = language_model.register_forward_pre_hook(
+                session.on_language_model_input, with_kwargs=True
+            )
             stack.callback(handle.remove)
         inner = _generating_language_model(lm)
         if inner is not None:
