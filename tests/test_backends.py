@@ -52,3 +52,31 @@ def test_nnsight_agrees_with_fused(tiny, name, padding_side):
 def test_backends_refuse_lvlms(tiny):
     with pytest.raises(hl.UnsupportedModelError, match="text LLMs"):
         capture_nnsight(tiny("llava"), {})
+
+
+def test_nnsight_with_a_weightless_description_and_the_model_to_trace(tmp_path):
+    """The NDIF workflow, run locally: `lm` is described from a meta-device skeleton of the config (no
+    weights), and the model traced is another object (on NDIF: LanguageModel(hub id), remote=True)."""
+    import transformers as tf
+    from nnsight import NNsight
+
+    from headlab.zoo.random_models import build_random
+
+    path = build_random("llama", tmp_path / "llama")
+    with torch.device("meta"):
+        skeleton = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(path))
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    lm = hl.describe(skeleton, source="skeleton", processor=tokenizer)
+    inputs = dict(tokenizer(["The quick brown fox jumps"], return_tensors="pt"))
+    traced = tf.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    rec = capture_nnsight(lm, inputs, model=NNsight(traced))
+    whole = hl.load(path)
+    with torch.no_grad(), hl.capture(whole) as ref:
+        whole.model(**inputs)
+    keys = ["example", "tower", "step", "layer", "head", "stat", "role"]
+    merged = rec.head_stats.merge(ref.head_stats, on=keys, validate="one_to_one")
+    assert len(merged) == len(ref.head_stats) > 0 and (merged.value_x - merged.value_y).abs().max() < 1e-5
+    sdpa = tf.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    with pytest.raises(hl.UnsupportedModelError, match="no attention weights"):
+        capture_nnsight(lm, inputs, model=NNsight(sdpa))
+

@@ -11,6 +11,8 @@ context. Text LLMs (the language-model tower) only.
 
 `remote=True` runs the nnsight trace on NDIF (needs an NDIF API key and a hub-hosted model: pass an
 nnsight model of it as `model=`, e.g. `LanguageModel("<hub id>")`); the flag is passed through unchanged.
+The `lm` then only describes the model (its towers, head counts, module paths): `hl.describe` of a weightless
+skeleton built from the config on the meta device serves (README "Remote models on NDIF").
 """
 
 from __future__ import annotations
@@ -149,6 +151,12 @@ def capture_nnsight(
                 saved_p.append(attn.output[1].save())
     finally:
         lm.model.set_attn_implementation(before)
+    if any(p is None for p in saved_p):
+        raise UnsupportedModelError(
+            "the traced model returned no attention weights: it ran with SDPA or flash attention, which do "
+            "not compute them; pass an nnsight model loaded with attn_implementation='eager' as model= (on "
+            "NDIF, a deployment that serves eager attention)"
+        )
     batch, n = inputs["input_ids"].shape
     z = [t.reshape(batch, n, lm.n_heads, lm.head_dim) for t in saved_z]
     ctx = text_context(
