@@ -111,6 +111,9 @@ class LoadedModel:
     tokens_per_image: int | None = None  # LVLMs: image tokens per image in the input ids, if fixed
     # module paths of attention stacks that are no tower headlab captures (InstructBLIP's Q-Former)
     uncaptured: tuple[str, ...] = ()
+    # (this rank's index, ranks) of a tensor-parallel model (transformers' tp_plan): each rank holds a
+    # contiguous block of every layer's heads; None for a model on one process
+    tensor_parallel: tuple[int, int] | None = None
 
     @property
     def main(self) -> Tower:
@@ -428,7 +431,17 @@ def describe(model: nn.Module, *, source: str = "<in memory>", processor=None) -
         image_token_id=adapter.image_token_id(config),
         tokens_per_image=adapter.tokens_per_image(config),
         uncaptured=tuple(uncaptured),
+        tensor_parallel=_tensor_parallel(model),
     )
+
+
+def _tensor_parallel(model: nn.Module) -> tuple[int, int] | None:
+    """(tp rank, tp size) of a model transformers sharded with a tp_plan, else None."""
+    size = getattr(model, "_tp_size", None) or 1
+    mesh = getattr(model, "_device_mesh", None)
+    if size <= 1 or mesh is None:
+        return None
+    return mesh["tp"].get_local_rank(), size
 
 
 def _tower_name(adapter: ModelAdapter, config, stack: _Stack) -> str | None:
@@ -641,6 +654,7 @@ def load(
     device: str | torch.device = "cpu",
     device_map: str | dict | None = None,
     offload_folder: str | Path | None = None,
+    tp_plan: str | None = None,
     attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Load a model from a local directory, a hub id or `zoo:NAME` (a shipped zoo model), in eval mode,
@@ -655,7 +669,10 @@ def load(
     `device_map` spreads one model over several devices with accelerate's dispatch (transformers'
     `device_map`: "auto", or module path -> device, "cpu" or "disk"; disk-offloaded weights go to
     `offload_folder`); `device` is then unused. Capture and every intervention run each layer's attention
-    on the device that layer sits on, and its statistics land in the one record.
+    on the device that layer sits on, and its statistics land in the one record. `tp_plan="auto"` (under
+    torchrun) shards every layer's heads over the ranks (transformers' tensor parallelism): capture then
+    records each rank's heads under their global indices (`Record.gathered()` joins them); interventions
+    and selected patterns need every head and are refused.
 
     Raises ModelLoadError for a missing path, a hub id that cannot be fetched or a checkpoint that cannot be
     loaded as it is meant, UnsupportedModelError for a model headlab cannot serve, saying why (module
@@ -667,10 +684,12 @@ def load(
     adapter = adapter_for(config)
     cls = model_class(config, adapter)
     placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
+    if tp_plan is not None:
+        placement["tp_plan"] = tp_plan
     model = _load_model(
         resolved, adapter, dtype, _attention_to_load(cls, adapter, attn_implementation), **placement
     )
-    if device_map is None:
+    if device_map is None and tp_plan is None:
         model.to(device)
     model.eval()
     return describe(model, source=resolved, processor=_load_processor(resolved, adapter))

@@ -251,6 +251,12 @@ class Runner(Editor):
     def __init__(self, lm: LoadedModel, patches: list[Patch], engine: str) -> None:
         if engine not in ("fused", "reference"):
             raise SelectionError(f"engine must be 'fused' or 'reference', got {engine!r}")
+        if lm.tensor_parallel is not None:
+            raise UnsupportedModelError(
+                "this model is tensor parallel (each rank computes a share of the heads); headlab's "
+                "interventions edit or select heads across the whole layer and do not run sharded yet: load it "
+                "on one device, or spread it with device_map"
+            )
         self.lm, self.patches, self.engine = lm, patches, engine
         self.contexts = PassContexts(lm)
         self.session: Session | None = None  # set by intervene() when the block enters the session

@@ -87,6 +87,7 @@ class AttentionCall:
     raw_mask: torch.Tensor | None = None  # the mask exactly as transformers passed it (may be additive)
     window: int | None = None  # sliding window (already in the mask; naming it lets kernels skip blocks)
     bias: torch.Tensor | None = None  # a score bias the mask carries (BEiT), added to the scores
+    head_offset: int = 0  # global index of the call's first head (a tensor-parallel rank holds a share)
     key_start: int = 0  # token columns before the first key (evicted by a sliding-window cache)
 
     @classmethod

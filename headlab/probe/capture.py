@@ -144,6 +144,8 @@ class Probe(Observer):
         want_compact = self._selected(self.compact, tower, layer)
         if not (want_stats or want_rows or want_compact):
             return None
+        if call.head_offset or self.lm.tensor_parallel is not None:
+            _check_tensor_parallel(want_rows or want_compact or self._outputs is not None)
         call = self._view(call)
         ctx, q, k, v, mask = call.ctx, call.q, call.k, call.v, call.raw_mask
         if ctx.tiled:
@@ -156,7 +158,9 @@ class Probe(Observer):
                 )
         scale, causal, softcap, window = call.scale, call.causal, call.softcap, call.window
         if want_stats:
-            out, lse = self._attend_with_stats(ctx, layer, q, k, v, mask, scale, causal, softcap, window)
+            out, lse = self._attend_with_stats(
+                ctx, layer, q, k, v, mask, scale, causal, softcap, window, call.head_offset
+            )
         else:
             att = fused_attention(q, k, v, call.spec())
             out, lse = att.out, att.lse
@@ -179,7 +183,7 @@ class Probe(Observer):
         n_layers = self.lm.tower(tower).n_layers
         return sel is not None and sel.tower == tower and layer in sel.layer_ids(n_layers)
 
-    def _attend_with_stats(self, ctx, layer, q, k, v, mask, scale, causal, softcap, window):
+    def _attend_with_stats(self, ctx, layer, q, k, v, mask, scale, causal, softcap, window, head_offset=0):
         spec = self.stats
         keep = keep_mask(mask)
         alpha_pos = S.alpha_keys(ctx, spec.first_k) if "alpha" in spec.which and ctx.step == 0 else None
@@ -214,7 +218,16 @@ class Probe(Observer):
                     softcap=softcap,
                     bias=fspec.bias,
                 )
-        rows = S.reduce(per_query, ctx, spec, layer=layer, causal=causal, alpha_pos=alpha_pos, keep=keep)
+        rows = S.reduce(
+            per_query,
+            ctx,
+            spec,
+            layer=layer,
+            causal=causal,
+            alpha_pos=alpha_pos,
+            keep=keep,
+            head_offset=head_offset,
+        )
         self.record._stat_chunks.append(rows)
         return out, lse
 
@@ -391,3 +404,14 @@ def _check_rebuildable(lm, call: AttentionCall) -> None:
         "causal, windowed nor full (e.g. an image's tokens attend both ways inside a causal sequence), and "
         "the store rebuilds rows from those structures only; select the rows with patterns= instead"
     )
+
+
+def _check_tensor_parallel(selected: bool) -> None:
+    """Under tensor parallelism each rank computes its own heads: statistics need only their global head
+    index; patterns, compact attention and head outputs would need the other ranks' heads."""
+    if selected:
+        raise SelectionError(
+            "this model is tensor parallel: each rank computes only its own heads, so capture records per-head "
+            "statistics (with global head indices; `Record.gathered()` joins the ranks'); capture patterns, "
+            "compact attention or head outputs without tensor parallelism (one device, or device_map)"
+        )

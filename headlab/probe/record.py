@@ -141,6 +141,19 @@ class Record:
             frame = frame.groupby(list(_STAT_COLUMNS[:-1]), sort=False, as_index=False)["value"].mean()
         return frame
 
+    def gathered(self, group=None) -> Record:
+        """This record joined with the same block's records on every rank of a torch.distributed `group`
+        (tensor parallelism: each rank captured its own heads, under their global indices); every rank gets
+        the joined record. Only the statistics travel (selected tensors are refused under tensor
+        parallelism)."""
+        import torch.distributed as dist
+
+        parts: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, (self._stat_chunks, self._examples, self._tiled), group=group)
+        joined = Record(_examples=list(parts[0][1]), _tiled=any(p[2] for p in parts))
+        joined._stat_chunks = [chunk for chunks, _, _ in parts for chunk in chunks]
+        return joined
+
     @property
     def residuals(self) -> pd.DataFrame:
         cols = (

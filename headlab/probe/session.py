@@ -166,6 +166,8 @@ class Session:
         call = AttentionCall.build(
             module, q, k, v, mask, scaling=scaling, is_causal=is_causal, key_start=key_start, **kwargs
         )
+        if self.lm.tensor_parallel is not None:  # this rank's heads are a contiguous block of the tower's
+            call.head_offset = self.lm.tensor_parallel[0] * q.shape[1]
         observers = () if self.calibrating else tuple(self.observers)
         unedited = None
         for observer in observers:

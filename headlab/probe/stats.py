@@ -249,8 +249,10 @@ def reduce(
     causal: bool,
     alpha_pos: torch.Tensor | None,
     keep: torch.Tensor | None,
+    head_offset: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Tidy rows (example, tower, step, layer, head, stat, role, value) of one attention call."""
+    """Tidy rows (example, tower, step, layer, head, stat, role, value) of one attention call; the call's
+    heads are global heads head_offset, head_offset + 1, ... (a tensor-parallel rank's share)."""
     blocks: list[tuple[torch.Tensor, str, list[list[str]], torch.Tensor]] = []
     any_stat = next(t for t in (stats.mass, stats.entropy, stats.distance, stats.alpha) if t is not None)
     n_q = any_stat.shape[2]
@@ -304,10 +306,10 @@ def reduce(
         received = (stats.alpha * real).sum(2) / counts[:, None, :].clamp(min=1)
         labels = [[f"pos:{p}" for p in row] for row in alpha_pos.tolist()]
         blocks.append((received, "alpha", labels, (alpha_pos >= 0) & (counts > 0)))
-    return _rows(blocks, ctx, layer)
+    return _rows(blocks, ctx, layer, head_offset)
 
 
-def _rows(blocks, ctx: BatchContext, layer: int) -> dict[str, np.ndarray]:
+def _rows(blocks, ctx: BatchContext, layer: int, head_offset: int = 0) -> dict[str, np.ndarray]:
     cols: dict[str, list[np.ndarray]] = {
         k: [] for k in ("example", "step", "layer", "head", "stat", "role", "value")
     }
@@ -320,7 +322,7 @@ def _rows(blocks, ctx: BatchContext, layer: int) -> dict[str, np.ndarray]:
             [[labels[b][r] for r in range(n_r)] for b in range(batch)], dtype=object
         ).reshape(batch, n_r)
         cols["example"].append(np.asarray(ctx.examples)[b_idx])
-        cols["head"].append(h_idx)
+        cols["head"].append(h_idx + head_offset)
         cols["role"].append(label_arr[b_idx, r_idx])
         cols["value"].append(values[ok].numpy())
         cols["stat"].append(np.full(len(b_idx), stat, dtype=object))
