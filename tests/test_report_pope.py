@@ -279,7 +279,7 @@ def test_var_counts_agree_between_engines():
     from headlab.inputs import prepare
 
     lm = hl.load("zoo:llava")
-    prompt = answering.prompt_for(PopeQuestion(1, "x.png", "Is there a cup in the image?", "yes"))
+    prompt = answering.prompt_for(lm, PopeQuestion(1, "x.png", "Is there a cup in the image?", "yes"))
     inputs = prepare(lm, [prompt], [scenes.render(scenes.make_scenes(1)[0])])
     counts = {}
     for engine in ("fused", "reference"):

@@ -60,12 +60,17 @@ def capture(
     Exit code: 0 every line of the file is in the store under every condition; 1 some lines or pairs failed
     (listed) but the others are in the store; 2 nothing of the file is in the store, or an error stopped it
     first; 130 interrupted.
+
+    Data parallel: under `torchrun --nproc-per-node N -m headlab capture ...` (or `accelerate launch`) each
+    process captures its own slice of the file into the same store; rank 0 prints the summary of all of them
+    and exits with the code above (torchrun itself exits 1 when any process exits non-zero).
     """
     from headlab.conditions import DEFAULT, parse_conditions
     from headlab.datasets.prompts import read_prompts
     from headlab.loading import Family, load
-    from headlab.runs.batch import capture_to_store
-    from headlab.store import Store
+    from headlab.runs.batch import BatchReport, capture_to_store
+    from headlab.runs.distributed import process_group
+    from headlab.store.ids import kind_of
 
     attention_layers = _layers(attention)
     conditions = parse_conditions(condition or [DEFAULT])
@@ -74,20 +79,45 @@ def capture(
     if images is not None and not images.is_dir():
         raise InputError(f"--images {images} is not a folder")
     check_creatable(out, "--out")
-    lm = load(model)
-    vision = lm.family is Family.VIT
-    prompts = read_prompts(data, images_dir=images, need_images=vision, need_prompt=not vision)
-    store = Store.create(out, lm, exist_ok=True)
-    report = capture_to_store(
-        lm,
-        store,
-        prompts.items,
-        conditions=conditions,
-        towers=_towers(towers),
-        batch_size=batch_size,
-        attention_layers=attention_layers,
-    )
-    _capture_summary(report, prompts.problems, out, data, [c.name for c in conditions])
+    with process_group() as world:  # one process: nothing distributed happens
+        lm = load(model)
+        vision = lm.family is Family.VIT
+        prompts = read_prompts(data, images_dir=images, need_images=vision, need_prompt=not vision)
+        store = _shared_store(out, lm, world)
+        items = prompts.items
+        report = capture_to_store(
+            lm,
+            store,
+            world.shard(items),
+            conditions=conditions,
+            towers=_towers(towers),
+            batch_size=batch_size,
+            attention_layers=attention_layers,
+            progress=world.main,
+            id_kind=kind_of(items[0].id) if items else None,
+        )
+        report = BatchReport.merged(world.gather(report))  # also waits for every rank to finish
+    if world.main:
+        _capture_summary(report, prompts.problems, out, data, [c.name for c in conditions])
+
+
+def _shared_store(out: Path, lm, world):
+    """The store at `out` for `lm`: created by rank 0 (if missing) while the others wait, then opened by them
+    (never created: on a network filesystem another host may see the new manifest a few seconds late)."""
+    import time
+
+    from headlab.store import Store
+    from headlab.store.manifest import MANIFEST
+
+    if world.main:
+        store = Store.create(out, lm, exist_ok=True)
+    world.barrier()
+    if world.main:
+        return store
+    deadline = time.monotonic() + 60
+    while not (out / MANIFEST).is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return Store.open(out, lm)
 
 
 def _capture_summary(report, problems: list[str], out: Path, data: Path, conditions: list[str]) -> None:

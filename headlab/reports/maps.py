@@ -28,7 +28,7 @@ def image_maps(
     pick's label in the VHD store (for the browser)."""
     from headlab.runs.image_maps import attention_maps, pick_images
 
-    picks, notes = pick_images(split, n_images)
+    picks, notes = pick_images(lm, split, n_images)
     if not picks:
         return None, {}, notes
     vhd, vhd_notes = vhd_heatmap_data(lm, picks, out, answers or {})

@@ -165,11 +165,12 @@ def generate_answer(lm, prompt: str, image: Path, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def prompt_for(question: PopeQuestion) -> str:
-    """The LLaVA-1.5 conversation around a question."""
-    from headlab.models.llava import conversation
+def prompt_for(lm, question: PopeQuestion) -> str:
+    """The question in `lm`'s prompt format (`headlab.inputs.question_prompt`: its family's template, else its
+    processor's chat template)."""
+    from headlab.inputs import question_prompt
 
-    return conversation(question.text)
+    return question_prompt(lm, question.text)
 
 
 def answer_all(
@@ -228,7 +229,7 @@ def _answer_one(
 ) -> bool:
     """Answer `q` and log the answer (True), or list its failure (False)."""
     try:
-        text = generate_answer(lm, prompt_for(q), split.image_file(q), tokens)
+        text = generate_answer(lm, prompt_for(lm, q), split.image_file(q), tokens)
     except Exception as err:  # an item's failure is listed; only Ctrl-C stops the run
         run.failed.append(
             Failure(condition=condition, split=split.name, question_id=q.question_id, reason=reason(err))

@@ -23,6 +23,8 @@ Contract, per (item, condition) pair, the unit of work:
 - Ids are of one kind per store (`Store.id_kind`): an item whose id is of the other kind (for an empty store:
   of another kind than the first item's) fails alone, saying which kind the store holds.
 - Each batch that succeeds is one atomic shard of one condition, so a crash loses at most that batch.
+- Data parallel (`runs.distributed`): each rank runs this on its own slice of the input into the same store;
+  the store's lock makes the commits safe, and `BatchReport.merged` adds the ranks' reports up on rank 0.
 Options that cannot work (an unknown tower, a layer out of range, a condition the model cannot have) are one
 error before any work.
 """
@@ -54,6 +56,17 @@ class BatchReport:
     failed: list[str] = field(default_factory=list)  # "file:line: id X: reason", one per failed pair
     interrupted: bool = False
 
+    @classmethod
+    def merged(cls, reports: Sequence[BatchReport]) -> BatchReport:
+        """One report of a data-parallel run from its ranks' reports (in rank order): counts summed, failures
+        listed rank after rank, interrupted when any rank was."""
+        return cls(
+            done=sum(r.done for r in reports),
+            skipped=sum(r.skipped for r in reports),
+            failed=[line for r in reports for line in r.failed],
+            interrupted=any(r.interrupted for r in reports),
+        )
+
 
 @dataclass(frozen=True, kw_only=True)
 class _Plan:
@@ -75,6 +88,7 @@ def capture_to_store(
     attention_layers: Sequence[int] | None = (),
     head_outputs: bool = True,
     progress: bool = True,
+    id_kind: str | None = None,
 ) -> BatchReport:
     """Capture every not-yet-committed (item, condition) pair into `store`; returns what happened (module
     docstring).
@@ -82,7 +96,9 @@ def capture_to_store(
     conditions: names (`headlab.conditions`), or Condition objects for names of your own. towers: whose
     statistics and compact attention are recorded (None = every tower of the model). attention_layers:
     layers of those towers whose compact attention is stored (None = all, () = none). head_outputs: keep
-    the main tower's head outputs at the last position.
+    the main tower's head outputs at the last position. id_kind: the kind ("int" or "str") ids must be
+    of while the store holds none (default: the first pending item's); a data-parallel rank, which gets a
+    slice of the input (`runs.distributed`), passes the kind of the whole input's first item.
     """
     if batch_size < 1:
         raise InputError(f"the batch size must be at least 1, got {batch_size}")
@@ -92,7 +108,15 @@ def capture_to_store(
     report = BatchReport()
     for condition in parsed:
         run = _Run(
-            lm, store, condition, edits[condition.name], plan, report, batch_size, tagged=len(parsed) > 1
+            lm,
+            store,
+            condition,
+            edits[condition.name],
+            plan,
+            report,
+            batch_size,
+            tagged=len(parsed) > 1,
+            id_kind=id_kind,
         )
         if not run.run(items, progress):
             break
@@ -176,13 +200,25 @@ class _Run:
     to the shared report."""
 
     def __init__(
-        self, lm, store, condition: Condition, edits: tuple, plan: _Plan, report, batch_size, *, tagged
+        self,
+        lm,
+        store,
+        condition: Condition,
+        edits: tuple,
+        plan: _Plan,
+        report,
+        batch_size,
+        *,
+        tagged,
+        id_kind,
     ):
         self.lm, self.store, self.condition, self.edits, self.plan = lm, store, condition, edits, plan
         self.report: BatchReport = report
         self.batch_size = batch_size
         self.tagged = tagged  # several conditions: messages name this one
         self.bar: tqdm | None = None
+        # the ids' kind while the store holds none (None: the first item's)
+        self.id_kind: str | None = id_kind
 
     def run(self, items: Sequence[PromptItem], progress: bool) -> bool:
         """Capture every pending item under this condition; False when Ctrl-C stopped it."""
@@ -191,7 +227,7 @@ class _Run:
         todo = [it for it in items if it.id not in done]
         self.report.skipped += len(items) - len(todo)
         self.bar = tqdm(total=len(todo), desc=f"capture [{name}]", unit="ex", disable=not progress)
-        kind = self.store.id_kind or (kind_of(todo[0].id) if todo else None)
+        kind = self.store.id_kind or self.id_kind or (kind_of(todo[0].id) if todo else None)
         pending: dict[bool, list[_Loaded]] = {True: [], False: []}  # with pixels / text only
         try:
             for item in todo:
@@ -268,7 +304,7 @@ class _Run:
             )
             # the probe records compact attention of one tower per block: one more block per other tower
             more = [stack.enter_context(capture(self.lm, stats=None, compact=s)) for s in plan.compact[1:]]
-            self.lm.model(**inputs)
+            self.lm.run(inputs)  # a text-only input to BLIP-2 runs its language model
         for other in more:
             rec.compact.extend(other.compact)
         return rec, self._infos(batch, example_tokens(self.lm, inputs))

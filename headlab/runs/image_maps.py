@@ -39,7 +39,7 @@ class Pick:
     question: PopeQuestion | None = None  # the question the prompt is (its label; its answers in the log)
 
 
-def pick_images(split: Split, n_images: int) -> tuple[list[Pick], list[str]]:
+def pick_images(lm, split: Split, n_images: int) -> tuple[list[Pick], list[str]]:
     """The first `n_images` distinct images of `split` that open, as picks, and notes on those left out."""
     from headlab.inputs import open_image
 
@@ -58,8 +58,8 @@ def pick_images(split: Split, n_images: int) -> tuple[list[Pick], list[str]]:
             continue
         picks.append(
             Pick(
-                key={"image": str(path), "prompt": prompt_for(q)},
-                prompt=prompt_for(q),
+                key={"image": str(path), "prompt": prompt_for(lm, q)},
+                prompt=prompt_for(lm, q),
                 image=image,
                 question=q,
             )
