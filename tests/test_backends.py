@@ -79,4 +79,3 @@ def test_nnsight_with_a_weightless_description_and_the_model_to_trace(tmp_path):
     sdpa = tf.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
     with pytest.raises(hl.UnsupportedModelError, match="no attention weights"):
         capture_nnsight(lm, inputs, model=NNsight(sdpa))
-
