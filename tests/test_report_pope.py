@@ -94,7 +94,7 @@ def test_problems_escaping_and_interrupt(default_run, tmp_path, monkeypatch):
     args = ["report", "pope", "--out", str(out), "--data", str(data), "--images", str(images)]
     args += ["--interventions", "vhr", "--vhd-images", "0"]
 
-    real, calls = answering.generate_answer, []
+    real, calls = answering.generate_answers, []
 
     def flaky(*a, **k):
         calls.append(1)
@@ -102,13 +102,13 @@ def test_problems_escaping_and_interrupt(default_run, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(answering, "generate_answer", flaky)
+    monkeypatch.setattr(answering, "generate_answers", flaky)
     result = runner.invoke(app, args)
     assert result.exit_code == 130, result.output
     assert len(_answers(out / "answers.jsonl")) == 2  # what was done is kept
     assert json.loads((out / "report.json").read_text())["interrupted"] is True
 
-    monkeypatch.setattr(answering, "generate_answer", real)
+    monkeypatch.setattr(answering, "generate_answers", real)
     with open(out / "answers.jsonl", "a") as f:
         f.write("garbage\n")
     result = runner.invoke(app, args)
@@ -288,3 +288,24 @@ def test_var_counts_agree_between_engines():
             counts[engine] = runner.patches[0].take()
     assert counts["fused"] == counts["reference"]
     assert counts["fused"].rows > 0 and counts["fused"].prefills == 1 and counts["fused"].width == 64
+
+
+def test_batched_answers_equal_batch_one(tmp_path):
+    """`--batch-size 8`: the questions of a split are answered 8 at a time (left-padded, VHR's selection and
+    VAR's rules per row), with the same answers as batch 1 under every condition, and VAR's counts still
+    one record per answer, equal to batch 1's."""
+    runs = {}
+    for batch in (1, 8):
+        out = tmp_path / f"batch{batch}"
+        args = ["report", "pope", "--out", str(out), "--n", "10", "--vhd-images", "0", "--var-tau", "1"]
+        result = runner.invoke(app, [*args, "--batch-size", str(batch)])
+        assert result.exit_code == 0, result.output
+        answers = {
+            (a["condition"], a["split"], a["question_id"]): a["answer"]
+            for a in _answers(out / "answers.jsonl")
+        }
+        var = json.loads((out / "report.json").read_text())["var"]
+        runs[batch] = answers, var
+    assert len(runs[1][0]) == 3 * 3 * 10  # conditions x splits x questions
+    assert runs[8][0] == runs[1][0]
+    assert runs[8][1] == runs[1][1] and runs[1][1]["observed"] == 30  # one VAR record per answer

@@ -111,6 +111,23 @@ class SinkCounts:
     visual_sinks: dict[int, int] = field(default_factory=dict)
     max_phi: dict[int, float] = field(default_factory=dict)
 
+    @classmethod
+    def merged(cls, parts: Sequence[SinkCounts]) -> SinkCounts:
+        """The counts of several rows (or passes) together."""
+        out = cls(
+            prefills=sum(p.prefills for p in parts),
+            rows=sum(p.rows for p in parts),
+            width=max((p.width for p in parts), default=0),
+        )
+        for p in parts:
+            for layer, n in p.sinks.items():
+                out.sinks[layer] = out.sinks.get(layer, 0) + n
+            for layer, n in p.visual_sinks.items():
+                out.visual_sinks[layer] = out.visual_sinks.get(layer, 0) + n
+            for layer, phi in p.max_phi.items():
+                out.max_phi[layer] = max(out.max_phi.get(layer, 0.0), phi)
+        return out
+
     def add_prefill(self, layer: int, phi: torch.Tensor, sink: torch.Tensor, image: torch.Tensor) -> None:
         """One layer input of a prefill: its valid tokens' phi, sink flags and image flags (bool, [n])."""
         self.sinks[layer] = self.sinks.get(layer, 0) + int(sink.sum())
@@ -125,21 +142,41 @@ class VARPatch(Patch):
         self.dims = tuple(spec.dims) if spec.dims is not None else None
         self.sinks: dict[int, list[torch.Tensor]] = {}  # layer -> per example: bool [n_tokens] (prefill)
         self.keep = spec.p if spec.p_means == "kept" else 1.0 - spec.p
-        self.counts = SinkCounts()  # read-only counters (module docstring), since the last take()
-        self._rows: torch.Tensor | None = None  # redistributed rows, summed on the device until take()
+        # read-only counters (module docstring) since the last take, per batch row of the passes seen
+        self.counts: list[SinkCounts] = []
+        self._rows: torch.Tensor | None = None  # [batch] redistributed rows, summed on the device until taken
 
     def take(self) -> SinkCounts:
-        """The counts since the last `take()` (or the bind), and start counting again."""
-        counts, self.counts = self.counts, SinkCounts()
+        """The counts since the last take (or the bind), every batch row together; start counting again."""
+        return SinkCounts.merged(self.take_rows())
+
+    def take_rows(self) -> list[SinkCounts]:
+        """The counts since the last take (or the bind), one per batch row (row b of every pass: e.g. one
+        per question of a batch answered together); start counting again."""
+        counts, self.counts = self.counts, []
         if self._rows is not None:
-            counts.rows += int(self._rows)
+            for c, n in zip(counts, self._rows.tolist(), strict=False):
+                c.rows += int(n)
             self._rows = None
         return counts
 
+    def _row(self, b: int) -> SinkCounts:
+        while len(self.counts) <= b:
+            self.counts.append(SinkCounts())
+        return self.counts[b]
+
     def count_rows(self, selected: torch.Tensor) -> None:
-        """Add the rows an edit selected (bool [b, h, q]) to the counts, without a device sync."""
-        n = selected.sum()
-        self._rows = n if self._rows is None else self._rows + n.to(self._rows.device)
+        """Add the rows an edit selected (bool [b, h, q]) to each batch row's counts, without a device sync."""
+        n = selected.flatten(1).sum(1)
+        if self._rows is not None and len(self._rows) < len(n):
+            self._rows = torch.nn.functional.pad(self._rows, (0, len(n) - len(self._rows)))
+        if self._rows is None:
+            self._rows = n
+        else:
+            self._rows = self._rows.to(n.device)
+            self._rows[: len(n)] += n
+        for b in range(len(n)):
+            self._row(b)
 
     def touches(self, tower: str, layer: int) -> bool:
         return tower == "lm" and layer in self.layers
@@ -165,13 +202,14 @@ class VARPatch(Patch):
         phi = sink_scores(hidden, self.dims).cpu()  # [b, n]
         valid = ctx.key_valid[:, -hidden.shape[1] :].cpu()
         self.sinks[layer] = [phi[b][valid[b]] > self.spec.tau for b in range(hidden.shape[0])]
-        self.counts.prefills += layer == self.layers[0]
-        self.counts.width = hidden.shape[-1]
         for b, roles in enumerate(ctx.roles):
+            counts = self._row(b)
+            counts.prefills += layer == self.layers[0]
+            counts.width = hidden.shape[-1]
             image = torch.zeros(len(self.sinks[layer][b]), dtype=torch.bool)
             if "image" in roles.present():
                 image[[p for p in roles.positions("image") if p < len(image)]] = True
-            self.counts.add_prefill(layer, phi[b][valid[b]], self.sinks[layer][b], image)
+            counts.add_prefill(layer, phi[b][valid[b]], self.sinks[layer][b], image)
 
     def edits(self, call: AttentionCall) -> list[GroupEdit]:
         sinks = self.sinks.get(call.layer)

@@ -32,6 +32,7 @@ from headlab.datasets.records import read_records
 from headlab.errors import InputError
 from headlab.ids import example_id
 from headlab.reports.benchmark import (
+    BATCH_SIZE,
     GEN_TOKENS,
     IMAGES,
     INTERVENTIONS,
@@ -360,6 +361,7 @@ def amber_report(
     max_new_tokens: int = 4,
     gen_tokens: int = 16,
     var_tau: float = 20.0,
+    batch_size: int = 1,
     progress: Progress | None = None,
 ) -> ReportResult:
     """Answer, score and write the AMBER report; `n` = first N queries of each kind; `model` as in
@@ -373,6 +375,7 @@ def amber_report(
         max_new_tokens=max_new_tokens,
         gen_tokens=gen_tokens,
         var_tau=var_tau,
+        batch_size=batch_size,
     )
     data = Path(data) if data is not None else synthetic_data(out / "data", write_amber_benchmark)
     files, annotation_problems = _amber_files(data)
@@ -386,7 +389,9 @@ def amber_report(
         ),
     }
     groups = [([splits[AMBER_GEN]], gen_tokens), ([splits[AMBER_DIS]], max_new_tokens)]
-    ans = answer(out, model, "AMBER", conditions, groups, var_tau=var_tau, progress=progress)
+    ans = answer(
+        out, model, "AMBER", conditions, groups, var_tau=var_tau, progress=progress, batch_size=batch_size
+    )
     report = build_amber_report(
         ans,
         data,
@@ -427,6 +432,7 @@ REPORT = Report(
         replace(MAX_NEW_TOKENS, help="greedy tokens per yes/no answer"),
         GEN_TOKENS,
         VAR_TAU,
+        BATCH_SIZE,
     ),
     run=amber_report,
     summary=summary,

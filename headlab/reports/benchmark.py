@@ -100,6 +100,12 @@ MAX_NEW_TOKENS = ReportOption(
 )
 GEN_TOKENS = replace(MAX_NEW_TOKENS, name="gen_tokens", help="greedy tokens per description")
 VAR_TAU = ReportOption(name="var_tau", type=float, gt=0, help="VAR's sink threshold tau (paper: 20)")
+BATCH_SIZE = ReportOption(
+    name="batch_size",
+    type=int,
+    ge=1,
+    help="questions answered together in one generate call (left-padded; answers as at batch 1)",
+)
 
 
 # -------------------------------------------------------------------------------------------- answering
@@ -159,6 +165,7 @@ def answer(
     *,
     var_tau: float,
     progress: Progress | None,
+    batch_size: int = 1,
 ) -> Answered:
     """Load the report's model (refused unless an LVLM; `model` None: the answer log's, else zoo:llava),
     open `out/answers.jsonl`, and answer each group of splits with its number of tokens, in order, until one
@@ -177,7 +184,14 @@ def answer(
         if run.interrupted:
             break
         more = answer_all(
-            lm, splits, conditions, log, max_new_tokens=tokens, var_tau=var_tau, progress=progress
+            lm,
+            splits,
+            conditions,
+            log,
+            max_new_tokens=tokens,
+            var_tau=var_tau,
+            batch_size=batch_size,
+            progress=progress,
         )
         run = run.then(more)
     records, notes = ([], [])

@@ -34,6 +34,7 @@ from headlab.datasets.records import read_records
 from headlab.errors import InputError
 from headlab.ids import example_id
 from headlab.reports.benchmark import (
+    BATCH_SIZE,
     BOOTSTRAP,
     GEN_TOKENS,
     IMAGES,
@@ -238,15 +239,32 @@ def chair_report(
     n: int | None = None,
     gen_tokens: int = 16,
     var_tau: float = 20.0,
+    batch_size: int = 1,
     progress: Progress | None = None,
 ) -> ReportResult:
     """Describe, score and write the CHAIR report; `n` = the first N images; `model` as in `pope_report`."""
     out, conditions = begin(
-        REPORT, out, conditions, images=images, n=n, gen_tokens=gen_tokens, var_tau=var_tau
+        REPORT,
+        out,
+        conditions,
+        images=images,
+        n=n,
+        gen_tokens=gen_tokens,
+        var_tau=var_tau,
+        batch_size=batch_size,
     )
     data = Path(data) if data is not None else synthetic_data(out / "data", write_chair_benchmark)
     split, vocab, truth = load_chair_split(data, images, n)
-    ans = answer(out, model, "CHAIR", conditions, [([split], gen_tokens)], var_tau=var_tau, progress=progress)
+    ans = answer(
+        out,
+        model,
+        "CHAIR",
+        conditions,
+        [([split], gen_tokens)],
+        var_tau=var_tau,
+        progress=progress,
+        batch_size=batch_size,
+    )
     report = build_chair_report(ans, split, vocab, truth, gen_tokens=gen_tokens)
     return ReportResult(write_report_files(out, report, document(report)), report, ans.run)
 
@@ -271,6 +289,7 @@ REPORT = Report(
         ReportOption(name="n", type=int, ge=1, help="first N images (default: all)"),
         GEN_TOKENS,
         VAR_TAU,
+        BATCH_SIZE,
     ),
     run=chair_report,
     summary=summary,

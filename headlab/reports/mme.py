@@ -34,6 +34,7 @@ from headlab.datasets.mme import (
 from headlab.datasets.pope import PopeQuestion
 from headlab.errors import InputError
 from headlab.reports.benchmark import (
+    BATCH_SIZE,
     IMAGES,
     INTERVENTIONS,
     MAX_NEW_TOKENS,
@@ -257,11 +258,19 @@ def mme_report(
     n: int | None = None,
     max_new_tokens: int = 4,
     var_tau: float = 20.0,
+    batch_size: int = 1,
     progress: Progress | None = None,
 ) -> ReportResult:
     """Answer, score and write the MME report (see the module docstring); `model` as in `pope_report`."""
     out, conditions = begin(
-        REPORT, out, conditions, images=images, n=n, max_new_tokens=max_new_tokens, var_tau=var_tau
+        REPORT,
+        out,
+        conditions,
+        images=images,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        var_tau=var_tau,
+        batch_size=batch_size,
     )
     if not data:
         data = [synthetic_data(out / "data", write_mme_benchmark) / "existence.txt"]
@@ -270,7 +279,14 @@ def mme_report(
         raise InputError("two MME files share a subtask name; give each subtask its own <subtask>.txt")
     splits = [load_mme_questions(p, images, n) for p in paths]
     ans = answer(
-        out, model, "MME", conditions, [(splits, max_new_tokens)], var_tau=var_tau, progress=progress
+        out,
+        model,
+        "MME",
+        conditions,
+        [(splits, max_new_tokens)],
+        var_tau=var_tau,
+        progress=progress,
+        batch_size=batch_size,
     )
     report = build_mme_report(ans, splits, out, max_new_tokens=max_new_tokens, n_images_per_subtask=n)
     doc = document(report, flipped_thumbnails(splits, report["subtasks"]))
@@ -298,6 +314,7 @@ REPORT = Report(
         ReportOption(name="n", type=int, ge=1, help="first N images per subtask (default: all)"),
         MAX_NEW_TOKENS,
         VAR_TAU,
+        BATCH_SIZE,
     ),
     run=mme_report,
     summary=summary,

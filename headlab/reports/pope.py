@@ -21,6 +21,7 @@ from pathlib import Path
 from headlab.datasets.pope import PopeFile, PopeQuestion, load_pope, parse_answer, score_pope
 from headlab.errors import InputError
 from headlab.reports.benchmark import (
+    BATCH_SIZE,
     IMAGES,
     INTERVENTIONS,
     MAX_NEW_TOKENS,
@@ -160,6 +161,7 @@ def pope_report(
     n: int | None = None,
     max_new_tokens: int = 4,
     var_tau: float = 20.0,
+    batch_size: int = 1,
     vhd_images: int = 4,
     progress: Progress | None = None,
 ) -> ReportResult:
@@ -175,6 +177,7 @@ def pope_report(
         n=n,
         max_new_tokens=max_new_tokens,
         var_tau=var_tau,
+        batch_size=batch_size,
         vhd_images=vhd_images,
     )
     if not data:
@@ -182,7 +185,14 @@ def pope_report(
         data = [folder / f"pope_{s}.json" for s in ("random", "popular", "adversarial")]
     splits = load_splits(data, images, n)
     ans = answer(
-        out, model, "POPE", conditions, [(splits, max_new_tokens)], var_tau=var_tau, progress=progress
+        out,
+        model,
+        "POPE",
+        conditions,
+        [(splits, max_new_tokens)],
+        var_tau=var_tau,
+        progress=progress,
+        batch_size=batch_size,
     )
     vhd, maps, notes = None, {}, []
     if vhd_images > 0 and splits and not ans.run.interrupted:
@@ -224,6 +234,7 @@ REPORT = Report(
         ReportOption(name="n", type=int, ge=1, help="first N questions per split (default: all)"),
         MAX_NEW_TOKENS,
         VAR_TAU,
+        BATCH_SIZE,
         ReportOption(
             name="vhd_images",
             type=int,

@@ -3,7 +3,12 @@ model to every question of a few question files, under each intervention conditi
 
 Conditions: "none" (the plain model), "vhr" (`VHR()`, paper defaults) and "var" (`VAR(tau=...)`; models
 whose default VAR range 2..L-2 is empty, i.e. with at most 3 language layers, get layers (0, 1) and the
-note says so). Prompts use the LLaVA-1.5 format around the question text.
+note says so). Prompts are the model's own format around the question text (`inputs.question_prompt`).
+
+Batches (`answer_all(batch_size=N)`): N questions are answered by one `generate` call, left-padded, each
+row under its own intervention state: VHR selects each example's heads from that example alone and VAR's
+rules act per row, so the answers are those of batch 1 up to floating-point rounding (tested equal on the
+zoo LLaVA); VAR's counts are kept per row, so every answer still has its own `VarSeen`.
 
 Rules (`answer_all`):
 - answers go to the `runs.answers.AnswerLog` as they come, so a rerun skips what is there and Ctrl-C keeps
@@ -152,17 +157,25 @@ class AnswerRun:
         return out
 
 
-def generate_answer(lm, prompt: str, image: Path, max_new_tokens: int) -> str:
-    """The greedy continuation (at most `max_new_tokens` tokens) of one prompt with its image, as text."""
+def generate_answers(lm, prompts: Sequence[str], images: Sequence, max_new_tokens: int) -> list[str]:
+    """The greedy continuations (at most `max_new_tokens` tokens) of prompts with their images (paths or
+    PIL images), generated together in one left-padded batch, as text."""
     import torch
 
     from headlab.inputs import prepare
 
-    inputs = prepare(lm, [prompt], [image])
-    with torch.no_grad():
-        out = lm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     tokenizer = getattr(lm.processor, "tokenizer", None) or lm.tokenizer
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues every row's end
+    try:
+        inputs = prepare(lm, list(prompts), list(images))
+    finally:
+        tokenizer.padding_side = side
+    with torch.no_grad():
+        out = lm.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    n = inputs["input_ids"].shape[1]
+    return [tokenizer.decode(row[n:], skip_special_tokens=True).strip() for row in out]
 
 
 def prompt_for(lm, question: PopeQuestion) -> str:
@@ -181,10 +194,14 @@ def answer_all(
     *,
     max_new_tokens: int = 4,
     var_tau: float = 20.0,
+    batch_size: int = 1,
     progress: Progress | None = None,
 ) -> AnswerRun:
-    """Answer every question not yet in `log`, per condition and split; a failing question is listed in
-    `failed` and the others go on; Ctrl-C stops with `interrupted`."""
+    """Answer every question not yet in `log`, per condition and split, `batch_size` questions at a time
+    (module docstring); a failing question is listed in `failed` and the others go on; Ctrl-C stops with
+    `interrupted`."""
+    if batch_size < 1:
+        raise InputError(f"the batch size must be at least 1, got {batch_size}")
     from headlab.interventions import intervene
 
     run, start = AnswerRun(), time.perf_counter()
@@ -201,15 +218,9 @@ def answer_all(
                 tick = progress(f"{condition} / {split.name}", len(todo)) if progress else None
                 scope = intervene(lm, *interventions) if interventions else contextlib.nullcontext()
                 with scope as runner:
-                    var = _var_patch(runner)
-                    for q in todo:
-                        answered = _answer_one(lm, split, q, condition, log, run, max_new_tokens)
-                        if var is not None:
-                            counts = var.take()
-                            if answered:
-                                run.var_seen.append(VarSeen.of(split.name, q.question_id, var.layers, counts))
-                        if tick:
-                            tick()
+                    asking = _Asking(lm, split, condition, log, run, max_new_tokens, _var_patch(runner), tick)
+                    for start in range(0, len(todo), batch_size):
+                        asking.batch(todo[start : start + batch_size])
     except KeyboardInterrupt:
         run.interrupted = True
     run.seconds = time.perf_counter() - start
@@ -224,20 +235,66 @@ def _var_patch(runner):
     return next((p for p in patches if isinstance(p, VARPatch)), None)
 
 
-def _answer_one(
-    lm, split: Split, q: PopeQuestion, condition: str, log: AnswerLog, run: AnswerRun, tokens
-) -> bool:
-    """Answer `q` and log the answer (True), or list its failure (False)."""
-    try:
-        text = generate_answer(lm, prompt_for(lm, q), split.image_file(q), tokens)
-    except Exception as err:  # an item's failure is listed; only Ctrl-C stops the run
-        run.failed.append(
-            Failure(condition=condition, split=split.name, question_id=q.question_id, reason=reason(err))
+@dataclass
+class _Asking:
+    """Answering the questions of one split under one condition, a batch at a time."""
+
+    lm: object
+    split: Split
+    condition: str
+    log: AnswerLog
+    run: AnswerRun
+    tokens: int
+    var: object  # the bound VARPatch, whose counts are read per batch row, or None
+    tick: object  # progress callback, one call per question, or None
+
+    def batch(self, questions: Sequence[PopeQuestion]) -> None:
+        """Answer `questions` in one generate call and log each answer; a question whose image or prompt
+        fails is listed alone, and a batch whose generation fails is answered again one question at a time,
+        so one bad question never takes another with it."""
+        from headlab.inputs import open_image
+
+        ready = []
+        for q in questions:
+            try:
+                ready.append((q, prompt_for(self.lm, q), open_image(self.split.image_file(q))))
+            except Exception as err:  # the question's own input: listed, the others go on
+                self._failed(q, err)
+        if not ready:
+            return
+        try:
+            texts = generate_answers(self.lm, [p for _, p, _ in ready], [i for _, _, i in ready], self.tokens)
+        except Exception as err:  # only Ctrl-C stops the run
+            self._taken_rows()  # a failed generation's counts belong to no answer
+            if len(ready) == 1:
+                self._failed(ready[0][0], err)
+            else:
+                for q, _, _ in ready:
+                    self.batch([q])
+            return
+        rows = self._taken_rows()
+        for i, ((q, _, _), text) in enumerate(zip(ready, texts, strict=True)):
+            self.log.append(self.condition, self.split.name, q.question_id, text)
+            self.run.done += 1
+            if rows is not None:
+                from headlab.interventions.var import SinkCounts
+
+                counts = rows[i] if i < len(rows) else SinkCounts()  # a row VAR never saw: nothing counted
+                self.run.var_seen.append(VarSeen.of(self.split.name, q.question_id, self.var.layers, counts))
+            if self.tick:
+                self.tick()
+
+    def _taken_rows(self):
+        return None if self.var is None else self.var.take_rows()
+
+    def _failed(self, q: PopeQuestion, err: Exception) -> None:
+        self.run.failed.append(
+            Failure(
+                condition=self.condition, split=self.split.name, question_id=q.question_id, reason=reason(err)
+            )
         )
-        return False
-    log.append(condition, split.name, q.question_id, text)
-    run.done += 1
-    return True
+        if self.tick:
+            self.tick()
 
 
 def outcome(
