@@ -1,5 +1,6 @@
-"""Data-parallel capture (`runs.distributed`): the slices, `torchrun -m headlab capture` on 2 CPU processes (gloo)
-against one process, a killed rank resumed, and several writers contending for one store's lock."""
+"""Data parallelism (`runs.distributed`): the slices, `torchrun -m headlab capture` and `torchrun -m headlab
+report pope` on 2 CPU processes (gloo) against one process, a killed rank resumed, and several writers
+contending for one store's lock."""
 
 from __future__ import annotations
 
@@ -159,6 +160,26 @@ def test_accelerate_launch_runs_the_same_capture(model_dirs, tmp_path):
     assert run.stdout.count("captured") == 1 and f"{N} captured" in run.stdout
     store = Store.open(out)
     assert len(store.manifest["runs"]) == 2 and len(store.examples()) == N and store.verify().ok
+
+
+@pytest.mark.slow
+def test_torchrun_report_equals_one_process(tmp_path):
+    """`torchrun -m headlab report pope`: each rank answers its slice into the one answer log, rank 0 writes
+    the report; every answer once, and the numbers (VAR's counts included) equal one process's."""
+    args = ["report", "pope", "--first", "4", "--vhd-images", "0", "--var-tau", "1", "--batch-size", "2"]
+    run = _torchrun(*args, "--out", str(tmp_path / "two"))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert run.stdout.count("report: ") == 1  # rank 0 alone prints the summary
+    one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    two_report, one_report = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("two", "one"))
+    assert two_report["outcome"] == one_report["outcome"] and two_report["outcome"]["answered"] == 36
+    assert two_report["var"] == one_report["var"]
+    for split, entry in one_report["splits"].items():
+        assert two_report["splits"][split]["metrics"] == entry["metrics"]
+    lines = (tmp_path / "two" / "answers.jsonl").read_text().splitlines()[1:]
+    keys = [(r["condition"], r["split"], r["question_id"]) for r in map(json.loads, lines)]
+    assert len(keys) == len(set(keys)) == 36  # 3 conditions x 3 splits x 4 questions, each once
 
 
 def _free_port() -> int:

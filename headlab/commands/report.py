@@ -4,6 +4,8 @@ A generated command takes the report's options (their flags, types, defaults and
 turns them into the pipeline's keywords (`Report.call`), runs the pipeline with progress bars, prints the
 report's summary lines, the report's path last, and exits with the run's outcome (`runs.outcome.Outcome`):
 0 complete, 1 partial (listed in the report), 2 nothing answered, 130 interrupted (rerun to resume).
+Under `torchrun --nproc-per-node N -m headlab report NAME ...` each process answers its slice of the
+questions into the one answer log, and rank 0 writes the report from all of them (`runs.distributed`).
 """
 
 from __future__ import annotations
@@ -31,10 +33,15 @@ def command(report) -> Callable[..., None]:
     """The command function of `report`: its signature is the report's options (typer reads it)."""
 
     def run(**values) -> None:
+        from headlab.runs.distributed import NotMainRank, process_group
+
         out = values["out"]
         keywords = report.call(values)
-        with _progress(report.unit) as progress:
-            result = report.run(**keywords, progress=progress)
+        with process_group() as world, _progress(report.unit, shown=world.main) as progress:
+            try:
+                result = report.run(**keywords, progress=progress)
+            except NotMainRank:  # a data-parallel rank's share is in the log; rank 0 writes the report
+                return
         for line in report.summary(result, out):
             console.print(escape(line))
         _done(result.html, result.report["outcome"])
@@ -46,14 +53,15 @@ def command(report) -> Callable[..., None]:
 
 
 @contextmanager
-def _progress(unit: str):
-    """A reports-style progress callback (description, total) -> tick; its bars close on exit."""
+def _progress(unit: str, *, shown: bool = True):
+    """A reports-style progress callback (description, total) -> tick; its bars close on exit (`shown`
+    False: bars that print nothing, on a data-parallel rank other than 0)."""
     from tqdm import tqdm
 
     bars = []
 
     def progress(desc: str, total: int):
-        bar = tqdm(total=total, desc=desc, unit=unit)
+        bar = tqdm(total=total, desc=desc, unit=unit, disable=not shown)
         bars.append(bar)
 
         def tick() -> None:

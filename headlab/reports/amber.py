@@ -428,7 +428,9 @@ REPORT = Report(
         ),
         replace(IMAGES, help="image folder (default: DATA/image)"),
         INTERVENTIONS,
-        ReportOption(name="n", type=int, ge=1, help="first N queries of each kind (default: all)"),
+        ReportOption(
+            name="n", type=int, ge=1, aliases=("--first",), help="first N queries of each kind (default: all)"
+        ),
         replace(MAX_NEW_TOKENS, help="greedy tokens per yes/no answer"),
         GEN_TOKENS,
         VAR_TAU,

@@ -30,6 +30,7 @@ from headlab.reports import registry
 from headlab.reports.document import Document, Thumbnail
 from headlab.reports.output import fmt
 from headlab.reports.registry import Report, ReportOption, ReportResult
+from headlab.runs import distributed
 from headlab.runs.answering import CONDITIONS, AnswerRun, Split, answer_all, condition_interventions, outcome
 from headlab.runs.answers import ANSWERS, AnswerLog, ModelIdentity, load_report_model
 from headlab.runs.outcome import Progress
@@ -178,7 +179,8 @@ def answer(
         raise InputError(
             f"{what} needs a vision-language model; {identity.given} is a {lm.family.value} model"
         )
-    log = AnswerLog(out / ANSWERS, identity)
+    world = distributed.current()
+    log = _shared_log(out / ANSWERS, identity, world)
     run = AnswerRun()
     for splits, tokens in groups:
         if run.interrupted:
@@ -192,8 +194,14 @@ def answer(
             var_tau=var_tau,
             batch_size=batch_size,
             progress=progress,
+            world=world if world.distributed else None,
         )
         run = run.then(more)
+    if world.distributed:  # every rank's answers are in the log: rank 0 reads them all and writes the report
+        run = AnswerRun.merged(world.gather(run))
+        if not world.main:
+            raise distributed.NotMainRank
+        log = AnswerLog(out / ANSWERS, identity)
     records, notes = ([], [])
     if "var" in conditions:
         records, notes = var_sinks.update(out, identity, var_tau, run.var_seen)
@@ -208,6 +216,19 @@ def answer(
         var_records=records,
         var_notes=notes,
     )
+
+
+def _shared_log(path: Path, identity, world) -> AnswerLog:
+    """The answer log, opened by every rank of a data-parallel run before any rank appends: rank 0 first
+    (creating it, or repairing a line a killed run left half written), then the others."""
+    if not world.distributed:
+        return AnswerLog(path, identity)
+    log = AnswerLog(path, identity) if world.main else None
+    world.barrier()
+    if not world.main:
+        log = AnswerLog(path, identity)
+    world.barrier()
+    return log
 
 
 # ----------------------------------------------------------------------------------------------- numbers

@@ -286,7 +286,7 @@ REPORT = Report(
         ),
         replace(IMAGES, help="image folder (default: DATA/images)"),
         INTERVENTIONS,
-        ReportOption(name="n", type=int, ge=1, help="first N images (default: all)"),
+        ReportOption(name="n", type=int, ge=1, aliases=("--first",), help="first N images (default: all)"),
         GEN_TOKENS,
         VAR_TAU,
         BATCH_SIZE,

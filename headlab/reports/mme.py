@@ -311,7 +311,9 @@ REPORT = Report(
         ),
         IMAGES,
         INTERVENTIONS,
-        ReportOption(name="n", type=int, ge=1, help="first N images per subtask (default: all)"),
+        ReportOption(
+            name="n", type=int, ge=1, aliases=("--first",), help="first N images per subtask (default: all)"
+        ),
         MAX_NEW_TOKENS,
         VAR_TAU,
         BATCH_SIZE,

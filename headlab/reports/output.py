@@ -62,7 +62,12 @@ def synthetic_data(folder: Path, write: Callable[[Path], object]) -> Path:
     tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+            # another process (a data-parallel rank) made the same folder meanwhile: theirs is kept
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

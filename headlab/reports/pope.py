@@ -231,7 +231,9 @@ REPORT = Report(
         ),
         IMAGES,
         INTERVENTIONS,
-        ReportOption(name="n", type=int, ge=1, help="first N questions per split (default: all)"),
+        ReportOption(
+            name="n", type=int, ge=1, aliases=("--first",), help="first N questions per split (default: all)"
+        ),
         MAX_NEW_TOKENS,
         VAR_TAU,
         BATCH_SIZE,

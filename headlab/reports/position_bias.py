@@ -184,7 +184,13 @@ REPORT = Report(
     options=(
         out_option("position_cache.json, report.json/.md/.html"),
         MODEL,
-        ReportOption(name="n", type=int, ge=1, help="examples per gold position and judge examples"),
+        ReportOption(
+            name="n",
+            type=int,
+            ge=1,
+            aliases=("--first",),
+            help="examples per gold position and judge examples",
+        ),
         ReportOption(
             name="k",
             type=int,

@@ -40,10 +40,11 @@ _FROM_RUN = object()  # a default read from the pipeline's signature
 @dataclass(frozen=True, kw_only=True)
 class ReportOption:
     """One option of a report: `--name` on the command line (underscores as dashes), `dest` (default: `name`)
-    in the pipeline. `type` is int, float, str or Path; `many` makes it repeatable. Numbers may be bounded by
-    `ge` / `gt`; `rule` says the range in words for errors (default "at least GE" / "a positive number") and
-    `label` names the option there (default the flag). `folder` is "out" for the report folder and "in" for
-    an input folder that must exist."""
+        in the pipeline. `type` is int, float, str or Path; `many` makes it repeatable. Numbers may be bounded by
+        `ge` / `gt`; `rule` says the range in words for errors (default "at least GE" / "a positive number") and
+        `label` names the option there (default the flag). `folder` is "out" for the report folder and "in" for
+        an input folder that must exist. `aliases`: more flags for it (`--n` is also `--first`, which torchrun's
+    own parser does not take for an ambiguous abbreviation of its options)."""
 
     name: str
     type: type
@@ -57,6 +58,7 @@ class ReportOption:
     folder: str = ""
     dest: str = ""
     convert: Callable[[object], object] | None = None
+    aliases: tuple[str, ...] = ()  # more spellings of the flag
 
     def __post_init__(self) -> None:
         if self.type not in (int, float, str, Path):
@@ -152,7 +154,10 @@ class Report:
             elif default is _FROM_RUN:
                 default = defaults[option.keyword].default
             kind = list[option.type] if option.many else option.type
-            annotation = Annotated[kind | None if default is None else kind, typer.Option(help=option.help)]
+            flags = (option.flag, *option.aliases) if option.aliases else ()
+            annotation = Annotated[
+                kind | None if default is None else kind, typer.Option(*flags, help=option.help)
+            ]
             params.append(
                 inspect.Parameter(
                     option.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation

@@ -257,6 +257,7 @@ REPORT = Report(
             name="n",
             type=int,
             ge=1,
+            aliases=("--first",),
             help="prompts per synthetic task (default 8), or the first N of --data",
         ),
         ReportOption(name="batch_size", type=int, ge=1, label="batch size", help="prompts per forward pass"),

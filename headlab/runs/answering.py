@@ -148,6 +148,18 @@ class AnswerRun:
             self.var_seen + more.var_seen,
         )
 
+    @classmethod
+    def merged(cls, runs: Sequence[AnswerRun]) -> AnswerRun:
+        """One run of a data-parallel report from its ranks' runs (in rank order; the slowest's seconds)."""
+        return cls(
+            done=sum(r.done for r in runs),
+            skipped=sum(r.skipped for r in runs),
+            failed=[f for r in runs for f in r.failed],
+            interrupted=any(r.interrupted for r in runs),
+            seconds=max((r.seconds for r in runs), default=0.0),
+            var_seen=[v for r in runs for v in r.var_seen],
+        )
+
     def failures(self, split: str) -> dict[str, list[str]]:
         """{condition: ["question ID: reason", ...]} of one split."""
         out: dict[str, list[str]] = {}
@@ -196,10 +208,12 @@ def answer_all(
     var_tau: float = 20.0,
     batch_size: int = 1,
     progress: Progress | None = None,
+    world=None,
 ) -> AnswerRun:
     """Answer every question not yet in `log`, per condition and split, `batch_size` questions at a time
     (module docstring); a failing question is listed in `failed` and the others go on; Ctrl-C stops with
-    `interrupted`."""
+    `interrupted`. `world` (`runs.distributed.World`): a data-parallel rank answers only its slice of each
+    split's unanswered questions (the others' are left to them)."""
     if batch_size < 1:
         raise InputError(f"the batch size must be at least 1, got {batch_size}")
     from headlab.interventions import intervene
@@ -213,6 +227,8 @@ def answer_all(
                 have = log.get(condition, split.name)
                 todo = [q for q in split.questions if q.question_id not in have]
                 run.skipped += len(split.questions) - len(todo)
+                if world is not None:
+                    todo = world.shard(todo, key=lambda q: q.question_id)
                 if not todo:
                     continue
                 tick = progress(f"{condition} / {split.name}", len(todo)) if progress else None

@@ -112,6 +112,23 @@ class World:
         return out
 
 
+class NotMainRank(Exception):
+    """Raised on ranks other than 0 once their share of a data-parallel report is done and gathered: rank 0
+    alone writes the report (the command exits 0 quietly on the others)."""
+
+
+def current() -> World:
+    """This process's `World` inside `process_group()` (or any initialised torch.distributed group), else
+    a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return World()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return World()
+    return World(rank=dist.get_rank(), size=dist.get_world_size())
+
+
 @contextmanager
 def process_group() -> Iterator[World]:
     """This process's `World`, with the gloo group initialised while inside when WORLD_SIZE > 1."""
