@@ -283,17 +283,10 @@ def _aya_vision(path: Path) -> None:
     """Aya Vision: SigLIP (4-pixel patches, pixel-shuffled by 2) + Cohere2; the prompt's <image> becomes
     <|START_OF_IMG|>, per tile TILE_i and 16 <|IMG_PATCH|>s (a 64 x 32 image: 2 tiles and TILE_GLOBAL with the
     whole image), <|END_OF_IMG|>."""
-    from headlab.zoo.random_models import IMAGE_SIZE, _decoder_config
+    from headlab.zoo.random_models import IMAGE_SIZE, _decoder_config, _vision_config
 
     tokenizer = _tokenizer(add_bos=True, extra=list(_AYA_TOKENS.values()))
-    vision = tf.SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=_SMALL_PATCH,
-    )
+    vision = _vision_config(tf.SiglipVisionConfig, patch_size=_SMALL_PATCH)
     text = _decoder_config(
         tf.Cohere2Config,
         tokenizer,
@@ -329,17 +322,11 @@ def _mistral3(path: Path) -> None:
     """Mistral 3: Pixtral tower (4-pixel patches, 2D RoPE, images at their own size up to 64 px) + Mistral;
     patches merged 2 x 2: a 32 x 32 image is 4 rows of 4 [IMG], each ended by [IMG_BREAK] ([IMG_END] last).
     PixtralProcessor imports torchvision: its files are written by hand (_save_processor_files)."""
-    from headlab.zoo.random_models import IMAGE_SIZE, _decoder_config
+    from headlab.zoo.random_models import IMAGE_SIZE, _decoder_config, _vision_config
 
     tokenizer = _tokenizer(add_bos=True, named=_PIXTRAL_TOKENS)
-    vision = tf.PixtralVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        head_dim=8,
-        image_size=2 * IMAGE_SIZE,
-        patch_size=_SMALL_PATCH,
+    vision = _vision_config(
+        tf.PixtralVisionConfig, head_dim=8, image_size=2 * IMAGE_SIZE, patch_size=_SMALL_PATCH
     )
     config = tf.Mistral3Config(
         vision_config=vision,
@@ -382,16 +369,9 @@ def _opt_config(tokenizer) -> tf.OPTConfig:
 
 
 def _blip_towers(vision_cls, qformer_cls, tokenizer_for_qformer=None):
-    from headlab.zoo.random_models import IMAGE_SIZE, PATCH_SIZE
+    from headlab.zoo.random_models import _vision_config
 
-    vision = vision_cls(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-    )
+    vision = _vision_config(vision_cls)
     qformer = qformer_cls(
         hidden_size=32,
         intermediate_size=64,

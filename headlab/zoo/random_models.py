@@ -172,15 +172,17 @@ def _llava(path: Path) -> None:
 
 
 def _vision_config(cls, **extra):
-    return cls(
+    """A tiny vision tower config of `cls`: 2 layers, width 32, 4 heads, 32-pixel images in 8-pixel patches
+    (any of them replaced, or others added, by `extra`)."""
+    sizes = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
-        **extra,
     )
+    return cls(**(sizes | extra))
 
 
 def _vit(path: Path) -> None:
