@@ -160,7 +160,8 @@ class VARPatch(Patch):
             self._rows = None
         return counts
 
-    def _row(self, b: int) -> SinkCounts:
+    def row_counts(self, b: int) -> SinkCounts:
+        """The counts of batch row `b` (created on first use)."""
         while len(self.counts) <= b:
             self.counts.append(SinkCounts())
         return self.counts[b]
@@ -176,7 +177,7 @@ class VARPatch(Patch):
             self._rows = self._rows.to(n.device)
             self._rows[: len(n)] += n
         for b in range(len(n)):
-            self._row(b)
+            self.row_counts(b)
 
     def touches(self, tower: str, layer: int) -> bool:
         return tower == "lm" and layer in self.layers
@@ -203,7 +204,7 @@ class VARPatch(Patch):
         valid = ctx.key_valid[:, -hidden.shape[1] :].cpu()
         self.sinks[layer] = [phi[b][valid[b]] > self.spec.tau for b in range(hidden.shape[0])]
         for b, roles in enumerate(ctx.roles):
-            counts = self._row(b)
+            counts = self.row_counts(b)
             counts.prefills += layer == self.layers[0]
             counts.width = hidden.shape[-1]
             image = torch.zeros(len(self.sinks[layer][b]), dtype=torch.bool)
@@ -290,7 +291,7 @@ class _VAREdit(GroupEdit):
                     if summ < self.spec.summ or not share_ok or mass_n <= 0:
                         continue
                     if self.patch is not None:
-                        self.patch.counts.rows += 1
+                        self.patch.row_counts(i).rows += 1
                     omega = (1.0 - self.keep) * row[sink].sum()
                     new = row.clone()
                     new[sink] = self.keep * row[sink]
