@@ -43,6 +43,7 @@ class PassContexts:
         self._active: dict[str, BatchContext] = {}
         self._roles_override: list[TokenRoles] | None = None
         self._vision_units = VisionUnits((), None)  # LVLMs: the example of each image (or tile) of a pass
+        self._unannounced: BatchContext | None = None  # a prefill context waiting for its image newlines
         # (tower, layer) -> (its last call in this pass, tokens of the layer's calls before it, its tokens)
         self._calls: dict[tuple[str, int], tuple[object, int, int]] = {}
 
@@ -61,6 +62,9 @@ class PassContexts:
 
     def on_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """A forward pass of the whole model begins: the token roles of its language-model tokens."""
+        if self._unannounced is not None:  # the last pass never reached the language model's attention
+            self._announce(self._unannounced)
+            self._unannounced = None
         self._pass += 1
         self._calls.clear()
         ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
@@ -87,7 +91,11 @@ class PassContexts:
             image_token_id=self.lm.image_token_id,
             roles=None if roles is None else tuple(roles),
         )
-        self._pending["lm"] = ctx  # announced when the language model first uses it (image newlines known)
+        self._pending["lm"] = ctx
+        if self.lm.adapter.image_newline_attr is None:
+            self._announce(ctx)
+        else:  # announced when the language model first uses it, its image-newline tokens marked
+            self._unannounced = ctx
         pixels = kwargs.get("pixel_values")
         if self.lm.family is Family.LVLM and torch.is_tensor(pixels):
             self._vision_units = vision_units(pixels, ctx, kwargs.get("image_grid_thw"))
@@ -127,9 +135,10 @@ class PassContexts:
         contexts are per call shape: `offset` tokens of the layer's earlier calls, `n_tokens` of this one."""
         if tower in self._pending:
             ctx = self._pending.pop(tower)
-            self._active[tower] = ctx if ctx.step else self._with_newlines(ctx)
-            if not ctx.step:
-                self._announce(self._active[tower])
+            if ctx is self._unannounced:
+                ctx, self._unannounced = self._with_newlines(ctx), None
+                self._announce(ctx)
+            self._active[tower] = ctx
         key = (tower, offset, n_tokens) if tower == "vision" else tower
         ctx = self._active.get(key)
         if ctx is None or ctx.pass_id != self._pass or ctx.batch != batch:
