@@ -3,10 +3,10 @@
 The session builds an `AttentionCall` from the arguments transformers hands the attention function: post-
 RoPE q [b, h, q, d] and k, v [b, kv, k, d] (GQA: kv heads are shared by h // kv query heads), the mask as
 booleans (True = may attend; transformers' mask is the truth: headlab never re-applies causality over it,
-`is_causal_call`), the scale, whether the call is causal, a score bias the mask carries (BEiT's relative position bias), the soft-cap and the sliding window. The keys are the last n_k
-token columns of the pass and the queries the last n_q keys (the session drops a static cache's unfilled
-slots first; a sliding-window cache may have evicted `key_start` columns before the first key: see
-headlab.probe.keys). Each block then sees the call with its own batch context (`with_context`): which
+`is_causal_call`), the scale, whether the call is causal, a score bias the mask carries (BEiT's relative
+position bias), the soft-cap and the sliding window. The keys are the last n_k token columns of the pass
+and the queries the last n_q keys (the session drops a static cache's unfilled slots first; a
+sliding-window cache may have evicted `key_start` columns before the first key: see headlab.probe.keys). Each block then sees the call with its own batch context (`with_context`): which
 examples the rows are, their token roles and each key's example position.
 
 Explicit scores and rows come from the one rebuild primitive (`headlab.kernels.rebuild`); the unedited
@@ -16,6 +16,7 @@ output and logsumexp come from one fused call (`plain`, computed at most once pe
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -56,16 +57,17 @@ def is_causal_call(flag: bool | None, module: nn.Module, keep: torch.Tensor | No
     if not causal or keep is None or n_q == 1:
         return causal
     for seen, answer in _MASKS_SEEN:  # every layer of a pass gets the same mask (or one per window type)
-        if seen is keep:
+        if seen() is keep:
             return answer
     n_k = keep.shape[-1]
     later = torch.ones(n_q, n_k, dtype=torch.bool, device=keep.device).triu(n_k - n_q + 1)
     answer = not bool((keep[..., -n_q:, :] & later).any())
-    _MASKS_SEEN.append((keep, answer))
+    _MASKS_SEEN.append((weakref.ref(keep), answer))
     return answer
 
 
-_MASKS_SEEN: deque[tuple[torch.Tensor, bool]] = deque(maxlen=4)  # the last masks is_causal_call read
+# the last masks is_causal_call read (weakly: a long context's mask is not kept alive past its pass)
+_MASKS_SEEN: deque[tuple[weakref.ref, bool]] = deque(maxlen=4)
 
 
 @dataclass(eq=False)
