@@ -309,3 +309,23 @@ def test_batched_answers_equal_batch_one(tmp_path):
     assert len(runs[1][0]) == 3 * 3 * 10  # conditions x splits x questions
     assert runs[8][0] == runs[1][0]
     assert runs[8][1] == runs[1][1] and runs[1][1]["observed"] == 30  # one VAR record per answer
+
+
+def test_the_run_time_is_the_answering_time(tmp_path, monkeypatch):
+    """`AnswerRun.seconds` is the wall time of answering (a batch loop once overwrote its start time)."""
+    import headlab as hl
+    from headlab.datasets.scenes import write_pope_benchmark
+    from headlab.reports.pope import load_splits
+    from headlab.runs.answers import AnswerLog, ModelIdentity
+
+    lm = hl.load("zoo:llava")
+    data = write_pope_benchmark(tmp_path / "data", n_images=3)
+    split = load_splits([data / "pope_random.json"], None, 5)[0]
+    log = AnswerLog(tmp_path / "answers.jsonl", ModelIdentity.of(lm, "zoo:llava"))
+    monkeypatch.setattr(
+        answering, "generate_answers", lambda lm, prompts, images, tokens: ["Yes"] * len(prompts)
+    )
+    ticks = iter([100.0, 107.5])
+    monkeypatch.setattr(answering.time, "perf_counter", lambda: next(ticks))
+    run = answering.answer_all(lm, [split], ["none"], log, batch_size=2)
+    assert run.done == len(split.questions) == 5 and run.seconds == 7.5

@@ -235,8 +235,8 @@ def answer_all(
                 scope = intervene(lm, *interventions) if interventions else contextlib.nullcontext()
                 with scope as runner:
                     asking = _Asking(lm, split, condition, log, run, max_new_tokens, _var_patch(runner), tick)
-                    for start in range(0, len(todo), batch_size):
-                        asking.batch(todo[start : start + batch_size])
+                    for first in range(0, len(todo), batch_size):
+                        asking.batch(todo[first : first + batch_size])
     except KeyboardInterrupt:
         run.interrupted = True
     run.seconds = time.perf_counter() - start
