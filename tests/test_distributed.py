@@ -1,6 +1,6 @@
-"""Data parallelism (`runs.distributed`): the slices, `torchrun -m headlab capture` and `torchrun -m headlab
-report pope` on 2 CPU processes (gloo) against one process, a killed rank resumed, and several writers
-contending for one store's lock."""
+"""Data parallelism (`runs.distributed`): the slices, `torchrun -m headlab capture`, `report pope` and
+`analyze` (head sweeps) on 2 CPU processes (gloo) against one process, a killed rank resumed, and several
+writers contending for one store's lock."""
 
 from __future__ import annotations
 
@@ -180,6 +180,27 @@ def test_torchrun_report_equals_one_process(tmp_path):
     lines = (tmp_path / "two" / "answers.jsonl").read_text().splitlines()[1:]
     keys = [(r["condition"], r["split"], r["question_id"]) for r in map(json.loads, lines)]
     assert len(keys) == len(set(keys)) == 36  # 3 conditions x 3 splits x 4 questions, each once
+
+
+@pytest.mark.slow
+def test_torchrun_analyses_split_their_heads(tmp_path):
+    """`torchrun -m headlab analyze`: ablation importance and activation patching sweep their heads in two
+    processes; rank 0 saves a result equal to one process's."""
+    import headlab as hl
+
+    for name in ("one", "two"):
+        Store.create(tmp_path / name, hl.load("zoo:lm"))
+    for analysis, options in (
+        ("importance-ablation", ["-o", "n=8"]),
+        ("activation-patching", ["-o", "n=4", "-o", "directions=noising"]),
+    ):
+        run = _torchrun("analyze", analysis, str(tmp_path / "two"), *options)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        assert run.stdout.count("saved the") == 1  # rank 0 alone saves and prints
+        one = CliRunner().invoke(app, ["analyze", analysis, str(tmp_path / "one"), *options])
+        assert one.exit_code == 0, one.output
+        got, want = (Store.open(tmp_path / d).result(analysis) for d in ("two", "one"))
+        pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True))
 
 
 def _free_port() -> int:

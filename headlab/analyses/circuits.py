@@ -56,6 +56,7 @@ from headlab.kernels.augmented import attention_with_lse
 from headlab.kernels.reference import expand_kv
 from headlab.loading import LoadedModel
 from headlab.probe.outputs import HeadOutputRecorder, record_head_outputs
+from headlab.runs import distributed
 
 __all__ = [  # the pairs and the metric live in patching_tasks; they are part of this module's API too
     "COMPONENTS",
@@ -259,19 +260,20 @@ def activation_patching(
     directions: Sequence[str] = DIRECTIONS,
     positions: Sequence[str] = ("all",),
 ) -> pd.DataFrame:
-    """Patch each head's output alone (resample patching from the other run, at the same positions).
+    """Patch each head's output alone (resample patching from the other run, at the same positions). Under
+    torchrun each process patches its share of the heads (`runs.distributed`) and every process gets all rows.
 
     Returns one row per (layer, head, direction, positions): `patched_ld` and the normalised `score`,
     with the baselines `clean_ld` and `corrupted_ld`."""
-    base, rows = baselines(lm, data), []
-    for direction in directions:
+    base, world, done = baselines(lm, data), distributed.current(), []
+    sweep = [(d, pos, h) for d in directions for pos in positions for h in _all_heads(lm, heads)]
+    for i, (direction, pos, (layer, head)) in world.sweep(sweep):  # data parallel: each rank its share
         inputs, own, other = _runs(data, base, direction)
-        for pos in positions:
-            for layer, head in _all_heads(lm, heads):
-                z = _at(other.z[layer][:, head], own.z[layer][:, head], data.last, pos)
-                patched = logit_diff(_forward(lm, inputs, _SetHeads({(layer, head): z})), data).item()
-                score = normalised(patched, base.clean_ld, base.corrupted_ld, direction)
-                rows.append((layer, head, direction, pos, patched, score))
+        z = _at(other.z[layer][:, head], own.z[layer][:, head], data.last, pos)
+        patched = logit_diff(_forward(lm, inputs, _SetHeads({(layer, head): z})), data).item()
+        score = normalised(patched, base.clean_ld, base.corrupted_ld, direction)
+        done.append((i, (layer, head, direction, pos, patched, score)))
+    rows = world.collect(done)
     frame = pd.DataFrame(rows, columns=["layer", "head", "direction", "positions", "patched_ld", "score"])
     return frame.assign(clean_ld=base.clean_ld, corrupted_ld=base.corrupted_ld)
 

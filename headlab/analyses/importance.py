@@ -50,6 +50,7 @@ from headlab.errors import InputError, SelectionError, UnsupportedModelError
 from headlab.interventions.core import AttentionCall, Intervention, Patch, intervene
 from headlab.interventions.heads import HeadAblation, HeadScale, head_outputs
 from headlab.loading import Family, LoadedModel
+from headlab.runs import distributed
 from headlab.store import Store
 
 Head = tuple[int, int]  # (layer, head)
@@ -415,7 +416,8 @@ def ablation_importance(
     mean: needs `reference` (the task's examples the means are taken over); resample: needs `data` with
     corrupted inputs (row-aligned with the clean ones). Columns: tower, layer, head, kind, accuracy,
     confidence, loss (ablated), logit_shift, acc_drop, conf_drop, loss_increase, rank (1 = largest loss
-    increase)."""
+    increase). Under torchrun each process ablates its share of the heads (`runs.distributed`) and every
+    process gets all rows."""
     if kind not in ABLATIONS:
         raise SelectionError(f"ablation kind must be one of {ABLATIONS}, got {kind!r}")
     if data.loss != "answer" and data.tower != "vision":
@@ -432,8 +434,8 @@ def ablation_importance(
             f"{sorted(t for t in synthetic.TASKS if synthetic.TASKS[t](1)[0].corrupted is not None)}"
         )
     clean = _evaluate(lm, data, batch_size)
-    rows = []
-    for head in heads:
+    world, done = distributed.current(), []
+    for i, head in world.sweep(heads):  # data parallel: each rank ablates its share of the heads
 
         def make(chunk: TaskData, head=head):
             source = {}
@@ -442,10 +444,19 @@ def ablation_importance(
             return (HeadAblation((head,), kind, means=means, source=source, tower=chunk.tower),)
 
         ablated = _evaluate(lm, data, batch_size, make, clean)
-        rows.append(
-            {"tower": data.tower, "layer": head[0], "head": head[1], "kind": kind, **_drops(clean, ablated)}
+        done.append(
+            (
+                i,
+                {
+                    "tower": data.tower,
+                    "layer": head[0],
+                    "head": head[1],
+                    "kind": kind,
+                    **_drops(clean, ablated),
+                },
+            )
         )
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(world.collect(done))
     frame["rank"] = frame["loss_increase"].rank(ascending=False, method="first").astype(int)
     return frame
 

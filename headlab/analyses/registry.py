@@ -29,6 +29,7 @@ import pandas as pd
 
 from headlab.errors import SelectionError, StoreError
 from headlab.loading import LoadedModel, load
+from headlab.runs import distributed
 from headlab.store import Store
 from headlab.store.store import RESULTS
 
@@ -300,5 +301,6 @@ def run_analysis(name: str, store: Store, **options) -> pd.DataFrame:
     typed = entry.parse(options, store)
     check_results_writable(store)
     frame = entry.run(store, typed)
-    store.save_result(name, frame, typed)
+    if distributed.current().main:  # under torchrun every process has the whole result; rank 0 saves it
+        store.save_result(name, frame, typed)
     return frame

@@ -51,8 +51,11 @@ def analyze(
     ] = None,
     csv: Annotated[Path | None, typer.Option(help="also write the result as CSV")] = None,
 ) -> None:
-    """Run an analysis on a store and save its result into the store (results/NAME.parquet)."""
+    """Run an analysis on a store and save its result into the store (results/NAME.parquet). Under
+    `torchrun -m headlab analyze ...` the head sweeps of activation patching and ablation importance are
+    split over the processes; rank 0 saves and prints the whole result."""
     from headlab.analyses.registry import analysis, run_analysis
+    from headlab.runs.distributed import process_group
     from headlab.store import Store
 
     if name == "list":
@@ -64,7 +67,10 @@ def analyze(
         raise InputError(f"headlab analyze {name} needs the store directory: headlab analyze {name} STORE")
     if csv is not None:
         check_file_target(csv, "--csv")
-    frame = run_analysis(name, Store.open(store), **options)
+    with process_group() as world:  # under torchrun the model-running analyses split their heads
+        frame = run_analysis(name, Store.open(store), **options)
+    if not world.main:
+        return
     console.print(frame.head(20).to_string(index=False))
     console.print(f"saved the {name} result ({len(frame)} rows) in {store / 'results'}")
     if csv is not None:

@@ -16,7 +16,9 @@ Contract:
   (CPU tensors only: the collectives here move small Python objects, never activations). The timeout of the
   collectives is long (`TIMEOUT`): a rank that has finished its slice may wait hours for a slower one.
 - `World.barrier()`, `World.gather(obj)` (every rank's `obj`, in rank order, on every rank): no-ops on one
-  process. If a rank dies, the launcher (torchrun's agent) stops the others; committed shards stay, and a
+  process. `World.sweep(items)` / `World.collect(results)`: a sweep every rank lists alike (an analysis's
+  heads), each rank running its share, the results joined in the sweep's order on every rank.
+- `current()`: the `World` of this process inside `process_group()` (a single process outside). If a rank dies, the launcher (torchrun's agent) stops the others; committed shards stay, and a
   rerun of the same command resumes.
 """
 
@@ -100,6 +102,16 @@ class World:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def sweep(self, items: Sequence[T]) -> list[tuple[int, T]]:
+        """This rank's share of a sweep every rank lists alike (an analysis's heads): (index, item) pairs;
+        `collect` puts the ranks' results back in index order."""
+        return shard(list(enumerate(items)), self.rank, self.size, key=lambda pair: pair[0])
+
+    def collect(self, results: Sequence[tuple[int, T]]) -> list[T]:
+        """Every rank's (index, result) pairs of a `sweep`, as one list in index order, on every rank."""
+        merged = [pair for part in self.gather(list(results)) for pair in part]
+        return [result for _, result in sorted(merged, key=lambda pair: pair[0])]
 
     def gather(self, obj: T) -> list[T]:
         """Every rank's `obj` (picklable; small: counts, lists of messages), in rank order, on every rank."""
