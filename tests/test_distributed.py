@@ -193,6 +193,7 @@ def test_torchrun_analyses_split_their_heads(tmp_path):
     for analysis, options in (
         ("importance-ablation", ["-o", "n=8"]),
         ("activation-patching", ["-o", "n=4", "-o", "directions=noising"]),
+        ("path-patching", ["-o", "n=4", "-o", "components=q"]),
     ):
         run = _torchrun("analyze", analysis, str(tmp_path / "two"), *options)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]

@@ -334,16 +334,18 @@ def path_patching(
     2. for each receiver head r in a later layer and each component c (q, k, v or qkv): the clean input
        again, with r's attention recomputed from the recorded c (the rest of r's q/k/v and every other
        head clean); everything after r (later layers, MLPs, logits) is recomputed as usual.
-    So path s -> r.c is: s's output -> o_proj -> residual stream -> r's c projection (RoPE included).
+    So path s -> r.c is: s's output -> o_proj -> residual stream -> r's c projection (RoPE included). Under
+    torchrun each process runs its share of the senders (`runs.distributed`).
     `score` = noising (LD_patched - LD_clean) / (LD_corr - LD_clean): the share of the clean-vs-corrupted
     change carried by that path. Rows: sender `layer`, `head`, `receiver` ("L1H0" or "logits"),
     `receiver_layer` / `receiver_head` (missing for logits), `component`, `patched_ld`, `score`."""
     bad = [c for c in components if c not in COMPONENTS]
     if bad:
         raise SelectionError(f"components must be among {COMPONENTS}, got {bad}")
-    base, rows = baselines(lm, data, qkv=True), []
+    base, world, done = baselines(lm, data, qkv=True), distributed.current(), []
     info = lm.tower(TOWER)
-    for ls, hs in _all_heads(lm, senders):
+    for i, (ls, hs) in world.sweep(_all_heads(lm, senders)):  # data parallel: each rank its senders
+        rows = []
         frozen = {
             (layer, head): base.clean.z[layer][:, head]
             for layer in range(ls, info.n_layers)
@@ -362,8 +364,9 @@ def path_patching(
                     given = {p: getattr(record, p)[lr][:, hr] for p in parts}
                     patched = _forward(lm, data.clean, _Receiver((lr, hr), given))
                     rows.append((ls, hs, f"L{lr}H{hr}", lr, hr, c, logit_diff(patched, data).item()))
+        done.append((i, rows))
     columns = ["layer", "head", "receiver", "receiver_layer", "receiver_head", "component", "patched_ld"]
-    frame = pd.DataFrame(rows, columns=columns)
+    frame = pd.DataFrame([row for rows in world.collect(done) for row in rows], columns=columns)
     frame["score"] = [normalised(m, base.clean_ld, base.corrupted_ld, "noising") for m in frame.patched_ld]
     return frame.assign(clean_ld=base.clean_ld, corrupted_ld=base.corrupted_ld)
 
