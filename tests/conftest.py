@@ -7,6 +7,7 @@ import os
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -94,6 +95,18 @@ def skip_unless_triton_runs_on_cpu() -> None:
 
     if not available(torch.device("cpu")):
         pytest.skip(TRITON_ON_CPU_SKIP)
+
+
+STAT_KEYS = ["example", "tower", "step", "layer", "head", "stat", "role"]
+
+
+def assert_same_stats(got: pd.DataFrame, want: pd.DataFrame, *, atol: float, rtol: float = 0.0) -> None:
+    """Two `head_stats` frames hold the same rows (one to one on every key, none missing) and values."""
+    merged = got.merge(want, on=STAT_KEYS, suffixes=("_got", "_want"), validate="one_to_one")
+    assert len(merged) == len(got) == len(want) > 0
+    torch.testing.assert_close(
+        torch.tensor(merged.value_got.values), torch.tensor(merged.value_want.values), atol=atol, rtol=rtol
+    )
 
 
 def assert_close_at_real_tokens(got: torch.Tensor, want: torch.Tensor, inputs, tol: float = 1e-5) -> None:

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import images
+from conftest import assert_same_stats, images
 
 import headlab as hl
 from headlab.inputs import prepare
 from headlab.interventions import VHR
 from headlab.zoo.random_models import build_random
-
-KEYS = ["example", "tower", "step", "layer", "head", "stat", "role"]
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +31,6 @@ def pair(tmp_path_factory):
     return hl.load(path), hl.load(path, device_map=spread, offload_folder=root / "offload")
 
 
-def _same_stats(a, b) -> None:
-    merged = a.head_stats.merge(b.head_stats, on=KEYS, validate="one_to_one")
-    assert len(merged) == len(a.head_stats) == len(b.head_stats) > 0
-    assert (merged.value_x - merged.value_y).abs().max() < 1e-6
-
-
 @torch.no_grad()
 def test_capture_and_interventions_equal_the_whole_model(pair):
     whole, spread = pair
@@ -52,7 +44,7 @@ def test_capture_and_interventions_equal_the_whole_model(pair):
     with hl.capture(spread) as b:
         offloaded = spread.model(**inputs).logits
     torch.testing.assert_close(offloaded, plain)
-    _same_stats(a, b)
+    assert_same_stats(b.head_stats, a.head_stats, atol=1e-6)
     ablate = hl.HeadAblation(heads=[(1, 0)])
     with hl.intervene(whole, ablate):
         want = whole.model(**inputs).logits
@@ -64,7 +56,7 @@ def test_capture_and_interventions_equal_the_whole_model(pair):
     with hl.capture(spread) as b:
         second = spread.model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(first, second) and sorted(set(b.head_stats.step)) == [0, 1, 2]
-    _same_stats(a, b)
+    assert_same_stats(b.head_stats, a.head_stats, atol=1e-6)
 
 
 @torch.no_grad()
@@ -88,5 +80,5 @@ def test_an_lvlm_with_its_vision_tower_on_disk(tmp_path):
     with hl.capture(spread) as b, hl.intervene(spread, VHR()):
         got = spread.model(**inputs).logits
     torch.testing.assert_close(got, want)
-    _same_stats(a, b)
+    assert_same_stats(b.head_stats, a.head_stats, atol=1e-6)
     assert set(b.head_stats.tower) == {"vision", "lm"}

@@ -26,7 +26,7 @@ from headlab.kernels.rebuild import attention_scores, rows_from_lse
 from headlab.kernels.reference import expand_kv, naive_attention
 from headlab.loading import Family, LoadedModel
 from headlab.probe import stats as S
-from headlab.probe.call import AttentionCall, keep_mask, score_bias
+from headlab.probe.call import AttentionCall
 from headlab.probe.context import BatchContext
 from headlab.probe.outputs import HeadOutputRecorder, TappedCall
 from headlab.probe.passes import PassContexts
@@ -36,23 +36,20 @@ from headlab.probe.select import Select, Stats
 from headlab.probe.session import Observer, Session, in_session
 
 
-def _bias_rows(mask, rows: torch.Tensor, n_q: int, n_k: int, causal: bool, batch_index: int) -> torch.Tensor:
+def _bias_rows(call: AttentionCall, rows: torch.Tensor, batch_index: int) -> torch.Tensor:
     """Additive float32 bias [head or 1, len(rows), n_k] for query rows `rows` (indices within the call) of
-    one example: -inf where a key is dropped, plus the score bias the mask carries (BEiT's, per head); only
-    these rows are built (never the [q, k] mask)."""
+    one example: -inf where a key is dropped, plus the call's score bias (BEiT's, per head); only these rows
+    are built (never the [q, k] mask)."""
+    n_q, n_k = call.n_q, call.k.shape[2]
     bias = torch.zeros(1, len(rows), n_k)
-    keep = keep_mask(mask)
-    if keep is not None:
-        extra = score_bias(mask, keep)
-        if extra is not None:  # [head or 1, rows, k]
-            extra = extra[batch_index if extra.shape[0] > 1 else 0].cpu()
-            bias = (
-                extra[:, -n_q:][:, rows] if extra.shape[1] != 1 else extra.expand(-1, len(rows), n_k)
-            ).clone()
-        m = keep[batch_index if keep.shape[0] > 1 else 0, 0]  # [q or 1, k]
+    if call.bias is not None:  # [head or 1, rows, k]
+        extra = call.bias[batch_index if call.bias.shape[0] > 1 else 0].cpu()
+        bias = (extra[:, -n_q:][:, rows] if extra.shape[1] != 1 else extra.expand(-1, len(rows), n_k)).clone()
+    if call.mask is not None:
+        m = call.mask[batch_index if call.mask.shape[0] > 1 else 0, 0]  # [q or 1, k]
         m = m[-n_q:][rows] if m.shape[0] != 1 else m.expand(len(rows), n_k)
         bias = bias.masked_fill(~m.cpu(), float("-inf"))
-    if causal:  # query row r sits at key position n_k - n_q + r
+    if call.causal:  # query row r sits at key position n_k - n_q + r
         beyond = torch.arange(n_k)[None, :] > (n_k - n_q + rows)[:, None]
         bias = bias.masked_fill(beyond, float("-inf"))
     return bias
@@ -144,10 +141,12 @@ class Probe(Observer):
         want_compact = self._selected(self.compact, tower, layer)
         if not (want_stats or want_rows or want_compact):
             return None
-        if call.head_offset or self.lm.tensor_parallel is not None:
+        if self.lm.tensor_parallel is not None:
             _check_tensor_parallel(want_rows or want_compact or self._outputs is not None)
         call = self._view(call)
-        ctx, q, k, v, mask = call.ctx, call.q, call.k, call.v, call.raw_mask
+        ctx, q, k, v = call.ctx, call.q, call.k, call.v
+        if want_compact and ctx.step == 0:
+            _check_rebuildable(self.lm, call)
         if ctx.tiled:
             self.record._tiled = True
             if want_rows or want_compact:
@@ -158,16 +157,13 @@ class Probe(Observer):
                 )
         scale, causal, softcap, window = call.scale, call.causal, call.softcap, call.window
         if want_stats:
-            out, lse = self._attend_with_stats(
-                ctx, layer, q, k, v, mask, scale, causal, softcap, window, call.head_offset
-            )
+            out, lse = self._attend_with_stats(call)
         else:
             att = fused_attention(q, k, v, call.spec())
             out, lse = att.out, att.lse
         if want_rows:
-            self._record_rows(ctx, layer, q, k, lse, mask, scale, causal, softcap)
+            self._record_rows(call, lse)
         if want_compact and ctx.step == 0:
-            _check_rebuildable(self.lm, call)
             self._record_compact(ctx, layer, q, k, lse, scale, causal, window, softcap)
         return out, lse
 
@@ -183,25 +179,27 @@ class Probe(Observer):
         n_layers = self.lm.tower(tower).n_layers
         return sel is not None and sel.tower == tower and layer in sel.layer_ids(n_layers)
 
-    def _attend_with_stats(self, ctx, layer, q, k, v, mask, scale, causal, softcap, window, head_offset=0):
-        spec = self.stats
-        keep = keep_mask(mask)
+    def _attend_with_stats(self, call: AttentionCall):
+        """(out, lse) of the call, and its statistics recorded (fused, or explicit for the reference)."""
+        spec, ctx, q, k, v, keep = self.stats, call.ctx, call.q, call.k, call.v, call.mask
         alpha_pos = S.alpha_keys(ctx, spec.first_k) if "alpha" in spec.which and ctx.step == 0 else None
         if self.engine == "reference":
-            ref = naive_attention(q, k, v, mask=mask, scale=scale, causal=causal, softcap=softcap)
-            per_query = S.from_probs(ref.probs, ctx, spec, causal=causal, alpha_pos=alpha_pos)
+            ref = naive_attention(
+                q, k, v, mask=call.raw_mask, scale=call.scale, causal=call.causal, softcap=call.softcap
+            )
+            per_query = S.from_probs(ref.probs, ctx, spec, causal=call.causal, alpha_pos=alpha_pos)
             out, lse = ref.out, ref.lse
         else:
             fspec = S.fused_spec(
                 ctx,
                 spec,
-                n_q=q.shape[2],
-                scale=scale,
-                causal=causal,
+                n_q=call.n_q,
+                scale=call.scale,
+                causal=call.causal,
                 keep=keep,
-                bias=score_bias(mask, keep),
-                softcap=softcap,
-                window=window,
+                bias=call.bias,
+                softcap=call.softcap,
+                window=call.window,
             )
             att = fused_attention(q, k, v, fspec)
             out, lse, per_query = att.out, att.lse, S.from_attended(att, ctx, fspec)
@@ -211,41 +209,53 @@ class Probe(Observer):
                     k,
                     lse,
                     keep,
-                    scale=scale,
-                    causal=causal,
+                    scale=call.scale,
+                    causal=call.causal,
                     ctx=ctx,
                     alpha_pos=alpha_pos,
-                    softcap=softcap,
-                    bias=fspec.bias,
+                    softcap=call.softcap,
+                    bias=call.bias,
                 )
+        if spec.offsets and self.engine != "reference":
+            per_query.offset = S.offset_from_lse(
+                q,
+                k,
+                lse,
+                keep,
+                scale=call.scale,
+                ctx=ctx,
+                offsets=tuple(spec.offsets),
+                softcap=call.softcap,
+                bias=call.bias,
+            )
         rows = S.reduce(
             per_query,
             ctx,
             spec,
-            layer=layer,
-            causal=causal,
+            layer=call.layer,
+            causal=call.causal,
             alpha_pos=alpha_pos,
             keep=keep,
-            head_offset=head_offset,
+            head_offset=call.head_offset,
         )
         self.record._stat_chunks.append(rows)
         return out, lse
 
-    def _record_rows(self, ctx, layer, q, k, lse, mask, scale, causal, softcap):
-        sel = self.patterns
+    def _record_rows(self, call: AttentionCall, lse: torch.Tensor):
+        sel, ctx, q, k, layer = self.patterns, call.ctx, call.q, call.k, call.layer
         heads = sel.head_ids(q.shape[1])
         k_full = expand_kv(k, q.shape[1])
-        n_q, n_k = q.shape[2], k.shape[2]
+        n_q = call.n_q
         for b, example in enumerate(ctx.examples):
             positions, idx = ctx.call_queries(b, n_q, sel.queries)
             if not idx:
                 continue
             rows = torch.tensor(idx)
-            bias = _bias_rows(mask, rows, n_q, n_k, causal, b).to(q.device)  # [head or 1, q_sel, k]
+            bias = _bias_rows(call, rows, b).to(q.device)  # [head or 1, q_sel, k]
             valid = ctx.key_valid[b]
             at = ctx.key_pos[b, valid].to(q.device)  # example positions of the real keys
             for h in heads:
-                scores = attention_scores(q[b, h, rows], k_full[b, h], scale=scale, softcap=softcap)
+                scores = attention_scores(q[b, h, rows], k_full[b, h], scale=call.scale, softcap=call.softcap)
                 kept = rows_from_lse(scores, lse[b, h, rows], bias=bias[h if len(bias) > 1 else 0])[:, valid]
                 # a row over every token of the example: keys a cache evicted get 0, as they get no attention
                 probs = kept.new_zeros(len(idx), ctx.lengths[b]).index_copy_(1, at, kept)
