@@ -27,7 +27,8 @@ from headlab.version import __version__ as __version__
 
 _EXPORTS = {
     **dict.fromkeys(
-        ("ACT", "PINE", "VAR", "VHR", "HeadAblation", "HeadScale", "intervene"), "headlab.interventions"
+        ("ACT", "PAICFG", "PAINT", "PINE", "VAR", "VHR", "HeadAblation", "HeadScale", "intervene"),
+        "headlab.interventions",
     ),
     **dict.fromkeys(("SUPPORTED", "LoadedModel", "Tower", "describe", "load"), "headlab.loading"),
     "Family": "headlab.models",
@@ -66,7 +67,7 @@ if TYPE_CHECKING:  # what the facade resolves to, for type checkers and IDEs
         store,
         zoo,
     )
-    from headlab.interventions import ACT, PINE, VAR, VHR, HeadAblation, HeadScale, intervene
+    from headlab.interventions import ACT, PAICFG, PAINT, PINE, VAR, VHR, HeadAblation, HeadScale, intervene
     from headlab.loading import SUPPORTED, LoadedModel, Tower, describe, load
     from headlab.models import Family
     from headlab.probe import Record, Select, Stats, TokenRoles, capture, grid_roles, text_roles
@@ -74,6 +75,8 @@ if TYPE_CHECKING:  # what the facade resolves to, for type checkers and IDEs
 
 __all__ = [
     "ACT",
+    "PAICFG",
+    "PAINT",
     "PINE",
     "SUPPORTED",
     "VAR",

@@ -10,9 +10,10 @@ A condition name is `BASE` or `BASE+INTERVENTION`:
   no text, so it has no `no_image` condition.
 - any other BASE (`with_image`, `default`, a name of your own): the example as its line gives it, with its
   image when the line has one (an LVLM line without an image is captured text-only under every condition).
-- `+vhr`, `+var`: the capture runs inside `intervene(lm, VHR())` / `intervene(lm, VAR(...))`, the
-  interventions of the POPE report's conditions of the same names (`runs.answering.condition_interventions`
-  builds them). Both act on the image, so they need an LVLM and a BASE other than `no_image`.
+- `+vhr`, `+var`, `+paint`: the capture runs inside `intervene(lm, VHR())` / `intervene(lm, VAR(...))` /
+  `intervene(lm, PAINT())`, the interventions of the POPE report's conditions of the same names
+  (`runs.answering.condition_interventions` builds them). All act on the image, so they need an LVLM and a
+  BASE other than `no_image`.
 Names are made of letters, digits and `_ - .`, with at most one `+`; a name within a typo of `with_image` or
 `no_image` (e.g. `with-image`) is refused rather than read as a name of your own; `parse_conditions` reads a command
 line's repeated or comma-separated values and refuses a repeated name.
@@ -30,7 +31,7 @@ from headlab.errors import InputError
 WITH_IMAGE = "with_image"
 NO_IMAGE = "no_image"
 DEFAULT = "default"  # what `headlab capture` records without --condition: each line as given
-INTERVENTIONS = ("vhr", "var")  # the suffixes after "+"; "none" (the plain model) is no suffix at all
+INTERVENTIONS = ("vhr", "var", "paint")  # the suffixes after "+"; "none" (the plain model) has none
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 

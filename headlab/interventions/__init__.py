@@ -1,5 +1,6 @@
-"""Interventions: the published training-free head interventions (VHR, VAR, ACT, PINE) and head ablation,
-frozen dataclasses with their papers' defaults, applied exactly through the headlab attention function.
+"""Interventions: the published head interventions (VHR, VAR, ACT, PINE, PAINT with PAI's CFG, CCA) and
+head ablation, frozen dataclasses with their papers' defaults, applied exactly through the headlab attention
+function.
 
     with hl.intervene(lm, hl.VHR(alpha=2.0), hl.VAR(p=0.6, rho=0.5)):
         out = lm.model.generate(**inputs)
@@ -16,12 +17,15 @@ from headlab.interventions.core import (
     reference_attention,
 )
 from headlab.interventions.heads import HeadAblation, HeadScale, head_outputs, mean_head_outputs
+from headlab.interventions.paint import PAICFG, PAINT, paint_reference, paint_tokens
 from headlab.interventions.pine import PINE, pine_inputs
 from headlab.interventions.var import VAR, find_sink_dims
 from headlab.interventions.vhr import VHR, vhr_reference
 
 __all__ = [
     "ACT",
+    "PAICFG",
+    "PAINT",
     "PINE",
     "VAR",
     "VHR",
@@ -36,6 +40,8 @@ __all__ = [
     "head_outputs",
     "intervene",
     "mean_head_outputs",
+    "paint_reference",
+    "paint_tokens",
     "pine_inputs",
     "reference_attention",
     "vhr_reference",

@@ -15,10 +15,20 @@ headlab attention function consults on every attention call of the layers it tou
   call does, the runner folds the factors into the fused kernel's epilogue (one pass, no extra op).
 - `replace(call)`: compute the attention itself (PINE: per-query positions and segment masks); it needs
   every key, so a decode step whose sliding-window cache evicted keys is refused for such a patch.
+- `score_boost(call)`: PAI's pre-softmax boost s <- s + c_j |s| on some query rows (PAINT), a
+  `kernels.spec.ScoreBoost`. When it names at most one row per batch row (PAINT's last query), every other
+  row comes from the plain fused call and only the boosted rows are recomputed explicitly (O(k) per head);
+  group edits then act on the boosted rows' atom masses and outputs, and head scales multiply after, so
+  PAINT composes exactly with VAR/ACT and VHR. Two boosting patches on one call, or a boost with an
+  attention-replacing patch (PINE), are refused.
 - `on_pass(runner, kwargs)`: run before each forward pass of the model (VHR's first-step selection).
+- `on_output(runner, kwargs, output)`: see (and edit) the model's output of each forward pass (PAI's CFG
+  logit refinement); side passes are not shown.
 
 An intervene block is an `Editor` of the model's attention session (headlab.probe.session): the session
-builds each `AttentionCall` once and runs captures' observers before and after these edits.
+builds each `AttentionCall` once and runs captures' observers before and after these edits. A patch's own
+passes go through `Runner.side_pass`; a branch with a KV cache of its own (PAI's text-only branch) runs them
+inside `Runner.aside(contexts)`, where no patch of the block acts and the branch's passes are tracked apart.
 - `layer_input(tower, layer, hidden, ctx)`: see the residual stream entering a layer (VAR's sink tokens).
 
 On exit the model is as it was, also after an exception. A `capture` opened inside or around `intervene`
@@ -30,14 +40,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 
 import torch
 from torch.nn import functional as F
 
 from headlab.errors import SelectionError, UnsupportedModelError
-from headlab.kernels.fused import fused_attention
+from headlab.kernels.fused import fused_attention, keep_rows
 from headlab.kernels.rebuild import rows_from_lse
-from headlab.kernels.reference import expand_kv
+from headlab.kernels.reference import expand_kv, naive_attention
+from headlab.kernels.spec import FusedSpec, ScoreBoost
 from headlab.loading import LoadedModel
 from headlab.probe.call import AttentionCall
 from headlab.probe.context import BatchContext
@@ -85,7 +97,15 @@ class Patch:
     def replace(self, call: AttentionCall) -> torch.Tensor | None:
         return None
 
+    def score_boost(self, call: AttentionCall) -> ScoreBoost | None:
+        """A pre-softmax boost of this call's scores (PAINT), or None (module docstring)."""
+        return None
+
     def on_pass(self, runner: Runner, kwargs: dict) -> None:
+        return None
+
+    def on_output(self, runner: Runner, kwargs: dict, output) -> None:
+        """Called with the model's output after each forward pass of the block (not its side passes)."""
         return None
 
     def input_layers(self) -> Sequence[int]:
@@ -106,8 +126,11 @@ _EXPLICIT_SHARE = 0.25  # grouped keys up to this share of all keys: their proba
 _TILE = 256  # query rows per explicit tile
 
 
-def grouped_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torch.Tensor:
+def grouped_attention(
+    call: AttentionCall, edits: Sequence[GroupEdit], boost: ScoreBoost | None = None
+) -> torch.Tensor:
     """Attention with `edits` applied in order, exactly, from atom masses and outputs: [b, h, q, d_v] fp32.
+    With a `boost` (PAINT), the boosted rows' atom masses and outputs are those of the boosted scores.
 
     Atoms are the key sets with the same membership in every edit's groups; atom 0 holds the keys in no
     group. Two exact ways to get each atom's mass and output, picked by the share of grouped keys:
@@ -120,7 +143,7 @@ def grouped_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torch.
     device = call.q.device
     groups = [g.to(device).expand(b, h, n_k) for e in edits for g in e.groups]
     if not groups:
-        return call.plain[0]
+        return call.plain[0] if boost is None else boosted_attention(call, boost)
     if len(groups) > 20:
         raise SelectionError(f"{len(groups)} key groups in one attention call; headlab supports up to 20")
     code = torch.zeros(b, h, n_k, dtype=torch.long, device=device)
@@ -133,6 +156,8 @@ def grouped_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torch.
         atom_mass, atom_out = _atoms_from_rows(call, grouped, atom_of[..., grouped], len(atoms))
     else:
         atom_mass, atom_out = _atoms_fused(call, atom_of, len(atoms))
+    if boost is not None:
+        atom_mass, atom_out = _boosted_atoms(call, boost, atom_of, len(atoms), atom_mass, atom_out)
     first = 0
     for edit in edits:
         member = [((atoms >> (first + i)) & 1).bool() for i in range(len(edit.groups))]  # [A] each
@@ -189,13 +214,118 @@ def _atoms_from_rows(call: AttentionCall, keys: torch.Tensor, atom_of: torch.Ten
     return mass, outs
 
 
+def boosted_rows(call: AttentionCall, boost: ScoreBoost) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row index [b], has a boosted row [b]) when `boost` names at most one query row per batch row (PAINT's
+    last query); None when some batch row has several (then the whole call is computed with the boost)."""
+    b, n_q = call.q.shape[0], call.n_q
+    rows = torch.ones(1, n_q, dtype=torch.bool) if boost.rows is None else boost.rows
+    rows = rows.to(call.q.device).expand(b, n_q)
+    if bool((rows.sum(-1) > 1).any()):
+        return None
+    return rows.long().argmax(-1), rows.any(-1)
+
+
+def _row_spec(call: AttentionCall, boost: ScoreBoost, index: torch.Tensor, **extra) -> FusedSpec:
+    """The spec of one query row per batch row (`index` [b] among the call's queries), its keys' masks and
+    bias as the full call has them for that row, with the boost on it (a 1-row call sits at the last key,
+    so causality is carried by the row's mask, not by `causal`)."""
+    b, n_q, n_k, device = call.q.shape[0], call.n_q, call.k.shape[2], call.q.device
+    unique, which = torch.unique(index, return_inverse=True)
+    keep = keep_rows(call.spec(), unique, n_q, n_k, device)  # [b|1, h|1, U, k] or None
+    batch = torch.arange(b, device=device)
+    mask = None if keep is None else keep.expand(b, -1, -1, -1)[batch, :, which][:, :, None]
+    bias = None
+    if call.bias is not None:
+        full = call.bias.float().to(device)
+        full = full.reshape((1,) * (4 - full.dim()) + tuple(full.shape)).expand(b, -1, -1, -1)
+        bias = full if full.shape[2] == 1 else full[..., -n_q:, :][batch, :, index][:, :, None]
+    return FusedSpec(
+        scale=call.scale,
+        softcap=call.softcap,
+        mask=mask,
+        bias=bias,
+        boost=ScoreBoost(coef=boost.coef),
+        **extra,
+    )
+
+
+def _row_queries(call: AttentionCall, index: torch.Tensor) -> torch.Tensor:
+    batch = torch.arange(call.q.shape[0], device=call.q.device)
+    return call.q[batch, :, index][:, :, None]  # [b, h, 1, d]
+
+
+def boosted_attention(
+    call: AttentionCall, boost: ScoreBoost, head_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The output [b, h, q, d_v] fp32 of `call` with `boost` on its scores (and `head_scale` folded in):
+    the plain fused call for every row, then only the boosted rows recomputed explicitly (O(k) per head;
+    module docstring); a boost on several rows of one batch row computes the whole call with it."""
+    spec = call.spec(head_scale=head_scale)
+    picked = boosted_rows(call, boost)
+    if picked is None:
+        return fused_attention(call.q, call.k, call.v, replace(spec, boost=boost)).out.float()
+    index, has = picked
+    plain = call.plain[0] if head_scale is None else None  # the unscaled output is shared with observers
+    out = plain if plain is not None else fused_attention(call.q, call.k, call.v, spec).out.float()
+    if not bool(has.any()):
+        return out
+    row_spec = _row_spec(call, boost, index, head_scale=head_scale)
+    row = fused_attention(_row_queries(call, index), call.k, call.v, row_spec, backend="tiled").out.float()
+    out = out.clone()
+    batch = torch.arange(out.shape[0], device=out.device)[has]
+    out[batch, :, index[has]] = row[has, :, 0]
+    return out
+
+
+def _boosted_atoms(call, boost: ScoreBoost, atom_of, n_atoms: int, atom_mass, atom_out):
+    """Atom masses and outputs with the boosted rows' replaced by those of the boosted scores."""
+    picked = boosted_rows(call, boost)
+    if picked is None:
+        att = fused_attention(
+            call.q,
+            call.k,
+            call.v,
+            call.spec(key_class=atom_of, n_classes=n_atoms, class_outputs=True, boost=boost),
+        )
+        return att.class_mass, att.class_out
+    index, has = picked
+    if not bool(has.any()):
+        return atom_mass, atom_out
+    spec = _row_spec(call, boost, index, key_class=atom_of, n_classes=n_atoms, class_outputs=True)
+    att = fused_attention(_row_queries(call, index), call.k, call.v, spec, backend="tiled")
+    atom_mass, atom_out = atom_mass.clone(), atom_out.clone()
+    batch = torch.arange(atom_mass.shape[0], device=atom_mass.device)[has]
+    atom_mass[batch, :, index[has]] = att.class_mass[has, :, 0]
+    atom_out[batch, :, index[has]] = att.class_out[has, :, 0]
+    return atom_mass, atom_out
+
+
 def _as(value, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=torch.float32, device=like.device).expand(like.shape[:-1])
 
 
-def reference_attention(call: AttentionCall, edits: Sequence[GroupEdit]) -> torch.Tensor:
-    """The oracle: explicit probabilities, each edit's paper rule on the rows, then probs @ V."""
-    probs = call.probs()
+def reference_attention(
+    call: AttentionCall, edits: Sequence[GroupEdit], boost: ScoreBoost | None = None
+) -> torch.Tensor:
+    """The oracle: explicit probabilities (the `boost` on the explicit scores, PAINT), each edit's paper rule
+    on the rows, then probs @ V."""
+    if boost is None:
+        probs = call.probs()
+    else:
+        mask = call.mask if call.bias is None else call.raw_mask
+        rows = boost.rows
+        probs = naive_attention(
+            call.q,
+            call.k,
+            call.v,
+            mask=mask,
+            scale=call.scale,
+            causal=call.causal,
+            softcap=call.softcap,
+            boost=ScoreBoost(
+                coef=boost.coef, rows=None if rows is None else rows.expand(call.q.shape[0], -1)
+            ),
+        ).probs
     for edit in edits:
         probs = edit.reference(probs)
     return probs @ expand_kv(call.v, call.n_heads).float()
@@ -211,6 +341,7 @@ def edited_attention(call: AttentionCall, patches: Sequence[Patch], engine: str)
         if out is not None:
             break
     edits = [e for p in patches for e in p.edits(call)]
+    boost = _the_boost(call, patches, replaced=out is not None)
     if call.bias is not None and (out is not None or edits):
         raise UnsupportedModelError(
             f"{call.tower} layer {call.layer} adds a score bias (a relative position bias) to its scores; "
@@ -225,12 +356,33 @@ def edited_attention(call: AttentionCall, patches: Sequence[Patch], engine: str)
     if scales and engine == "fused" and all(s is not None for s in scales):
         # only head scales: one fused call applies their product in its epilogue
         product = torch.stack([s.expand(call.q.shape[0], -1).float() for s in scales]).prod(0)
+        if boost is not None:
+            return boosted_attention(call, boost, head_scale=product)
         return fused_attention(call.q, call.k, call.v, call.spec(head_scale=product)).out.float()
     if out is None:
-        out = reference_attention(call, edits) if engine == "reference" else grouped_attention(call, edits)
+        if engine == "reference":
+            out = reference_attention(call, edits, boost)
+        else:
+            out = grouped_attention(call, edits, boost)
     for p in patches:
         out = p.transform(call, out)
     return out
+
+
+def _the_boost(call: AttentionCall, patches: Sequence[Patch], *, replaced: bool) -> ScoreBoost | None:
+    """The one score boost of the call's patches (PAINT), or None; two, or one with PINE, are refused."""
+    boosts = [b for b in (p.score_boost(call) for p in patches) if b is not None]
+    if len(boosts) > 1:
+        raise SelectionError(
+            f"{len(boosts)} interventions boost the scores of {call.tower} layer {call.layer}; boosts do not "
+            "compose (s + a|s| then + b|s'| is not s + (a+b)|s|): use one PAINT per intervene block"
+        )
+    if boosts and replaced:
+        raise SelectionError(
+            "an attention-replacing intervention (PINE) cannot be combined with a score boost (PAINT): PINE "
+            "recomputes the scores with its own positions"
+        )
+    return boosts[0] if boosts else None
 
 
 def _replacement(patch: Patch, call: AttentionCall) -> torch.Tensor | None:
@@ -260,6 +412,7 @@ class Runner(Editor):
         self.lm, self.patches, self.engine = lm, patches, engine
         self.contexts = PassContexts(lm)
         self.session: Session | None = None  # set by intervene() when the block enters the session
+        self.suspended = False  # True during a branch run without the block's patches (`aside`)
 
     @property
     def calibrating(self) -> bool:
@@ -283,10 +436,31 @@ class Runner(Editor):
         return call.with_context(self.contexts.call_context(call))
 
     def active(self, call: AttentionCall) -> list[Patch]:
+        if self.suspended:
+            return []
         return [p for p in self.patches if p.touches(call.tower, call.layer)]
+
+    @contextmanager
+    def aside(self, contexts: PassContexts) -> Iterator[None]:
+        """Side passes of a branch of their own (PAI's text-only branch): none of the block's patches acts,
+        and the branch's passes are tracked by `contexts` (its own KV cache), not the block's."""
+        saved = self.contexts, self.suspended
+        self.contexts, self.suspended = contexts, True
+        try:
+            yield
+        finally:
+            self.contexts, self.suspended = saved
+
+    def output_hook(self, module, args, kwargs, output):
+        if not self.calibrating and not self.suspended:
+            for p in self.patches:
+                p.on_output(self, kwargs, output)
+        return output
 
     def layer_hook(self, tower: str, layer: int):
         def hook(module, args, kwargs):
+            if self.suspended:
+                return
             hidden = args[0] if args else kwargs["hidden_states"]
             ctx = self.contexts.context(tower, hidden.shape[0], hidden.shape[1])
             for p in self.patches:
@@ -313,6 +487,9 @@ def intervene(lm: LoadedModel, *interventions: Intervention, engine: str = "fuse
     runner = Runner(lm, patches, engine)
     with ExitStack() as stack:
         runner.session = stack.enter_context(in_session(lm, runner))
+        if any(type(p).on_output is not Patch.on_output for p in patches):
+            h = lm.model.register_forward_hook(runner.output_hook, with_kwargs=True)
+            stack.callback(h.remove)
         for p in patches:
             for layer in p.input_layers():
                 h = lm.layer_modules[p.tower][layer].register_forward_pre_hook(

@@ -35,26 +35,8 @@ from headlab.compat import past_length
 from headlab.errors import InputError, SelectionError
 from headlab.inputs import IMAGE_INPUTS, TOKEN_INPUTS
 from headlab.interventions.core import AttentionCall, Intervention, Patch, Runner
+from headlab.interventions.text_branch import drop_image_tokens, example_rows, left_padded
 from headlab.loading import Family, LoadedModel
-
-
-def _left_padded(rows: list[dict[str, torch.Tensor]], *, pad: int, mask_dtype) -> dict[str, torch.Tensor]:
-    """One left-padded batch of rows (each: input_ids and the per-token inputs), with its attention mask and
-    each row's own position ids (0 at its first real token): the last position is every row's last token."""
-    width = max(len(r["input_ids"]) for r in rows)
-    batch = {
-        k: torch.full((len(rows), width), pad if k == "input_ids" else 0, dtype=v.dtype)
-        for k, v in rows[0].items()
-    }
-    attention = torch.zeros((len(rows), width), dtype=mask_dtype)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        for k, v in row.items():
-            batch[k][i, width - n :] = v
-        attention[i, width - n :] = 1
-    batch["attention_mask"] = attention
-    batch["position_ids"] = (attention.long().cumsum(-1) - 1).clamp(min=0)
-    return batch
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:
@@ -134,15 +116,10 @@ class VHRPatch(Patch):
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
         lockstep = self.spec.scale_text_branch
-        per_token = {k: kwargs[k] for k in TOKEN_INPUTS if kwargs.get(k) is not None}
-        columns = {"input_ids": ids, **per_token}  # each row's tokens, and what goes with each token
-        real = [m.bool() for m in mask]
-        with_img = [{k: v[b][real[b]] for k, v in columns.items()} for b in range(len(ids))]
-        text = [
-            {k: v[row["input_ids"] != self.lm.image_token_id] for k, v in row.items()} for row in with_img
-        ]
+        with_img = example_rows(kwargs, mask)  # each row's tokens, and what goes with each token
+        text = [drop_image_tokens(row, self.lm.image_token_id) for row in with_img]
         rows = with_img + text if lockstep else text
-        batch = _left_padded(rows, pad=self.lm.tokenizer.pad_token_id or 0, mask_dtype=mask.dtype)
+        batch = left_padded(rows, pad=self.lm.tokenizer.pad_token_id or 0, mask_dtype=mask.dtype)
         if self.lm.multimodal_positions:  # M-RoPE: the model's own index, from the mask
             del batch["position_ids"]
         self.selected, self.vhd, self._text_last = {}, {}, {}

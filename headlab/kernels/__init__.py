@@ -6,11 +6,12 @@ from headlab.kernels.fused import BACKENDS, fused_attention, pick_backend
 from headlab.kernels.reference import (
     ReferenceAttention,
     additive_mask,
+    boost_scores,
     causal_keep,
     expand_kv,
     naive_attention,
 )
-from headlab.kernels.spec import Attended, Distance, FusedSpec
+from headlab.kernels.spec import Attended, Distance, FusedSpec, ScoreBoost
 
 __all__ = [
     "BACKENDS",
@@ -18,8 +19,10 @@ __all__ = [
     "Distance",
     "FusedSpec",
     "ReferenceAttention",
+    "ScoreBoost",
     "additive_mask",
     "attention_with_lse",
+    "boost_scores",
     "causal_keep",
     "expand_kv",
     "fused_attention",

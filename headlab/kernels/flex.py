@@ -5,7 +5,8 @@ How each part of the spec maps onto flex:
 - masks (bottom-right causal with PINE segments, sliding window, key_valid, the dense boolean `mask`) are
   one `mask_mod`, turned into a BlockMask by `create_block_mask` so fully masked blocks are skipped; the
   semantics are exactly those of `fused.keep_rows`.
-- soft-cap (c * tanh(s / c)) and the dense additive `bias` (added after the soft-cap) are a `score_mod`.
+- soft-cap (c * tanh(s / c)) and the dense additive `bias` (added after the soft-cap) are a `score_mod`;
+  so is PAINT's score boost (s + coef_j |s| on the boosted rows, after the bias, `spec.ScoreBoost`).
 - GQA is flex's `enable_gqa=True` (per-head key classes need per-query-head values, so then k and v are
   expanded); the scale is passed explicitly; the logsumexp comes from `return_aux=AuxRequest(lse=True)`
   (torch 2.13 returns it in natural log; the deprecated `return_lse=True` is not used).
@@ -60,7 +61,7 @@ def flex_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: FusedSpe
     seen = torch.isfinite(lse)
     aug = torch.where(seen[..., None], aug.float(), 0.0)
     out, class_mass, class_out, entropy, distance = decode_columns(aug, lse, q, spec, d_v)
-    if spec.entropy and not plain_scores(spec):
+    if spec.entropy and not (plain_scores(spec) and spec.boost is None):
         entropy = _mass(q, kk, spec, block_mask, score_mod, lse, gqa, _entropy_weight(lse))
     if spec.distance is not None and spec.distance.dims != 1:
         first = _radial_moment(q, kk, spec, block_mask, score_mod, lse, gqa)
@@ -158,8 +159,8 @@ def _mask_mod(spec: FusedSpec, dense, n_q: int, n_k: int, device) -> Callable | 
 
 
 def _score_mod(spec: FusedSpec, b: int, h: int, n_q: int, n_k: int, device) -> Callable | None:
-    """score_mod for the soft-cap then the additive bias (None when neither is asked for)."""
-    if plain_scores(spec):
+    """score_mod for the soft-cap, then the additive bias, then the boost (None when none is asked for)."""
+    if plain_scores(spec) and spec.boost is None:
         return None
     cap = spec.softcap
     bias = None
@@ -167,12 +168,20 @@ def _score_mod(spec: FusedSpec, b: int, h: int, n_q: int, n_k: int, device) -> C
         bias = spec.bias.to(device=device, dtype=torch.float32)
         bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
         bias = (bias if bias.shape[2] == 1 else bias[..., -n_q:, :]).expand(b, h, n_q, n_k)
+    coef = rows = None
+    if spec.boost is not None:
+        coef = spec.boost.coef.to(device=device, dtype=torch.float32).expand(b, h, n_k)
+        rows = spec.boost.rows
+        rows = torch.ones(b, n_q, dtype=torch.bool, device=device) if rows is None else rows.to(device)
+        rows = rows.expand(b, n_q)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         if cap is not None:
             score = cap * torch.tanh(score / cap)
         if bias is not None:
             score = score + bias[b, h, q_idx, kv_idx]
+        if coef is not None:
+            score = score + torch.where(rows[b, q_idx], coef[b, h, kv_idx] * score.abs(), 0.0)
         return score
 
     return score_mod

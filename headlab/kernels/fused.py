@@ -12,7 +12,9 @@ Backends:
 - "tiled": exact torch over query tiles, O(tile * k) memory; takes every spec.
 - "reference": the naive oracle with the full [q, k] pattern (the same code as "tiled", one tile).
 
-"auto": CUDA -> triton (flex where Triton is missing); CPU -> sdpa (tiled where sdpa cannot). Before the
+"auto": CUDA -> triton (flex where Triton is missing); CPU -> sdpa (tiled where sdpa cannot). A spec with
+a score boost (`ScoreBoost`, PAINT) goes to flex on CUDA and to tiled on the CPU: neither SDPA nor the
+Triton kernel can apply a score-dependent change (asking for them by name is an InputError). Before the
 GPU backends, a dense mask that is exactly causal & padding becomes per-key validity (`structured_mask`). The
 environment variable HEADLAB_ATTENTION=<backend> forces one (e.g. to run the Triton path under the
 interpreter).
@@ -30,7 +32,7 @@ from headlab.errors import InputError
 from headlab.kernels.augmented import attention_with_lse
 from headlab.kernels.columns import augmented_values, decode_columns
 from headlab.kernels.rebuild import attention_scores
-from headlab.kernels.reference import expand_kv
+from headlab.kernels.reference import boost_scores, expand_kv
 from headlab.kernels.spec import Attended, FusedSpec, check_shapes
 
 BACKENDS = ("auto", "triton", "flex", "sdpa", "tiled", "reference")
@@ -39,11 +41,21 @@ _TILE = 256
 
 def pick_backend(q: torch.Tensor, spec: FusedSpec, backend: str = "auto") -> str:
     """The backend `fused_attention` would use for this call."""
-    backend = os.environ.get("HEADLAB_ATTENTION", backend) if backend == "auto" else backend
-    if backend not in BACKENDS:
-        raise InputError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    forced = os.environ.get("HEADLAB_ATTENTION", backend) if backend == "auto" else backend
+    if forced not in BACKENDS:
+        raise InputError(f"unknown attention backend {forced!r}; choose one of {', '.join(BACKENDS)}")
+    if spec.boost is not None and forced != backend and forced in ("triton", "sdpa"):
+        forced = "auto"  # the environment's choice cannot boost: the boost's own route
+    backend = forced
     if backend != "auto":
+        if spec.boost is not None and backend in ("triton", "sdpa"):
+            raise InputError(
+                f"the {backend} backend cannot apply a score boost (PAINT's s + c|s|); use 'tiled', 'flex' or "
+                "'reference' (or 'auto')"
+            )
         return backend
+    if spec.boost is not None:
+        return "flex" if q.device.type == "cuda" else "tiled"
     if q.device.type == "cuda":
         from headlab.kernels.triton_attention import available
 
@@ -54,7 +66,8 @@ def pick_backend(q: torch.Tensor, spec: FusedSpec, backend: str = "auto") -> str
 def sdpa_takes(spec: FusedSpec) -> bool:
     """Whether the augmented-value SDPA path computes `spec` exactly."""
     two_d = spec.distance is not None and spec.distance.dims != 1
-    return spec.softcap is None and not two_d and not (spec.entropy and spec.bias is not None)
+    plain = spec.softcap is None and spec.boost is None
+    return plain and not two_d and not (spec.entropy and spec.bias is not None)
 
 
 def fused_attention(
@@ -168,6 +181,9 @@ def _explicit_tile(q, k32, v32, spec: FusedSpec, rows: torch.Tensor):
     bias = _bias_rows(spec, rows, n_q, device)
     if bias is not None:
         s = s + bias
+    if spec.boost is not None:  # PAINT: s + c|s| on the boosted rows, after the bias, before the masks
+        boosted = None if spec.boost.rows is None else spec.boost.rows.to(device)[:, rows.to(device)]
+        s = boost_scores(s, spec.boost.coef, boosted)
     keep = keep_rows(spec, rows, n_q, n_k, device)
     if keep is not None:
         keep = keep.expand_as(s)

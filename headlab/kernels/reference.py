@@ -19,6 +19,16 @@ from headlab.errors import InputError
 from headlab.kernels.rebuild import attention_scores
 
 
+def boost_scores(scores: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """PAI's boost (PAINT) on explicit scores [batch, head, q, k]: s + coef |s| on the rows `rows` [batch|1,
+    q] (bool; None = all), coef [batch|1, head|1, k]. The one torch-side definition of the boost; flex's
+    score_mod writes the same formula per element."""
+    add = coef.to(scores.device, torch.float32)[:, :, None, :] * scores.abs()
+    if rows is not None:
+        add = torch.where(rows.to(scores.device)[:, None, :, None], add, 0.0)
+    return scores + add
+
+
 @dataclass(frozen=True)
 class ReferenceAttention:
     out: torch.Tensor  # [batch, head, q, d_v]
@@ -70,12 +80,16 @@ def naive_attention(
     scale: float | None = None,
     causal: bool = False,
     softcap: float | None = None,
+    boost=None,
 ) -> ReferenceAttention:
-    """Eager attention in float32 with the full pattern: the oracle."""
+    """Eager attention in float32 with the full pattern: the oracle. `boost` (`spec.ScoreBoost`) is applied
+    to the scores before the mask (PAINT)."""
     n_heads, n_q, n_k = q.shape[1], q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k, v = expand_kv(k, n_heads).float(), expand_kv(v, n_heads).float()
     scores = attention_scores(q, k, scale=scale, softcap=softcap)  # [batch, head, q, k]
+    if boost is not None:
+        scores = boost_scores(scores, boost.coef, boost.rows)
     bias = additive_mask(mask, n_q, n_k, causal=causal, dtype=torch.float32, device=q.device)
     if bias is not None:
         scores = scores + bias

@@ -34,6 +34,28 @@ class Distance:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ScoreBoost:
+    """PAI's score-dependent boost (PAINT): s_ij <- s_ij + coef_j * |s_ij| on the query rows `rows`.
+
+    coef [batch or 1, head or 1, k] float: each key's coefficient (0 = untouched); rows [batch or 1, q] bool:
+    the query rows it applies to (None: every row). Applied after scale, soft-cap and `bias`, before the
+    masks (a masked key stays masked). Not an additive bias: it depends on the score itself, so the SDPA
+    and Triton backends cannot apply it (`fused.pick_backend` routes such specs to "tiled" / "flex").
+    """
+
+    coef: torch.Tensor
+    rows: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.coef.dim() != 3:
+            raise InputError(
+                f"ScoreBoost: coef must be [batch|1, head|1, k], got shape {tuple(self.coef.shape)}"
+            )
+        if self.rows is not None and (self.rows.dim() != 2 or self.rows.dtype != torch.bool):
+            raise InputError("ScoreBoost: rows must be a boolean [batch|1, q] tensor (or None for every row)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class FusedSpec:
     """One attention call. Score side, in order: scale * q.k, soft-cap, + `bias`, masks. Masks: `mask`
     (bool keep, broadcastable to [batch, head, q, k]; HF masks), `key_valid` [batch, k] (padding),
@@ -42,6 +64,7 @@ class FusedSpec:
     Statistics: class masses for `key_class` [batch, 1 or head, k] (ints in [0, n_classes), -1 = none),
     class outputs (sum over the class of a_ij v_j) when `class_outputs`, entropy, distance moments.
     Output side: `head_scale` [head] or [batch, head] multiplies each head's output (VHR, head scaling).
+    `boost` (`ScoreBoost`, PAINT): s <- s + coef |s| on chosen rows and keys, after the bias, before masks.
     """
 
     scale: float
@@ -58,6 +81,7 @@ class FusedSpec:
     entropy: bool = False
     distance: Distance | None = None
     head_scale: torch.Tensor | None = None
+    boost: ScoreBoost | None = None
 
     def __post_init__(self) -> None:
         if (self.key_class is None) != (self.n_classes == 0):

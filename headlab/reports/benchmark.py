@@ -31,7 +31,14 @@ from headlab.reports.document import Document, Thumbnail
 from headlab.reports.output import fmt
 from headlab.reports.registry import Report, ReportOption, ReportResult
 from headlab.runs import distributed
-from headlab.runs.answering import CONDITIONS, AnswerRun, Split, answer_all, condition_interventions, outcome
+from headlab.runs.answering import (
+    KNOWN_CONDITIONS,
+    AnswerRun,
+    Split,
+    answer_all,
+    condition_interventions,
+    outcome,
+)
 from headlab.runs.answers import ANSWERS, AnswerLog, ModelIdentity, load_report_model
 from headlab.runs.outcome import Progress
 
@@ -45,10 +52,10 @@ BOOTSTRAP = {"resamples": 1000, "seed": 0, "level": 0.95, "paired": True}
 def parse_conditions(text: str) -> list[str]:
     """'none,vhr,var' -> ['none', 'vhr', 'var'], checked; 'none' is always included (the baseline)."""
     names = [c.strip().lower() for c in text.split(",") if c.strip()]
-    bad = [c for c in names if c not in CONDITIONS]
+    bad = [c for c in names if c not in KNOWN_CONDITIONS]
     if bad or not names:
         raise InputError(
-            f"--interventions takes a comma-separated subset of {','.join(CONDITIONS)}, got {text!r}"
+            f"--interventions takes a comma-separated subset of {','.join(KNOWN_CONDITIONS)}, got {text!r}"
         )
     return ["none"] + [c for c in dict.fromkeys(names) if c != "none"]
 
@@ -69,8 +76,8 @@ def checked_conditions(conditions: Sequence[str]) -> list[str]:
     if not conditions or conditions[0] != "none":
         raise InputError("the conditions must start with 'none' (the baseline the others are compared to)")
     for c in conditions:
-        if c not in CONDITIONS:
-            raise InputError(f"unknown condition {c!r}: choose from {', '.join(CONDITIONS)}")
+        if c not in KNOWN_CONDITIONS:
+            raise InputError(f"unknown condition {c!r}: choose from {', '.join(KNOWN_CONDITIONS)}")
     return conditions
 
 
@@ -88,7 +95,7 @@ INTERVENTIONS = ReportOption(
     name="interventions",
     type=str,
     default="none,vhr,var",
-    help="conditions: a subset of none,vhr,var",
+    help="conditions: a subset of none,vhr,var,paint",
     dest="conditions",
     convert=parse_conditions,
 )

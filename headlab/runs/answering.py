@@ -1,13 +1,15 @@
 """Answering runs of the LVLM benchmark reports (POPE, MME, AMBER, CHAIR): greedy answers of a vision-language
 model to every question of a few question files, under each intervention condition, logged as they come.
 
-Conditions: "none" (the plain model), "vhr" (`VHR()`, paper defaults) and "var" (`VAR(tau=...)`; models
+Conditions: "none" (the plain model), "vhr" (`VHR()`, paper defaults), "var" (`VAR(tau=...)`; models
 whose default VAR range 2..L-2 is empty, i.e. with at most 3 language layers, get layers (0, 1) and the
-note says so). Prompts are the model's own format around the question text (`inputs.question_prompt`).
+note says so) and "paint" (`PAINT()`, the official code's defaults: alpha 0.7, beta 0.3, ratio 0.25, the
+layers 2..31 of 32 scaled to the model's depth; the boost only, without PAI's CFG branch). `CONDITIONS` is
+the default set of a report; `KNOWN_CONDITIONS` every condition a report takes. Prompts are the model's own format around the question text (`inputs.question_prompt`).
 
 Batches (`answer_all(batch_size=N)`): N questions are answered by one `generate` call, left-padded, each
-row under its own intervention state: VHR selects each example's heads from that example alone and VAR's
-rules act per row, so the answers are those of batch 1 up to floating-point rounding (tested equal on the
+row under its own intervention state: VHR selects each example's heads from that example alone, VAR's
+rules act per row and PAINT boosts each row's last query toward its own image's tokens, so the answers are those of batch 1 up to floating-point rounding (tested equal on the
 zoo LLaVA); VAR's counts are kept per row, so every answer still has its own `VarSeen`.
 
 Rules (`answer_all`):
@@ -37,7 +39,8 @@ from headlab.errors import InputError
 from headlab.runs.answers import AnswerLog
 from headlab.runs.outcome import Outcome, Progress, reason
 
-CONDITIONS = ("none", "vhr", "var")
+CONDITIONS = ("none", "vhr", "var")  # a report's default conditions
+KNOWN_CONDITIONS = (*CONDITIONS, "paint")
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Split:
 def condition_interventions(name: str, n_layers: int, *, var_tau: float = 20.0) -> tuple[tuple, str]:
     """The interventions of a condition for a language model of `n_layers` layers, and a note on them."""
     from headlab.interventions import VAR, VHR
+    from headlab.interventions.paint import PAINT, default_layers
 
     if name == "none":
         return (), "the plain model"
@@ -86,7 +90,13 @@ def condition_interventions(name: str, n_layers: int, *, var_tau: float = 20.0) 
             )
             return (VAR(tau=var_tau, layers=(0, 1)),), note
         return (VAR(tau=var_tau),), f"VAR(tau={var_tau}), official-code defaults (layers 2..L-2)"
-    raise InputError(f"unknown condition {name!r}: choose from {', '.join(CONDITIONS)}")
+    if name == "paint":
+        layers = default_layers(n_layers)
+        return (PAINT(),), (
+            f"PAINT(), official-code defaults (alpha 0.7, beta 0.3, ratio 0.25; language layers "
+            f"{layers[0]}..{layers[-1]}), without PAI's CFG branch"
+        )
+    raise InputError(f"unknown condition {name!r}: choose from {', '.join(KNOWN_CONDITIONS)}")
 
 
 @dataclass(frozen=True, kw_only=True)
