@@ -27,7 +27,7 @@ from headlab.version import __version__ as __version__
 
 _EXPORTS = {
     **dict.fromkeys(
-        ("ACT", "PAICFG", "PAINT", "PINE", "VAR", "VHR", "HeadAblation", "HeadScale", "intervene"),
+        ("ACT", "CCA", "PAICFG", "PAINT", "PINE", "VAR", "VHR", "HeadAblation", "HeadScale", "intervene"),
         "headlab.interventions",
     ),
     **dict.fromkeys(("SUPPORTED", "LoadedModel", "Tower", "describe", "load"), "headlab.loading"),
@@ -67,7 +67,18 @@ if TYPE_CHECKING:  # what the facade resolves to, for type checkers and IDEs
         store,
         zoo,
     )
-    from headlab.interventions import ACT, PAICFG, PAINT, PINE, VAR, VHR, HeadAblation, HeadScale, intervene
+    from headlab.interventions import (
+        ACT,
+        CCA,
+        PAICFG,
+        PAINT,
+        PINE,
+        VAR,
+        VHR,
+        HeadAblation,
+        HeadScale,
+        intervene,
+    )
     from headlab.loading import SUPPORTED, LoadedModel, Tower, describe, load
     from headlab.models import Family
     from headlab.probe import Record, Select, Stats, TokenRoles, capture, grid_roles, text_roles
@@ -75,6 +86,7 @@ if TYPE_CHECKING:  # what the facade resolves to, for type checkers and IDEs
 
 __all__ = [
     "ACT",
+    "CCA",
     "PAICFG",
     "PAINT",
     "PINE",

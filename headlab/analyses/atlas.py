@@ -7,7 +7,10 @@ Features (averaged over the store's examples, one condition or all):
   column mean otherwise;
 - from stored full attention patterns (compact capture), where present for the first `pattern_examples`
   examples: `prev_token` = mean_q A[q, q-1] (q >= 1), `first_token` = mean_q A[q, 0], `self` = mean_q A[q, q];
-- `induction`, when scores are given (e.g. a stored result with layer, head and an `induction` column).
+- `induction`, when scores are given (e.g. a stored result with layer, head and an `induction` column);
+- long-context scores, when results are given (headlab.analyses.retrieval / longctx): `retrieval_score`
+  (Wu et al.), `streaming` (DuoAttention-style, binarised), `echo` and `induction` (RazorAttention's masks,
+  per repeated query: the attention from a token to its earlier occurrences / to the tokens after them).
 
 Choices: features are standardised (z-scores; constant columns become 0); the embedding is UMAP
 (umap-learn, n_neighbors = min(15, n_heads - 1), random_state = seed) when there are more heads than
@@ -19,7 +22,11 @@ Role rules (a head can have several; joined by "+", "other" when none):
 - sink: alpha of the first token (`alpha:pos:0`) > 0.3 (Gu et al.'s threshold);
 - previous-token: `prev_token` > 0.4 from patterns; without patterns (an approximation), 0.75 <=
   distance <= 1.5 and entropy < 1 nat (sharp attention about one token back);
-- induction: the given induction score > 0.3;
+- induction: the given induction score > 0.3 (one definition: the mean attention from a repeated token to
+  the token after its earlier occurrence, e.g. the `razor-heads` result's `induction` column);
+- echo: the `echo` score > 0.3 (the same, to the earlier occurrence itself);
+- retrieval: `retrieval_score` > 0.1 (Wu et al.'s threshold);
+- streaming: DuoAttention's binarised `streaming` flag (the KV head keeps only sink + recent keys);
 - positional: mean attended distance < 1.5 (tokens or patches) and not a previous-token head (local);
 - vision-aware: `mass:image` > 0.5 (LVLM language heads that read the image tokens).
 """
@@ -39,6 +46,9 @@ KEY = ["tower", "layer", "head"]
 SINK_ALPHA = 0.3
 PREV_TOKEN = 0.4
 INDUCTION = 0.3
+ECHO = INDUCTION  # same units as induction: attention per repeated query
+RETRIEVAL = 0.1
+LONG_CONTEXT_COLUMNS = ("retrieval_score", "streaming", "echo", "induction")
 LOCAL_DISTANCE = 1.5
 IMAGE_MASS = 0.5
 N_NEIGHBORS = 15
@@ -121,6 +131,9 @@ def head_roles(features: pd.DataFrame) -> pd.Series:
         "sink": col("alpha:pos:0") > SINK_ALPHA,
         "previous-token": pd.Series(prev, index=features.index),
         "induction": col("induction") > INDUCTION,
+        "echo": col("echo") > ECHO,
+        "retrieval": col("retrieval_score") > RETRIEVAL,
+        "streaming": col("streaming").fillna(0).astype(float) > 0.5,
         "positional": (dist < LOCAL_DISTANCE) & ~pd.Series(prev, index=features.index),
         "vision-aware": col("mass:image") > IMAGE_MASS,
     }
@@ -176,8 +189,11 @@ def head_atlas(
     clusters: int = 4,
     seed: int = 0,
     pattern_examples: int = 8,
+    scores: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """The atlas of every head in `store` (module docstring). induction: {(tower, layer, head): score}."""
+    """The atlas of every head in `store` (module docstring). induction: {(tower, layer, head): score}.
+    scores: per-head long-context scores (layer, head, tower optional, and any of `LONG_CONTEXT_COLUMNS`),
+    e.g. the results of `retrieval-heads`, `streaming-heads` and `razor-heads` joined (`long_context_scores`)."""
     features = stat_features(store, condition=condition)
     patterns = pattern_features(store, condition=condition or "default", pattern_examples=pattern_examples)
     if len(patterns):
@@ -187,7 +203,46 @@ def head_atlas(
             induction.get((t, int(la), int(h)), np.nan) for t, la, h in features[KEY].itertuples(index=False)
         ]
         features["induction"] = pd.Series(score, index=features.index).fillna(0.0)
+    if scores is not None and len(scores):
+        features = _with_scores(features, scores)
     return atlas_from_features(features.sort_values(KEY).reset_index(drop=True), clusters=clusters, seed=seed)
+
+
+def _with_scores(features: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """`features` with the long-context score columns of `scores` (absent heads: 0 / False); an induction
+    column the features already have (the `induction` option) is kept."""
+    scores = scores.assign(tower=scores.tower if "tower" in scores else "lm")
+    missing = {"layer", "head"} - set(scores)
+    if missing:
+        raise SelectionError(f"long-context scores need layer and head columns; missing {sorted(missing)}")
+    cols = [
+        c for c in LONG_CONTEXT_COLUMNS if c in scores and (c != "induction" or "induction" not in features)
+    ]
+    merged = features.merge(scores[KEY + cols].drop_duplicates(KEY), on=KEY, how="left")
+    for c in cols:
+        merged[c] = merged[c].astype(float).fillna(0.0)
+    return merged
+
+
+def long_context_scores(store: Store, names) -> pd.DataFrame | None:
+    """The stored results `names` (None entries skipped) joined on (tower, layer, head), keeping the
+    long-context score columns."""
+    frames = []
+    for name in names:
+        if name is None:
+            continue
+        found = store.result(name)
+        found = found.assign(tower=found.tower if "tower" in found else "lm")
+        cols = [c for c in LONG_CONTEXT_COLUMNS if c in found]
+        if not cols:
+            raise StoreError(f"result {name!r} has none of the columns {LONG_CONTEXT_COLUMNS}")
+        frames.append(found[KEY + cols].drop_duplicates(KEY))
+    if not frames:
+        return None
+    out = frames[0]
+    for f in frames[1:]:
+        out = out.merge(f[[c for c in f.columns if c not in out.columns or c in KEY]], on=KEY, how="outer")
+    return out
 
 
 def _run(store: Store, options: dict) -> pd.DataFrame:
@@ -208,6 +263,7 @@ def _run(store: Store, options: dict) -> pd.DataFrame:
         induction=induction,
         clusters=options["clusters"],
         seed=options["seed"],
+        scores=long_context_scores(store, (options["retrieval"], options["streaming"], options["razor"])),
     )
 
 
@@ -216,7 +272,8 @@ ANALYSES = {
         name="atlas",
         description=(
             "Head atlas: per-head statistics (+ stored-pattern features), standardised, UMAP (PCA for few "
-            "heads) and KMeans, with rule-based roles (sink, previous-token, induction, positional, vision-aware)"
+            "heads) and KMeans, with rule-based roles (sink, previous-token, induction, positional, vision-aware; "
+            "with long-context results: retrieval, streaming, echo)"
         ),
         run=_run,
         options={
@@ -238,6 +295,20 @@ ANALYSES = {
                 among=StoreValues.RESULTS,
                 help="a stored result with layer, head and an induction (or score) column",
             ),
+            **{
+                name: Option(
+                    type=str,
+                    default=None,
+                    optional=True,
+                    among=StoreValues.RESULTS,
+                    help=f"a stored {name}-heads result (long-context roles: {what})",
+                )
+                for name, what in (
+                    ("retrieval", "retrieval"),
+                    ("streaming", "streaming"),
+                    ("razor", "echo, induction"),
+                )
+            },
         },
     )
 }

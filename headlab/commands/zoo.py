@@ -49,7 +49,9 @@ def listing() -> None:
 
 
 def train(
-    name: Annotated[str, typer.Argument(help="zoo model: lm, llava or vit (`headlab zoo list`)")],
+    name: Annotated[
+        str, typer.Argument(help="zoo model, e.g. lm, lm-long, llava, llava-cca or vit (`headlab zoo list`)")
+    ],
     out: Annotated[
         Path | None, typer.Option(help="directory to write into (default: the shipped location)")
     ] = None,

@@ -7,6 +7,7 @@ function.
 """
 
 from headlab.interventions.act import ACT
+from headlab.interventions.cca import CCA, cca_mask, cca_positions, ring_index
 from headlab.interventions.core import (
     AttentionCall,
     GroupEdit,
@@ -24,6 +25,7 @@ from headlab.interventions.vhr import VHR, vhr_reference
 
 __all__ = [
     "ACT",
+    "CCA",
     "PAICFG",
     "PAINT",
     "PINE",
@@ -35,6 +37,8 @@ __all__ = [
     "HeadScale",
     "Intervention",
     "Patch",
+    "cca_mask",
+    "cca_positions",
     "find_sink_dims",
     "grouped_attention",
     "head_outputs",
@@ -44,5 +48,6 @@ __all__ = [
     "paint_tokens",
     "pine_inputs",
     "reference_attention",
+    "ring_index",
     "vhr_reference",
 ]

@@ -32,6 +32,11 @@ class Stats:
     roles: role names to report mass for (None = every role present); asking for a role that no example
         of a batch has is an error.
     towers: which towers to compute them for (None = all).
+    offsets: key offsets D >= 0 whose offset mass is reported as stat "offset", role "d:D": the sum over the
+        selected real queries i of A[i, i - D] (the offset histogram D(D) of methods/longctx.md 5; queries
+        with no key at i - D add nothing). Each entry is rebuilt exactly from q_i . k_(i-D) and the row
+        logsumexp: O(n * len(offsets)) per head, never the [n, n] pattern. RazorAttention's echo and
+        induction scores are sums of it (headlab.analyses.retrieval). Empty (the default): not computed.
     """
 
     which: tuple[str, ...] = STAT_NAMES
@@ -39,6 +44,7 @@ class Stats:
     first_k: int = 4
     roles: tuple[str, ...] | None = None
     towers: tuple[str, ...] | None = None
+    offsets: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = set(self.which) - set(STAT_NAMES)
@@ -46,6 +52,9 @@ class Stats:
             raise SelectionError(f"unknown statistics {sorted(unknown)}; choose from {STAT_NAMES}")
         if self.first_k < 0:
             raise SelectionError(f"first_k must be >= 0, got {self.first_k}")
+        bad = [d for d in self.offsets if isinstance(d, bool) or not isinstance(d, int) or d < 0]
+        if bad:
+            raise SelectionError(f"offsets must be integers >= 0 (key i - D for query i), got {bad}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,6 +11,9 @@ Both paths produce the same `PerQuery` tensors, so the fast path is tested again
     patch units, without renormalising over patches (the ViT "mean attention distance" convention).
 - alpha [batch, head, q, a]: A[i, k_a] for the first K keys and flagged keys, rebuilt for those few keys
     from the logsumexp; reduced to Gu et al.'s alpha_k = sum_i A[i, k] / #(real queries that can see k).
+- offset [batch, head, q, d]: A[i, i - D] for the requested offsets D (NaN where query i has no visible key
+    at example position i - D), rebuilt for those keys from the logsumexp (O(n * offsets) per head);
+    reduced to the offset histogram D(D) = sum_i A[i, i - D] over the selected queries.
 
 How each backend computes them (Triton natively in its loop; SDPA on the CPU as augmented value columns;
 2-D distances on the CPU in query tiles) is the kernels package's business (`kernels/fused.py`).
@@ -44,6 +47,7 @@ class PerQuery:
     distance: torch.Tensor | None = None  # [batch, head, q]
     distance_rms: torch.Tensor | None = None  # [batch, head, q]
     alpha: torch.Tensor | None = None  # [batch, head, q, a]
+    offset: torch.Tensor | None = None  # [batch, head, q, d]
 
 
 def alpha_keys(ctx: BatchContext, first_k: int) -> torch.Tensor:
@@ -147,6 +151,50 @@ def alpha_from_lse(
     return rows_from_lse(scores, lse, keep=sees)
 
 
+def offset_keys(ctx: BatchContext, n_q: int, offsets: tuple[int, ...]) -> torch.Tensor:
+    """[batch, q, d] key index of example position (query position - D) for each query of the call and
+    offset D (-1 where that position is not a key of the call, or the query is padding)."""
+    q_pos = ctx.key_pos[:, -n_q:]  # [batch, q]
+    target = q_pos[:, :, None] - torch.tensor(offsets, dtype=torch.long)  # [batch, q, d]
+    target = torch.where((q_pos[:, :, None] >= 0) & (target >= 0), target, -1)
+    return ctx.key_index(target.flatten(1)).view(target.shape)
+
+
+def offset_from_lse(
+    q,
+    k,
+    lse,
+    keep,
+    *,
+    scale: float,
+    ctx: BatchContext,
+    offsets: tuple[int, ...],
+    softcap: float | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[batch, head, q, d] = A[i, i - D], rebuilt exactly as exp(s + b - lse_i) for the key at example
+    position i - D of each query i (0 where the mask hides it, NaN where the call has no such key).
+    O(q * d) per head."""
+    n_q = q.shape[2]
+    index = offset_keys(ctx, n_q, offsets).to(q.device)  # [batch, q, d]
+    idx = index.clamp(min=0)
+    k = expand_kv(k, q.shape[1])
+    rows_b = torch.arange(k.shape[0], device=q.device)[:, None, None, None]
+    rows_h = torch.arange(k.shape[1], device=q.device)[None, :, None, None]
+    k_d = k[rows_b, rows_h, idx[:, None]]  # [batch, head, q, d, d_head]
+    scores = attention_scores(q[:, :, :, None, :], k_d, scale=scale, softcap=softcap)  # [b, h, q, 1, d]
+    scores = scores[..., 0, :]  # [batch, head, q, d]
+    if bias is not None:
+        full = bias.to(q.device).expand(q.shape[0], q.shape[1], -1, -1)[:, :, -n_q:]  # [batch, head, q, k]
+        scores = scores + full.gather(-1, idx[:, None].expand(-1, q.shape[1], -1, -1))
+    sees = (index >= 0)[:, None]  # [batch, 1, q, d]
+    if keep is not None:
+        rows = keep.expand(q.shape[0], -1, n_q if keep.shape[2] == 1 else -1, -1)[:, :, -n_q:]
+        sees = sees & rows.gather(-1, idx[:, None].expand(-1, rows.shape[1], -1, -1))
+    probs = rows_from_lse(scores, lse, keep=sees)  # 0 where the mask hides the key
+    return torch.where((index >= 0)[:, None], probs, float("nan"))
+
+
 def _grid_coords(ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
     """[batch, n_k, 2] grid (row, col) of every key and [batch, n_k] whether it is a patch."""
     coords = torch.zeros(ctx.batch, ctx.n_keys, 2)
@@ -206,6 +254,10 @@ def from_probs(
             stats.distance, stats.distance_rms = grid_distance_from_probs(probs, ctx)
     if alpha_pos is not None and alpha_pos.shape[1]:
         stats.alpha = torch.einsum("bhqk,bka->bhqa", probs, _alpha_onehots(ctx, alpha_pos))
+    if spec.offsets:
+        index = offset_keys(ctx, n_q, tuple(spec.offsets)).to(probs.device)  # [batch, q, d]
+        got = probs.gather(-1, index.clamp(min=0)[:, None].expand(-1, probs.shape[1], -1, -1))
+        stats.offset = torch.where((index >= 0)[:, None], got, float("nan"))
     return stats
 
 
@@ -254,7 +306,9 @@ def reduce(
     """Tidy rows (example, tower, step, layer, head, stat, role, value) of one attention call; the call's
     heads are global heads head_offset, head_offset + 1, ... (a tensor-parallel rank's share)."""
     blocks: list[tuple[torch.Tensor, str, list[list[str]], torch.Tensor]] = []
-    any_stat = next(t for t in (stats.mass, stats.entropy, stats.distance, stats.alpha) if t is not None)
+    any_stat = next(
+        t for t in (stats.mass, stats.entropy, stats.distance, stats.alpha, stats.offset) if t is not None
+    )
     n_q = any_stat.shape[2]
     sel = _query_selection(ctx, n_q, spec.queries).to(any_stat.device)
     q_valid = ctx.key_valid[:, -n_q:]
@@ -300,6 +354,13 @@ def reduce(
             (mean(stats.distance), "distance", one, everyone),
             (mean(stats.distance_rms), "distance_rms", one, everyone),
         ]
+    if stats.offset is not None:
+        w = sel[:, None, :, None].float()
+        defined = (~stats.offset.isnan() * w).sum(2) > 0  # [batch, head, d]
+        total = torch.nan_to_num(stats.offset * w).sum(2)
+        labels = [[f"d:{d}" for d in spec.offsets]] * ctx.batch
+        everywhere = torch.ones(ctx.batch, len(spec.offsets), dtype=torch.bool)
+        blocks.append((torch.where(defined, total, float("nan")), "offset", labels, everywhere))
     if stats.alpha is not None and ctx.step == 0:
         counts = _visible_counts(ctx, alpha_pos, keep, causal, n_q).to(stats.alpha.device)  # [batch, a]
         real = q_valid[:, None, :, None].to(stats.alpha.device)  # padding queries attend nowhere real

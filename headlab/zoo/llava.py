@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -111,8 +112,15 @@ def _batches(encoded, scene_of, pixel_values, pad_id, gen) -> Iterator[dict]:
 
 
 def train_llava(
-    out: str | Path, *, seed: int = 0, steps: int | None = None, progress: Progress | None = None
+    out: str | Path,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    progress: Progress | None = None,
+    cca: bool = False,
 ):
+    """Train the zoo LLaVA into `out`. cca: train with Concentric Causal Attention active in every forward
+    pass (recipe `llava-cca`: same data, seed and schedule; headlab.interventions.cca)."""
     gen = seed_everything(seed)
     scene_list = scenes.make_scenes(N_SCENES, seed=seed)
     triples = samples(scene_list, seed)
@@ -125,11 +133,18 @@ def train_llava(
     batches = _batches(
         encoded, [i for i, _, _ in triples], pixels(processor, scene_list), tokenizer.pad_token_id, gen
     )
-    summary = fit(model, batches, schedule, progress=progress)
+    with _cca_applied(model) if cca else nullcontext():
+        summary = fit(model, batches, schedule, progress=progress)
     Path(out).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return summary
+
+
+def _cca_applied(model):
+    from headlab.interventions.cca import CCA
+
+    return CCA().applied(model)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

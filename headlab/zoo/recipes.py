@@ -42,6 +42,7 @@ def train(
         "seed": seed,
         "training": summary,
         "evaluation": metrics,
+        **({"cca": True, "usage": "with hl.intervene(lm, hl.CCA()): ..."} if model.cca else {}),
         "built_with": {
             "torch": torch.__version__,
             "transformers": tf.__version__,

@@ -27,6 +27,9 @@ class ZooModel:
     train: Callable[..., dict]  # (out, *, seed, steps, progress) -> training summary
     evaluate: Callable[[object], dict]  # (LoadedModel) -> metrics
     seed: int = 0  # the seed of the shipped weights
+    # trained with CCA (headlab.interventions.cca): its card records "cca": true, and it is meant to run
+    # under `hl.intervene(lm, hl.CCA())` (loading does not apply CCA by itself)
+    cca: bool = False
 
 
 def _lm_train(out, **kw):
@@ -53,6 +56,25 @@ def _llava_eval(lm):
     return evaluate_llava(lm.model, lm.processor)
 
 
+def _llava_cca_train(out, **kw):
+    from headlab.zoo.llava import train_llava
+
+    return train_llava(out, cca=True, **kw)
+
+
+def _llava_cca_eval(lm):
+    from headlab.interventions.cca import CCA
+    from headlab.interventions.core import intervene
+    from headlab.zoo.llava import evaluate_llava
+
+    with intervene(lm, CCA()):
+        metrics = evaluate_llava(lm.model, lm.processor)
+        # the same evaluation on 20 held-out scenes: what tests/test_cca.py reproduces quickly
+        subset = evaluate_llava(lm.model, lm.processor, n_images=20)
+    splits = ("random", "popular", "adversarial")
+    return {**metrics, "subset": {"n_images": 20, **{s: subset[s] for s in splits}}}
+
+
 def _vit_train(out, **kw):
     from headlab.zoo.vit import train_vit
 
@@ -63,6 +85,18 @@ def _vit_eval(lm):
     from headlab.zoo.vit import evaluate_vit
 
     return evaluate_vit(lm.model, lm.processor)
+
+
+def _lm_long_train(out, **kw):
+    from headlab.zoo.lm_long import train_lm_long
+
+    return train_lm_long(out, **kw)
+
+
+def _lm_long_eval(lm):
+    from headlab.zoo.lm_long import evaluate_lm_long
+
+    return evaluate_lm_long(lm)
 
 
 ZOO: dict[str, ZooModel] = {
@@ -88,11 +122,28 @@ ZOO: dict[str, ZooModel] = {
             _llava_eval,
         ),
         ZooModel(
+            "llava-cca",
+            "lvlm",
+            "the llava recipe (same data, seed and steps) trained with Concentric Causal Attention (CCA: "
+            "concentric image positions and mask) in every pass; run it under hl.intervene(lm, hl.CCA())",
+            _llava_cca_train,
+            _llava_cca_eval,
+            cca=True,
+        ),
+        ZooModel(
             "vit",
             "vit",
             "ViT classifier (4 layers, 4 heads, d=64, 4-pixel patches) naming the objects of synthetic scenes",
             _vit_train,
             _vit_eval,
+        ),
+        ZooModel(
+            "lm-long",
+            "llm",
+            "4-layer Llama (RoPE, 4 query / 2 KV heads per layer, d=64, 512 positions) on needle-in-a-haystack "
+            "retrieval and repeated random tokens: retrieval, streaming, echo and induction heads",
+            _lm_long_train,
+            _lm_long_eval,
         ),
     )
 }
