@@ -352,31 +352,6 @@ def test_paint_condition_batched_answers_equal_batch_one(tmp_path):
     assert len(runs[1]) == 2 * 3 * 8 and runs[8] == runs[1]
 
 
-def test_readme_example_runs():
-    """The README section's example, as written there."""
-    setup = (
-        "import headlab as hl\nfrom headlab.datasets import scenes\n"
-        "lm = hl.load('zoo:llava')\n"
-        "inputs = lm.processor(text=['USER: <image>\\nIs there an apple in the image? ASSISTANT:'], "
-        "images=[scenes.render(scenes.make_scenes(1)[0])], return_tensors='pt')\n"
-    )
-    example = """
-from headlab.interventions.paint import PAICFG, PAINT, paint_tokens
-
-with hl.intervene(lm, PAINT(alpha=0.7, beta=0.3)) as runner:
-    out = lm.model.generate(**inputs, max_new_tokens=8, do_sample=False)
-local, summary = runner.patches[0].latest[0]  # patch indices of the image's two streams
-
-with hl.intervene(lm, PAINT(), PAICFG(gamma=1.1)):  # the paper's runs: boost + PAI's text-only branch
-    out = lm.model.generate(**inputs, max_new_tokens=8, do_sample=False)
-
-assert [t.tolist() for t in paint_tokens(lm, inputs)[0]] == [local.tolist(), summary.tolist()]
-"""
-    scope: dict = {}
-    exec(compile(setup + example, "README PAINT example", "exec"), scope)
-    assert scope["out"].shape[1] > scope["inputs"]["input_ids"].shape[1]
-
-
 def test_paint_condition_in_the_chair_report_and_a_capture(tmp_path):
     out = tmp_path / "chair"
     args = ["report", "chair", "--out", str(out), "--n", "4", "--interventions", "none,paint"]

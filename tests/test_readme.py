@@ -12,6 +12,14 @@ def _blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+_ZOO_LLAVA_INPUTS = (
+    "import headlab as hl\nfrom headlab.datasets import scenes\n"
+    "lm = hl.load('zoo:llava')\n"
+    "inputs = lm.processor(text=['USER: <image>\\nIs there an apple in the image? ASSISTANT:'], "
+    "images=[scenes.render(scenes.make_scenes(1)[0])], return_tensors='pt')\n"
+)
+
+
 def test_quick_start_runs(model_dirs):
     code = _blocks()[0].replace('hl.load("gpt2")', f"hl.load({model_dirs['gpt2']!r})")
     code = (
@@ -49,17 +57,35 @@ def test_store_example_runs(model_dirs, tmp_path, monkeypatch):
 
 def test_intervention_and_zoo_examples_run():
     block = next(b for b in _blocks() if "hl.intervene" in b)
-    setup = (
-        "import headlab as hl\nfrom headlab.datasets import scenes\n"
-        "lm = hl.load('zoo:llava')\n"
-        "inputs = lm.processor(text=['USER: <image>\\nIs there an apple in the image? ASSISTANT:'], "
-        "images=[scenes.render(scenes.make_scenes(1)[0])], return_tensors='pt')\n"
-    )
     scope: dict = {}
-    exec(compile(setup + block, "README interventions example", "exec"), scope)
+    exec(compile(_ZOO_LLAVA_INPUTS + block, "README interventions example", "exec"), scope)
     assert scope["out"].shape[1] > scope["inputs"]["input_ids"].shape[1]
     zoo = next(b for b in _blocks() if 'hl.load("zoo:lm")' in b)
     exec(compile(zoo, "README zoo example", "exec"), {})
+
+
+def test_paint_example_runs():
+    block = next(b for b in _blocks() if "hl.PAICFG(" in b)
+    scope: dict = {}
+    exec(compile(_ZOO_LLAVA_INPUTS + block, "README PAINT example", "exec"), scope)
+    assert scope["out"].shape[1] > scope["inputs"]["input_ids"].shape[1]
+    assert len(scope["local"]) > 0
+
+
+def test_cca_example_runs():
+    block = next(b for b in _blocks() if 'hl.load("zoo:llava-cca")' in b)
+    scope: dict = {}
+    exec(compile(block, "README CCA example", "exec"), scope)
+    assert scope["out"].shape[1] > scope["inputs"]["input_ids"].shape[1]
+    assert not scope["lm"].model.training
+
+
+def test_long_context_roles_example_runs():
+    block = next(b for b in _blocks() if 'hl.load("zoo:lm-long")' in b)
+    scope: dict = {}
+    exec(compile(block, "README long-context roles example", "exec"), scope)
+    assert scope["scores"].is_retrieval.any() and len(scope["top"]) == 2
+    assert scope["razor"].razor_retrieval.any()
 
 
 def test_analysis_example_runs(tmp_path):

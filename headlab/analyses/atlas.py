@@ -193,7 +193,8 @@ def head_atlas(
 ) -> pd.DataFrame:
     """The atlas of every head in `store` (module docstring). induction: {(tower, layer, head): score}.
     scores: per-head long-context scores (layer, head, tower optional, and any of `LONG_CONTEXT_COLUMNS`),
-    e.g. the results of `retrieval-heads`, `streaming-heads` and `razor-heads` joined (`long_context_scores`)."""
+    e.g. the results of `retrieval-heads`, `streaming-heads` and `razor-heads` joined
+    (`long_context_scores`)."""
     features = stat_features(store, condition=condition)
     patterns = pattern_features(store, condition=condition or "default", pattern_examples=pattern_examples)
     if len(patterns):
@@ -272,8 +273,8 @@ ANALYSES = {
         name="atlas",
         description=(
             "Head atlas: per-head statistics (+ stored-pattern features), standardised, UMAP (PCA for few "
-            "heads) and KMeans, with rule-based roles (sink, previous-token, induction, positional, vision-aware; "
-            "with long-context results: retrieval, streaming, echo)"
+            "heads) and KMeans, with rule-based roles (sink, previous-token, induction, positional, "
+            "vision-aware; with long-context results: retrieval, streaming, echo)"
         ),
         run=_run,
         options={
