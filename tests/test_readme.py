@@ -88,6 +88,13 @@ def test_long_context_roles_example_runs():
     assert scope["razor"].razor_retrieval.any()
 
 
+def test_snapkv_example_runs():
+    block = next(b for b in _blocks() if "K.snapkv_heads" in b)
+    scope: dict = {}
+    exec(compile(block, "README SnapKV example", "exec"), scope)
+    assert scope["keep"].shape[-1] == len(scope["ids"]) and scope["frame"].hit_rate.between(0, 1).all()
+
+
 def test_analysis_example_runs(tmp_path):
     block = next(b for b in _blocks() if "run_analysis" in b)
     setup = (
