@@ -297,7 +297,7 @@ CAPTURE_CASES = [
         lines=[_line(0)],
         args=("--condition", "with_image+none"),
         exit=2,
-        says=("unknown intervention 'none'; choose from vhr, var; leave out '+none'",),
+        says=("unknown intervention 'none'; choose from vhr, var, paint; leave out '+none'",),
     ),
     Case(
         id="condition-intervention-without-the-image",
