@@ -19,6 +19,7 @@ from headlab.analyses import atlas as A
 from headlab.analyses import longctx as C
 from headlab.analyses import retrieval as R
 from headlab.analyses.registry import registered, run_analysis
+from headlab.compat import cache_of, with_cache
 from headlab.datasets import needles
 from headlab.errors import InputError, SelectionError
 from headlab.probe.select import Stats
@@ -178,15 +179,21 @@ def test_uniform_mask_equals_a_zeroed_query(tiny):
         want = twin(input_ids=ids).logits
         with hl.intervene(tiny, R.RetrievalMask(heads, decode_only=False)):
             got = tiny.model(input_ids=ids).logits
-        with hl.intervene(tiny, R.RetrievalMask(heads)):  # decode only: a prefill is untouched
+        with hl.intervene(tiny, R.RetrievalMask(heads)):  # decode only: only the prompt's last row masked
             prefill = tiny.model(input_ids=ids).logits
         plain = tiny.model(input_ids=ids).logits
+        # the official split, in plain transformers: prompt[:-1] prefilled unmasked, the last prompt token fed
+        # as a decode step through the twin whose masked heads' queries are 0
+        first = tiny.model(input_ids=ids[:, :-1], use_cache=True)
+        split = twin(input_ids=ids[:, -1:], use_cache=True, **with_cache(cache_of(first))).logits
         with hl.intervene(tiny, R.RetrievalMask(heads, kind="zero", decode_only=False)):
             zeroed = tiny.model(input_ids=ids).logits
         with hl.intervene(tiny, hl.HeadAblation(heads)):
             ablated = tiny.model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(prefill, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prefill[:, :-1], plain[:, :-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prefill[:, -1:], split, rtol=1e-4, atol=1e-4)
+    assert (prefill[:, -1] - plain[:, -1]).abs().max() > 1e-3
     torch.testing.assert_close(zeroed, ablated, rtol=1e-5, atol=1e-5)
     with pytest.raises(SelectionError, match="out of range"):
         R.RetrievalMask(((9, 0),)).bind(tiny)

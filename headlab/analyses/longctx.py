@@ -20,8 +20,9 @@ sparsity-quantile of the scores (sigma = fraction of streaming heads), retrieval
 RazorAttention (Tang et al. 2024; golden-stick's MindSpore code, spec 3.2). Probe: `repeated_random_tokens`
 (BOS + L random ids repeated R times, N = 1 + R L). Echo mask E: (i, i - kL) for i >= kL, k = 1..R (with
 the official mask's BOS entries: row kL sees key 0); induction mask I: (i, i - kL + 1) for i >= kL.
-echo_h = sum_E A / N^2, induction_h = sum_I A / N^2; per KV head the max over its query heads; pooled over the model, the top round(0.01 x count) echo and round(0.14 x count) induction KV
-heads are kept, their union is Razor's retrieval set. Computed WITHOUT the [n, n] pattern: the probe's offset
+echo_h = sum_E A / N^2, induction_h = sum_I A / N^2; per KV head the max over its query heads; pooled over
+the model, the top round(0.01 x count) echo and round(0.14 x count) induction KV heads are kept, their
+union is Razor's retrieval set. Computed WITHOUT the [n, n] pattern: the probe's offset
 statistic (`Stats(offsets=...)`) sums A[i, i - D] over all rows, each entry rebuilt exactly from q_i . k_(i-D)
 and the row logsumexp (O(n R) per head); the induction sum drops the R entries A[kL - 1, 0] (row kL - 1,
 BOS), read from those rows (captured, O(n) each). Besides Razor's N^2-normalised scores the frame has

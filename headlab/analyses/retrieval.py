@@ -88,15 +88,16 @@ class _MaskPatch(Patch):
         return tower == "lm" and layer in self.by_layer
 
     def replace(self, call: AttentionCall) -> torch.Tensor | None:
-        if self.decode_only and call.step == 0:
-            return None  # the prefill runs unmasked (the official code passes no block_list to it)
+        # decode_only: the official code prefills prompt[:-1] unmasked and feeds the last prompt token as the
+        # first (masked) decode step; with causal attention that is the prefill with only its last row masked
+        rows = slice(call.n_q - 1, call.n_q) if self.decode_only and call.step == 0 else slice(None)
         heads = self.by_layer[call.layer]
         if self.kind == "zero":
             out = call.plain[0].clone()
-            out[:, heads] = 0.0
+            out[:, heads, rows] = 0.0
             return out
         q = call.q.clone()
-        q[:, heads] = 0.0  # scores 0 (soft-cap keeps 0): uniform over the keys the mask lets it see
+        q[:, heads, rows] = 0.0  # scores 0 (soft-cap keeps 0): uniform over the keys the mask lets it see
         return fused_attention(q, call.k, call.v, call.spec()).out.float()
 
 
@@ -104,7 +105,8 @@ class _MaskPatch(Patch):
 class RetrievalMask(Intervention):
     """Mask query heads `heads` [(layer, head), ...] as Wu et al. do: kind "uniform" (query := 0 after RoPE,
     uniform attention, output = mean of the visible values) or "zero" (head output 0); decode_only (the
-    paper's setting): the prefill pass is left alone."""
+    paper's setting): the prompt is left alone except its last token, which the official code feeds as the
+    first decode step (so the first answer token is produced masked, as there)."""
 
     heads: tuple[Head, ...]
     kind: str = "uniform"

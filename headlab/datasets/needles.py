@@ -4,8 +4,8 @@
   methods/longctx.md 1.2) in headlab's closed vocabulary. A haystack of filler sentences ("Mary has a red
   ball .") of `length` pieces, a needle sentence ("The secret code is v3 v17 v42 v8 .") inserted at
   int(length * depth) and walked back to just after the previous period (as the official `insert_needle`
-  walks back to a period token), then the question ("Tell me the secret code . The secret code is"; "is" occurs nowhere else
-  but in the needle, so the answer is one unambiguous copy).
+  walks back to a period token), then the question ("Tell me the secret code . The secret code is"; "is"
+  occurs nowhere else but in the needle, so the answer is one unambiguous copy).
   `real_needle` is the answer clause only ("v3 v17 v42 v8"), the span the retrieval score is counted on.
   Lengths count haystack pieces (words and punctuation), which are tokens for the zoo's word tokenizer.
   Probes are deterministic given the seed: the same (length, depth, needle) cell gives the same prompt.
