@@ -155,6 +155,8 @@ def process_group() -> Iterator[World]:
         dist.init_process_group("gloo", rank=rank, world_size=size, timeout=TIMEOUT)
     try:
         yield World(rank=dist.get_rank(), size=dist.get_world_size())
+        if owned:  # every rank done before any tears the group down: a rank that destroys its gloo group
+            dist.barrier()  # while a peer still holds it can abort at exit ("terminate called ...")
     finally:
         if owned and dist.is_initialized():
             dist.destroy_process_group()
