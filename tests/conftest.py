@@ -61,6 +61,19 @@ def tiny(model_dirs):
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_lm_long(tmp_path_factory):
+    """An untrained model of the zoo's lm-long recipe (4 layers, 4 query / 2 KV heads) with its tokenizer."""
+    from headlab.zoo import lm_long
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_lm_long") / "model"
+    tok = lm_long.tokenizer_for()
+    lm_long.build_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return hl.load(str(path))
+
+
 def images(n: int, size: int = 40) -> list[Image.Image]:
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import eager_attentions
 
 import headlab as hl
 from headlab.analyses import atlas as A
@@ -23,25 +24,15 @@ from headlab.compat import cache_of, with_cache
 from headlab.datasets import needles
 from headlab.errors import InputError, SelectionError
 from headlab.probe.select import Stats
-from headlab.zoo import lm_long
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """An untrained model of the lm-long recipe (4 layers, 4 query / 2 KV heads) with its tokenizer."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_long") / "model"
-    tok = lm_long.tokenizer_for()
-    lm_long.build_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return hl.load(str(path))
+def tiny(tiny_lm_long):
+    return tiny_lm_long
 
 
 def _eager_attentions(lm, ids: torch.Tensor):
-    model = copy.deepcopy(lm.model)
-    model.set_attn_implementation("eager")
-    with torch.no_grad():
-        return [a[0] for a in model(input_ids=ids, output_attentions=True).attentions]  # [head, q, k] each
+    return [a[0] for a in eager_attentions(lm, {"input_ids": ids})]  # [head, q, k] each
 
 
 # ------------------------------------------------------------------------------------------- probes

@@ -4,11 +4,10 @@ patterns, the registry / store run, and on zoo:lm-long the hit rate of the retri
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
+from conftest import eager_attentions
 
 import headlab as hl
 from headlab.analyses import retrieval as R
@@ -16,28 +15,16 @@ from headlab.analyses import snapkv as K
 from headlab.analyses.registry import registered, run_analysis
 from headlab.datasets import needles
 from headlab.errors import InputError, SelectionError
-from headlab.zoo import lm_long
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """An untrained model of the lm-long recipe (4 layers, 4 query / 2 KV heads) with its tokenizer."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_snapkv") / "model"
-    tok = lm_long.tokenizer_for()
-    lm_long.build_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return hl.load(str(path))
+def tiny(tiny_lm_long):
+    return tiny_lm_long
 
 
 def _eager(lm, ids: torch.Tensor) -> torch.Tensor:
-    """[layer, head, n, n] float32 attention of an eager copy of the model (the explicit [n, n] pattern)."""
-    model = copy.deepcopy(lm.model)
-    model.set_attn_implementation("eager")
-    model.float()
-    with torch.no_grad():
-        att = model(input_ids=ids[None], output_attentions=True).attentions
-    return torch.stack([a[0].float() for a in att])
+    """[layer, head, n, n] float32 attention from HF eager attention (the explicit [n, n] pattern)."""
+    return torch.stack([a[0].float() for a in eager_attentions(lm, {"input_ids": ids[None]})])
 
 
 def _ids(n: int, seed: int = 0) -> torch.Tensor:
